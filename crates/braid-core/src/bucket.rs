@@ -1,0 +1,322 @@
+//! Time buckets and their segments: the layout of join state.
+//!
+//! State is grouped by event time into buckets of one side each. A bucket holds one or
+//! more segments: *hot* segments live in memory with a hash index; *cold* segments were
+//! spilled whole to the [`StateStore`](crate::StateStore) and keep only a key filter and
+//! their matched marks in memory. Expiry drops whole buckets; there are no per-event
+//! timers and no per-event deletes.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::bloom::Bloom;
+use crate::store::SegmentEntry;
+
+/// The first arena chunk of a segment; later chunks double up to [`CHUNK_BYTES_MAX`].
+const CHUNK_BYTES_MIN: usize = 4 << 10;
+const CHUNK_BYTES_MAX: usize = 1 << 20;
+/// Memory of one slot and one index entry (key hash, head slot, control byte, at 7/8 load).
+const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+const INDEX_ENTRY_BYTES: usize = 16;
+
+/// Key hashes are already xxh3 output: the index uses them as they are.
+#[derive(Default)]
+pub(crate) struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+pub(crate) type IdentityBuild = BuildHasherDefault<IdentityHasher>;
+
+/// Where one event's key and payload sit in a segment's arena. `next` chains events of
+/// the same key hash, newest first; `NO_SLOT` ends the chain.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    time: i64,
+    chunk: u32,
+    offset: u32,
+    key_len: u32,
+    payload_len: u32,
+    next: u32,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+/// A set of bits, one per event of a segment: was the event matched?
+#[derive(Default, Debug, Clone)]
+pub(crate) struct Marks(Vec<u64>);
+
+impl Marks {
+    /// Makes room for `len` marks. Marks grow only here, as events are pushed, so that a
+    /// segment's memory changes only when it is written.
+    pub fn reserve_for(&mut self, len: usize) {
+        if self.0.len() < len.div_ceil(64) {
+            self.0.resize(len.div_ceil(64), 0);
+        }
+    }
+    pub fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    pub fn get(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+    pub fn bytes(&self) -> usize {
+        self.0.capacity() * 8
+    }
+}
+
+/// An in-memory segment: an arena of key and payload bytes, slots, and a hash index.
+#[derive(Default)]
+pub(crate) struct HotSegment {
+    chunks: Vec<Vec<u8>>,
+    chunk_bytes: usize,
+    slots: Vec<Slot>,
+    index: HashMap<u64, u32, IdentityBuild>,
+    pub marks: Marks,
+    pub time_min: i64,
+    pub time_max: i64,
+}
+
+impl HotSegment {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes of memory this segment holds, by capacity.
+    pub fn memory_bytes(&self) -> usize {
+        self.chunk_bytes
+            + self.slots.capacity() * SLOT_BYTES
+            + self.index.capacity() * INDEX_ENTRY_BYTES
+            + self.marks.bytes()
+    }
+
+    /// Appends an event; returns its ordinal in the segment.
+    pub fn push(&mut self, key_hash: u64, key: &[u8], time: i64, payload: &[u8], matched: bool) -> usize {
+        let need = key.len() + payload.len();
+        if self.chunks.last().is_none_or(|c| c.capacity() - c.len() < need) {
+            let size = (self.chunks.last().map_or(CHUNK_BYTES_MIN, |c| c.capacity() * 2))
+                .min(CHUNK_BYTES_MAX)
+                .max(need);
+            self.chunks.push(Vec::with_capacity(size));
+            self.chunk_bytes += size;
+        }
+        let chunk_index = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[chunk_index];
+        let offset = chunk.len();
+        chunk.extend_from_slice(key);
+        chunk.extend_from_slice(payload);
+        let ordinal = self.slots.len();
+        let ordinal_u32 = u32::try_from(ordinal).expect("segments are bounded far below 2^32 events");
+        let head = self.index.entry(key_hash).or_insert(NO_SLOT);
+        self.slots.push(Slot {
+            time,
+            chunk: u32::try_from(chunk_index).expect("segments are bounded far below 2^32 chunks"),
+            offset: u32::try_from(offset).expect("chunks are at most a line long"),
+            key_len: u32::try_from(key.len()).expect("keys are at most a line long"),
+            payload_len: u32::try_from(payload.len()).expect("payloads are at most a line long"),
+            next: *head,
+        });
+        *head = ordinal_u32;
+        self.marks.reserve_for(ordinal + 1);
+        if matched {
+            self.marks.set(ordinal);
+        }
+        if ordinal == 0 {
+            self.time_min = time;
+            self.time_max = time;
+        } else {
+            self.time_min = self.time_min.min(time);
+            self.time_max = self.time_max.max(time);
+        }
+        ordinal
+    }
+
+    fn key(&self, slot: &Slot) -> &[u8] {
+        let start = slot.offset as usize;
+        &self.chunks[slot.chunk as usize][start..start + slot.key_len as usize]
+    }
+
+    fn payload(&self, slot: &Slot) -> &[u8] {
+        let start = (slot.offset + slot.key_len) as usize;
+        &self.chunks[slot.chunk as usize][start..start + slot.payload_len as usize]
+    }
+
+    /// Calls `hit` with (ordinal, payload) of every event with this key and a time in
+    /// `[lo, hi]`.
+    pub fn probe(&self, key_hash: u64, key: &[u8], lo: i64, hi: i64, mut hit: impl FnMut(usize, &[u8])) {
+        if hi < self.time_min || lo > self.time_max {
+            return;
+        }
+        let mut next = self.index.get(&key_hash).copied().unwrap_or(NO_SLOT);
+        while next != NO_SLOT {
+            let slot = &self.slots[next as usize];
+            if slot.time >= lo && slot.time <= hi && self.key(slot) == key {
+                hit(next as usize, self.payload(slot));
+            }
+            next = slot.next;
+        }
+    }
+
+    /// Calls `visit` with (matched, payload) of every event.
+    pub fn for_each(&self, mut visit: impl FnMut(bool, &[u8])) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            visit(self.marks.get(i), self.payload(slot));
+        }
+    }
+
+    /// Encodes the segment for the cold tier: one entry per distinct key, sorted by key,
+    /// whose value lists the key's events (see [`decode_events`]). Also builds the key
+    /// filter. `values` is scratch space the entries point into.
+    pub fn freeze<'a>(&'a self, values: &'a mut Vec<u8>) -> (Vec<SegmentEntry<'a>>, Bloom) {
+        let mut bloom = Bloom::new(self.index.len());
+        // (key, start and end of its value in `values`)
+        let mut groups: Vec<(&[u8], usize, usize)> = Vec::with_capacity(self.index.len());
+        values.clear();
+        let mut chain_keys: Vec<&[u8]> = Vec::new();
+        for (&hash, &head) in &self.index {
+            bloom.insert(hash);
+            // A chain holds the events of one key hash: usually one key, more only on a
+            // 64-bit hash collision, which is handled by grouping on the key bytes.
+            chain_keys.clear();
+            let mut next = head;
+            while next != NO_SLOT {
+                let slot = &self.slots[next as usize];
+                let key = self.key(slot);
+                if !chain_keys.contains(&key) {
+                    chain_keys.push(key);
+                }
+                next = slot.next;
+            }
+            for &key in &chain_keys {
+                let start = values.len();
+                let mut next = head;
+                while next != NO_SLOT {
+                    let slot = &self.slots[next as usize];
+                    if self.key(slot) == key {
+                        encode_event(values, next, slot.time, self.payload(slot));
+                    }
+                    next = slot.next;
+                }
+                groups.push((key, start, values.len()));
+            }
+        }
+        groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let values: &'a Vec<u8> = values;
+        let entries = groups
+            .into_iter()
+            .map(|(key, start, end)| SegmentEntry { key, value: &values[start..end] })
+            .collect();
+        (entries, bloom)
+    }
+}
+
+/// A segment in the cold tier: what stays in memory is its filter and matched marks.
+pub(crate) struct ColdSegment {
+    pub number: u32,
+    pub len: usize,
+    pub bloom: Bloom,
+    pub marks: Marks,
+    pub time_min: i64,
+    pub time_max: i64,
+}
+
+impl ColdSegment {
+    pub fn memory_bytes(&self) -> usize {
+        self.bloom.bytes() + self.marks.bytes() + std::mem::size_of::<ColdSegment>()
+    }
+}
+
+pub(crate) enum Segment {
+    Hot(HotSegment),
+    Cold(ColdSegment),
+}
+
+impl Segment {
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            Segment::Hot(h) => h.memory_bytes(),
+            Segment::Cold(c) => c.memory_bytes(),
+        }
+    }
+}
+
+/// All state of one side whose event times fall in `[id * width, (id + 1) * width)`.
+#[derive(Default)]
+pub(crate) struct Bucket {
+    pub segments: Vec<Segment>,
+    /// The segment number the next spill of this bucket gets.
+    pub next_segment_number: u32,
+}
+
+/// Appends one event to a cold value: ordinal, time, payload length, payload.
+fn encode_event(out: &mut Vec<u8>, ordinal: u32, time: i64, payload: &[u8]) {
+    out.extend_from_slice(&ordinal.to_le_bytes());
+    out.extend_from_slice(&time.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(payload.len()).expect("payloads are at most a line long").to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Calls `visit` with (ordinal, time, payload) of every event in a cold value.
+///
+/// # Panics
+/// On a value that [`encode_event`] did not write: the store returned corrupt data.
+pub(crate) fn decode_events(mut value: &[u8], mut visit: impl FnMut(usize, i64, &[u8])) {
+    while !value.is_empty() {
+        let (head, rest) = value.split_at(16);
+        let ordinal = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
+        let time = i64::from_le_bytes(head[4..12].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
+        let (payload, rest) = rest.split_at(len);
+        visit(ordinal as usize, time, payload);
+        value = rest;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freeze_groups_events_by_key_in_key_order() {
+        let mut seg = HotSegment::default();
+        // Two keys forced into one hash chain, as on a hash collision.
+        seg.push(1, b"b", 10, b"b10", false);
+        seg.push(1, b"a", 11, b"a11", true);
+        seg.push(1, b"b", 12, b"b12", false);
+        seg.push(2, b"c", 13, b"c13", false);
+        let mut scratch = Vec::new();
+        let (entries, bloom) = seg.freeze(&mut scratch);
+        let keys: Vec<&[u8]> = entries.iter().map(|e| e.key).collect();
+        assert_eq!(keys, vec![&b"a"[..], b"b", b"c"]);
+        let mut b_events = Vec::new();
+        decode_events(entries[1].value, |ord, t, p| b_events.push((ord, t, p.to_vec())));
+        b_events.sort();
+        assert_eq!(b_events, vec![(0, 10, b"b10".to_vec()), (2, 12, b"b12".to_vec())]);
+        assert!(bloom.may_contain(1) && bloom.may_contain(2));
+    }
+
+    #[test]
+    fn probe_checks_key_bytes_and_time() {
+        let mut seg = HotSegment::default();
+        seg.push(1, b"a", 10, b"x", false);
+        seg.push(1, b"b", 10, b"y", false);
+        seg.push(1, b"a", 20, b"z", false);
+        let mut hits = Vec::new();
+        seg.probe(1, b"a", 0, 15, |ord, p| hits.push((ord, p.to_vec())));
+        assert_eq!(hits, vec![(0, b"x".to_vec())]);
+    }
+}

@@ -1,0 +1,374 @@
+//! The interval join as a pure state machine over events and watermark advances.
+//!
+//! An event first probes the opposite side's buckets that overlap its match interval,
+//! emitting every pair it finds and marking both events matched; then it is stored in
+//! its own side's bucket. When the watermark passes a bucket's last time plus the side's
+//! retention, the whole bucket expires: its unmatched events are emitted (outer sides)
+//! or counted (inner sides) and it is dropped. Every matching pair of non-late events is
+//! found exactly once, by whichever of the two arrives second: the first is still
+//! retained then, because the second was not late (see `JoinSpec::retention_ms`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::bucket::{decode_events, Bucket, ColdSegment, HotSegment, Segment};
+use crate::spec::{JoinSpec, Side};
+use crate::store::{SegmentId, StateStore, StoreError};
+use crate::time::{EventTime, Watermark};
+
+/// Memory of one remembered id: its hash, its bucket, a control byte, at 7/8 load.
+const ID_ENTRY_BYTES: usize = 28;
+/// The largest hot segment, as a fraction of the memory budget: spilling happens in
+/// units of at most this size, so memory never overshoots by more.
+const SEGMENTS_PER_BUDGET: usize = 16;
+const SEGMENT_BYTES_MAX: usize = 64 << 20;
+const SEGMENT_BYTES_MIN: usize = 16 << 10;
+
+/// One decoded input event, borrowing its bytes from the reader's buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Event<'a> {
+    pub side: Side,
+    /// The encoded key (see [`KeyWriter`](crate::KeyWriter)) and its hash.
+    pub key: &'a [u8],
+    pub key_hash: u64,
+    pub time: EventTime,
+    /// The hash of the event's id, when its source names an id field.
+    pub id: Option<u128>,
+    /// The event exactly as it arrived; written back verbatim in the output.
+    pub payload: &'a [u8],
+}
+
+/// Receives the join's results.
+pub trait JoinSink {
+    fn pair(&mut self, left: &[u8], right: &[u8]);
+    fn unmatched(&mut self, side: Side, event: &[u8]);
+}
+
+/// What the join did with events, per side (indexed by [`Side::index`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JoinCounts {
+    /// Joined pairs emitted.
+    pub pairs: u64,
+    /// Events that matched at least once, counted when they leave state.
+    pub matched: [u64; 2],
+    /// Events that matched nothing and were emitted with a null opposite side.
+    pub unmatched_emitted: [u64; 2],
+    /// Events that matched nothing on a side whose unmatched rows are not emitted.
+    pub unmatched_expired: [u64; 2],
+    pub duplicates: [u64; 2],
+    /// Events in state now.
+    pub retained: [u64; 2],
+    /// Segments written to the cold tier, and the events in them.
+    pub spilled_segments: u64,
+    pub spilled_events: u64,
+}
+
+impl JoinCounts {
+    pub fn add(&mut self, other: &JoinCounts) {
+        self.pairs += other.pairs;
+        self.spilled_segments += other.spilled_segments;
+        self.spilled_events += other.spilled_events;
+        for i in 0..2 {
+            self.matched[i] += other.matched[i];
+            self.unmatched_emitted[i] += other.unmatched_emitted[i];
+            self.unmatched_expired[i] += other.unmatched_expired[i];
+            self.duplicates[i] += other.duplicates[i];
+            self.retained[i] += other.retained[i];
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Accepted,
+    Duplicate,
+}
+
+#[derive(Default)]
+struct SideState {
+    buckets: BTreeMap<i64, Bucket>,
+    /// Ids of retained events and the bucket that holds each.
+    ids: HashMap<u128, i64>,
+}
+
+/// The two-way interval join of one shard.
+pub struct Join<S> {
+    spec: JoinSpec,
+    bucket_width_ms: i64,
+    store: S,
+    sides: [SideState; 2],
+    watermark: Watermark,
+    memory_max_bytes: usize,
+    segment_bytes_max: usize,
+    /// Sum of `memory_bytes` over every segment, hot and cold.
+    segments_bytes: usize,
+    counts: JoinCounts,
+    /// Reused buffers: a cold value read, matched ordinals of one probe, a spill image.
+    value: Vec<u8>,
+    hits: Vec<usize>,
+    spill: Vec<u8>,
+}
+
+impl<S: StateStore> Join<S> {
+    pub fn new(spec: JoinSpec, store: S, memory_max_bytes: usize) -> Join<S> {
+        Join {
+            bucket_width_ms: spec.bucket_width_ms(),
+            spec,
+            store,
+            sides: Default::default(),
+            watermark: Watermark::MIN,
+            memory_max_bytes,
+            segment_bytes_max: (memory_max_bytes / SEGMENTS_PER_BUDGET)
+                .clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX),
+            segments_bytes: 0,
+            counts: JoinCounts::default(),
+            value: Vec::new(),
+            hits: Vec::new(),
+            spill: Vec::new(),
+        }
+    }
+
+    pub fn counts(&self) -> JoinCounts {
+        self.counts
+    }
+
+    pub fn watermark(&self) -> Watermark {
+        self.watermark
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Memory the state holds: segments, filters, marks and remembered ids.
+    pub fn memory_bytes(&self) -> usize {
+        self.segments_bytes
+            + self
+                .sides
+                .iter()
+                .map(|s| s.ids.capacity() * ID_ENTRY_BYTES)
+                .sum::<usize>()
+    }
+
+    /// Joins one event. The caller has already routed late events elsewhere.
+    pub fn on_event(&mut self, event: &Event<'_>, sink: &mut impl JoinSink) -> Result<Admission, StoreError> {
+        debug_assert!(
+            !self.watermark.is_late(event.time, self.spec.allowed_lateness_ms),
+            "late events never reach the join"
+        );
+        let own = event.side.index();
+        let bucket_id = event.time.0.div_euclid(self.bucket_width_ms);
+        if let Some(id) = event.id {
+            if self.sides[own].ids.insert(id, bucket_id).is_some() {
+                self.counts.duplicates[own] += 1;
+                return Ok(Admission::Duplicate);
+            }
+        }
+        let matched = self.probe(event, sink)?;
+        self.insert(event, bucket_id, matched);
+        self.enforce_memory_max()?;
+        Ok(Admission::Accepted)
+    }
+
+    /// Moves the watermark forward and expires every bucket it has passed.
+    pub fn advance(&mut self, watermark: Watermark, sink: &mut impl JoinSink) -> Result<(), StoreError> {
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = watermark;
+        for side in Side::BOTH {
+            let keep_ms = i128::from(self.spec.retention_ms(side)) + i128::from(self.spec.allowed_lateness_ms);
+            let mut expired_up_to = None;
+            while let Some((&bucket_id, _)) = self.sides[side.index()].buckets.first_key_value() {
+                let last_time = (i128::from(bucket_id) + 1) * i128::from(self.bucket_width_ms) - 1;
+                if !self.watermark.passed_wide(last_time + keep_ms) {
+                    break;
+                }
+                let bucket = self.sides[side.index()]
+                    .buckets
+                    .remove(&bucket_id)
+                    .expect("the first bucket exists");
+                self.expire(side, bucket_id, bucket, sink)?;
+                expired_up_to = Some(bucket_id);
+            }
+            if let Some(last) = expired_up_to {
+                let ids = &mut self.sides[side.index()].ids;
+                if !ids.is_empty() {
+                    ids.retain(|_, bucket| *bucket > last);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds the event's matches among the opposite side's state.
+    fn probe(&mut self, event: &Event<'_>, sink: &mut impl JoinSink) -> Result<bool, StoreError> {
+        let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
+        let other = event.side.opposite();
+        let width = self.bucket_width_ms;
+        let Join { sides, store, counts, value, hits, .. } = self;
+        let mut matched = false;
+        let mut emit = |payload: &[u8]| {
+            counts.pairs += 1;
+            match event.side {
+                Side::Left => sink.pair(event.payload, payload),
+                Side::Right => sink.pair(payload, event.payload),
+            }
+        };
+        let buckets = sides[other.index()]
+            .buckets
+            .range_mut(lo.div_euclid(width)..=hi.div_euclid(width));
+        for (&bucket, state) in buckets {
+            for segment in &mut state.segments {
+                hits.clear();
+                match segment {
+                    Segment::Hot(hot) => {
+                        hot.probe(event.key_hash, event.key, lo, hi, |ordinal, payload| {
+                            emit(payload);
+                            hits.push(ordinal);
+                        });
+                        for &ordinal in hits.iter() {
+                            hot.marks.set(ordinal);
+                        }
+                    }
+                    Segment::Cold(cold) => {
+                        if hi < cold.time_min || lo > cold.time_max || !cold.bloom.may_contain(event.key_hash) {
+                            continue;
+                        }
+                        let id = SegmentId { side: other, bucket, segment: cold.number };
+                        if !store.get(id, event.key, value)? {
+                            continue;
+                        }
+                        decode_events(value, |ordinal, time, payload| {
+                            if time >= lo && time <= hi {
+                                emit(payload);
+                                hits.push(ordinal);
+                            }
+                        });
+                        for &ordinal in hits.iter() {
+                            cold.marks.set(ordinal);
+                        }
+                    }
+                }
+                matched |= !hits.is_empty();
+            }
+        }
+        Ok(matched)
+    }
+
+    fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) {
+        let own = event.side.index();
+        let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
+        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.memory_bytes() < self.segment_bytes_max);
+        if !open {
+            bucket.segments.push(Segment::Hot(HotSegment::default()));
+        }
+        let Some(Segment::Hot(hot)) = bucket.segments.last_mut() else {
+            unreachable!("an open hot segment was just ensured")
+        };
+        let before = hot.memory_bytes();
+        hot.push(event.key_hash, event.key, event.time.0, event.payload, matched);
+        self.segments_bytes += hot.memory_bytes() - before;
+        self.counts.retained[own] += 1;
+    }
+
+    /// Spills the oldest hot segments until the state fits in its memory budget.
+    fn enforce_memory_max(&mut self) -> Result<(), StoreError> {
+        while self.memory_bytes() > self.memory_max_bytes {
+            if !self.spill_oldest()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the hot segment of the oldest bucket (either side) to the cold tier.
+    /// Returns false when nothing is left to spill.
+    fn spill_oldest(&mut self) -> Result<bool, StoreError> {
+        let oldest = Side::BOTH
+            .into_iter()
+            .filter_map(|side| {
+                self.sides[side.index()].buckets.iter().find_map(|(&id, bucket)| {
+                    let at = bucket.segments.iter().position(|s| matches!(s, Segment::Hot(_)))?;
+                    Some((id, side, at))
+                })
+            })
+            .min_by_key(|&(id, _, _)| id);
+        let Some((bucket_id, side, at)) = oldest else {
+            return Ok(false);
+        };
+        let bucket = self.sides[side.index()]
+            .buckets
+            .get_mut(&bucket_id)
+            .expect("the bucket was just found");
+        let Segment::Hot(hot) = &mut bucket.segments[at] else {
+            unreachable!("position found a hot segment")
+        };
+        let number = bucket.next_segment_number;
+        bucket.next_segment_number += 1;
+        let (entries, bloom) = hot.freeze(&mut self.spill);
+        let id = SegmentId { side, bucket: bucket_id, segment: number };
+        self.store.write_segment(id, &entries)?;
+        drop(entries);
+        let cold = ColdSegment {
+            number,
+            len: hot.len(),
+            bloom,
+            marks: std::mem::take(&mut hot.marks),
+            time_min: hot.time_min,
+            time_max: hot.time_max,
+        };
+        self.counts.spilled_segments += 1;
+        self.counts.spilled_events += cold.len as u64;
+        let old = std::mem::replace(&mut bucket.segments[at], Segment::Cold(cold));
+        self.segments_bytes = self.segments_bytes - old.memory_bytes() + bucket.segments[at].memory_bytes();
+        Ok(true)
+    }
+
+    /// Emits or counts the unmatched events of an expired bucket and drops it.
+    fn expire(&mut self, side: Side, bucket_id: i64, bucket: Bucket, sink: &mut impl JoinSink) -> Result<(), StoreError> {
+        let emits = self.spec.emits_unmatched(side);
+        let mut has_cold = false;
+        for segment in &bucket.segments {
+            self.segments_bytes -= segment.memory_bytes();
+            let (len, matched) = match segment {
+                Segment::Hot(hot) => {
+                    if emits {
+                        hot.for_each(|matched, payload| {
+                            if !matched {
+                                sink.unmatched(side, payload);
+                            }
+                        });
+                    }
+                    (hot.len() as u64, hot.marks.count())
+                }
+                Segment::Cold(cold) => {
+                    has_cold = true;
+                    let matched = cold.marks.count();
+                    if emits && matched < cold.len as u64 {
+                        let id = SegmentId { side, bucket: bucket_id, segment: cold.number };
+                        self.store.scan_segment(id, &mut |_key, value| {
+                            decode_events(value, |ordinal, _time, payload| {
+                                if !cold.marks.get(ordinal) {
+                                    sink.unmatched(side, payload);
+                                }
+                            });
+                        })?;
+                    }
+                    (cold.len as u64, matched)
+                }
+            };
+            let i = side.index();
+            self.counts.retained[i] -= len;
+            self.counts.matched[i] += matched;
+            if emits {
+                self.counts.unmatched_emitted[i] += len - matched;
+            } else {
+                self.counts.unmatched_expired[i] += len - matched;
+            }
+        }
+        if has_cold {
+            self.store.drop_bucket(side, bucket_id)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,26 @@
+//! braid's vocabulary and the pure interval-join state machine.
+//!
+//! Three nouns carry braid: a *source* delivers events, the *join* matches them, a *sink*
+//! receives the results. This crate holds the join and the words it is written in. It
+//! does no I/O and starts no threads: the cold state tier is reached only through the
+//! [`StateStore`] trait, so the whole join can be checked against a naive reference with
+//! property tests (see `tests/`).
+
+mod bloom;
+mod bucket;
+mod join;
+mod key;
+mod spec;
+mod store;
+mod time;
+mod watermarks;
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
+pub use join::{Admission, Event, Join, JoinCounts, JoinSink};
+pub use key::{hash_id, KeyPart, KeyWriter};
+pub use spec::{JoinKind, JoinSpec, Side};
+pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
+pub use time::{EventTime, Watermark};
+pub use watermarks::{PartitionId, Watermarks};

@@ -1,0 +1,106 @@
+//! The cold state tier: where segments go when memory is full.
+//!
+//! A *segment* is a frozen slice of one bucket of one side. It is written once, whole,
+//! with its entries sorted by key; it is read by exact key or scanned whole; it is
+//! removed only with its bucket. Every event of a key in a segment lives in one value,
+//! so a probe is one point read.
+
+use std::collections::BTreeMap;
+
+use crate::spec::Side;
+
+/// Names one spilled segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId {
+    pub side: Side,
+    pub bucket: i64,
+    pub segment: u32,
+}
+
+/// One key of a segment and the encoded list of its events.
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentEntry<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {operation} failed: {detail}")]
+pub struct StoreError {
+    pub operation: &'static str,
+    pub detail: String,
+}
+
+/// The cold tier's operations. Implementations: [`MemStore`] (the model, for tests) and
+/// the RocksDB store in `braid-state`.
+pub trait StateStore {
+    /// Writes a whole segment. `entries` are sorted by key, keys unique.
+    fn write_segment(&mut self, id: SegmentId, entries: &[SegmentEntry<'_>]) -> Result<(), StoreError>;
+
+    /// Reads the value of `key` in segment `id` into `out`; false if absent.
+    fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError>;
+
+    /// Calls `visit` with every entry of segment `id`, in key order.
+    fn scan_segment(
+        &mut self,
+        id: SegmentId,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError>;
+
+    /// Removes every segment of `bucket` on `side`.
+    fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError>;
+}
+
+/// The in-memory model of a [`StateStore`]: obviously right, used to check the others.
+#[derive(Default, Debug)]
+pub struct MemStore {
+    segments: BTreeMap<SegmentId, BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemStore {
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+impl StateStore for MemStore {
+    fn write_segment(&mut self, id: SegmentId, entries: &[SegmentEntry<'_>]) -> Result<(), StoreError> {
+        let map = entries
+            .iter()
+            .map(|e| (e.key.to_vec(), e.value.to_vec()))
+            .collect();
+        assert!(
+            self.segments.insert(id, map).is_none(),
+            "segment {id:?} written twice"
+        );
+        Ok(())
+    }
+
+    fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError> {
+        out.clear();
+        match self.segments.get(&id).and_then(|s| s.get(key)) {
+            Some(v) => {
+                out.extend_from_slice(v);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn scan_segment(
+        &mut self,
+        id: SegmentId,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        for (k, v) in self.segments.get(&id).into_iter().flatten() {
+            visit(k, v);
+        }
+        Ok(())
+    }
+
+    fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError> {
+        self.segments
+            .retain(|id, _| !(id.side == side && id.bucket == bucket));
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! A naive reference join and a single-threaded driver of the real one, for property
+//! tests here and in `braid-state`. The reference shares no code with the join: it
+//! computes watermarks, lateness and duplicates its own way and joins by nested loops.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{
+    hash_id, Event, EventTime, Join, JoinKind, JoinSink, JoinSpec, KeyPart, KeyWriter, PartitionId,
+    Side, StateStore, StoreError, Watermark, Watermarks,
+};
+
+/// A key part owned by a test event.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TestKeyPart {
+    Int(i64),
+    Str(String),
+}
+
+/// One input event of a test, in arrival order.
+#[derive(Clone, Debug)]
+pub struct TestEvent {
+    pub side: Side,
+    pub key: Vec<TestKeyPart>,
+    pub time: i64,
+    pub id: Option<u64>,
+    pub payload: String,
+}
+
+/// Result rows as text: `left|right`, with `null` for a missing side; sorted.
+pub type Rows = Vec<String>;
+
+/// What a run produced: the rows, and the indexes of the events found late.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub rows: Rows,
+    pub late: Vec<usize>,
+}
+
+#[derive(Default)]
+pub struct RowSink(pub Rows);
+
+impl JoinSink for RowSink {
+    fn pair(&mut self, left: &[u8], right: &[u8]) {
+        self.0.push(format!("{}|{}", text(left), text(right)));
+    }
+    fn unmatched(&mut self, side: Side, event: &[u8]) {
+        self.0.push(match side {
+            Side::Left => format!("{}|null", text(event)),
+            Side::Right => format!("null|{}", text(event)),
+        });
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Drives the real join: lateness and watermarks per event as braid's driver does, the
+/// join's watermark advanced at the end of each batch, `+inf` at the end.
+pub fn run_join<S: StateStore>(
+    join: &mut Join<S>,
+    events: &[TestEvent],
+    batch_sizes: &[usize],
+    max_out_of_orderness_ms: i64,
+    allowed_lateness_ms: i64,
+) -> Result<Outcome, StoreError> {
+    let mut marks = Watermarks::new(&[1, 1], max_out_of_orderness_ms, u64::MAX, 0);
+    let mut sink = RowSink::default();
+    let mut late = Vec::new();
+    let mut key = KeyWriter::default();
+    let mut next = 0;
+    let mut sizes = batch_sizes.iter().copied().cycle();
+    while next < events.len() {
+        let size = sizes.next().unwrap_or(1).max(1);
+        let end = (next + size).min(events.len());
+        for (i, event) in events.iter().enumerate().take(end).skip(next) {
+            if marks.current().is_late(EventTime(event.time), allowed_lateness_ms) {
+                late.push(i);
+            } else {
+                key.clear();
+                for part in &event.key {
+                    key.push(match part {
+                        TestKeyPart::Int(v) => KeyPart::Int(*v),
+                        TestKeyPart::Str(s) => KeyPart::Str(s),
+                    });
+                }
+                let id = event.id.map(|id| hash_id(&id.to_le_bytes()));
+                let e = Event {
+                    side: event.side,
+                    key: key.bytes(),
+                    key_hash: key.hash(),
+                    time: EventTime(event.time),
+                    id,
+                    payload: event.payload.as_bytes(),
+                };
+                join.on_event(&e, &mut sink)?;
+            }
+            marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
+            marks.update(0);
+        }
+        join.advance(marks.current(), &mut sink)?;
+        next = end;
+    }
+    join.advance(Watermark::MAX, &mut sink)?;
+    sink.0.sort();
+    Ok(Outcome { rows: sink.0, late })
+}
+
+/// The reference: the relational interval join over the de-duplicated, non-late events,
+/// plus the outer rows of its kind.
+pub fn reference(events: &[TestEvent], spec: &JoinSpec, max_out_of_orderness_ms: i64) -> Outcome {
+    let mut max_time: [Option<i64>; 2] = [None, None];
+    let mut late = Vec::new();
+    let mut seen_ids: [HashSet<u64>; 2] = Default::default();
+    let mut admitted: [Vec<&TestEvent>; 2] = Default::default();
+    for (i, e) in events.iter().enumerate() {
+        let s = e.side.index();
+        let watermark = match (max_time[0], max_time[1]) {
+            (Some(l), Some(r)) => Some(i128::from(l.min(r)) - i128::from(max_out_of_orderness_ms)),
+            _ => None,
+        };
+        let is_late = watermark.is_some_and(|w| i128::from(e.time) < w - i128::from(spec.allowed_lateness_ms));
+        max_time[s] = Some(max_time[s].map_or(e.time, |m| m.max(e.time)));
+        if is_late {
+            late.push(i);
+        } else if e.id.is_none_or(|id| seen_ids[s].insert(id)) {
+            admitted[s].push(e);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut matched: [HashMap<usize, bool>; 2] = Default::default();
+    for (li, l) in admitted[0].iter().enumerate() {
+        for (ri, r) in admitted[1].iter().enumerate() {
+            let d = i128::from(r.time) - i128::from(l.time);
+            if l.key == r.key && i128::from(spec.lower_ms) <= d && d <= i128::from(spec.upper_ms) {
+                rows.push(format!("{}|{}", l.payload, r.payload));
+                matched[0].insert(li, true);
+                matched[1].insert(ri, true);
+            }
+        }
+    }
+    let outer_left = matches!(spec.kind, JoinKind::Left | JoinKind::Full);
+    let outer_right = matches!(spec.kind, JoinKind::Right | JoinKind::Full);
+    for (li, l) in admitted[0].iter().enumerate() {
+        if outer_left && !matched[0].contains_key(&li) {
+            rows.push(format!("{}|null", l.payload));
+        }
+    }
+    for (ri, r) in admitted[1].iter().enumerate() {
+        if outer_right && !matched[1].contains_key(&ri) {
+            rows.push(format!("null|{}", r.payload));
+        }
+    }
+    rows.sort();
+    Outcome { rows, late }
+}

@@ -1,0 +1,138 @@
+//! Watermark tracking over sources and their partitions (SPEC §3, "Watermark").
+//!
+//! A partition's watermark is the largest event time it delivered minus the allowed
+//! out-of-orderness; a source's is the minimum over its partitions that are neither
+//! exhausted nor idle; the join's is the minimum over sources that have such a partition.
+//! It never moves backwards. Processing time is passed in, so tests control the clock.
+
+use crate::time::{EventTime, Watermark};
+
+/// A partition of one source, numbered from zero within the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PartitionId(pub u32);
+
+#[derive(Clone, Debug, Default)]
+struct Partition {
+    max_time: Option<i64>,
+    last_active_ms: u64,
+    exhausted: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Watermarks {
+    max_out_of_orderness_ms: i64,
+    idle_timeout_ms: u64,
+    /// Partitions per source.
+    sources: Vec<Vec<Partition>>,
+    current: Watermark,
+}
+
+impl Watermarks {
+    /// `partitions[i]` is the partition count of source `i`.
+    pub fn new(partitions: &[u32], max_out_of_orderness_ms: i64, idle_timeout_ms: u64, now_ms: u64) -> Watermarks {
+        let start = Partition { last_active_ms: now_ms, ..Partition::default() };
+        Watermarks {
+            max_out_of_orderness_ms,
+            idle_timeout_ms,
+            sources: partitions.iter().map(|&n| vec![start.clone(); n as usize]).collect(),
+            current: Watermark::MIN,
+        }
+    }
+
+    /// Records an event delivered by a partition.
+    pub fn observe(&mut self, source: usize, partition: PartitionId, time: EventTime, now_ms: u64) {
+        let p = &mut self.sources[source][partition.0 as usize];
+        p.max_time = Some(p.max_time.map_or(time.0, |m| m.max(time.0)));
+        p.last_active_ms = now_ms;
+        p.exhausted = false;
+    }
+
+    /// Records that a partition is reading but delivered nothing new (it is not idle).
+    pub fn touch(&mut self, source: usize, partition: PartitionId, now_ms: u64) {
+        self.sources[source][partition.0 as usize].last_active_ms = now_ms;
+    }
+
+    /// Records that a bounded partition has no more events.
+    pub fn exhaust(&mut self, source: usize, partition: PartitionId) {
+        self.sources[source][partition.0 as usize].exhausted = true;
+    }
+
+    /// The watermark of one source, or `None` when none of its partitions holds it
+    /// (all idle or exhausted).
+    pub fn source(&self, source: usize, now_ms: u64) -> Option<Watermark> {
+        self.sources[source]
+            .iter()
+            .filter(|p| !p.exhausted && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms)
+            .map(|p| match p.max_time {
+                Some(t) => Watermark::at(EventTime(t.saturating_sub(self.max_out_of_orderness_ms))),
+                None => Watermark::MIN,
+            })
+            .min()
+    }
+
+    /// Recomputes and returns the join's watermark.
+    pub fn update(&mut self, now_ms: u64) -> Watermark {
+        let all_exhausted = self.sources.iter().flatten().all(|p| p.exhausted);
+        let next = if all_exhausted {
+            Some(Watermark::MAX)
+        } else {
+            (0..self.sources.len()).filter_map(|s| self.source(s, now_ms)).min()
+        };
+        // With every partition idle nothing holds the watermark and nothing moves it.
+        if let Some(w) = next {
+            self.current = self.current.max(w);
+        }
+        self.current
+    }
+
+    pub fn current(&self) -> Watermark {
+        self.current
+    }
+
+    /// Restores a watermark that must never be undercut (after a restart).
+    pub fn raise_to(&mut self, watermark: Watermark) {
+        self.current = self.current.max(watermark);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P0: PartitionId = PartitionId(0);
+    const P1: PartitionId = PartitionId(1);
+
+    #[test]
+    fn minimum_over_sources_minus_disorder() {
+        let mut w = Watermarks::new(&[1, 1], 5, 1_000, 0);
+        w.observe(0, P0, EventTime(100), 0);
+        assert_eq!(w.update(0), Watermark::MIN, "source 1 has delivered nothing");
+        w.observe(1, P0, EventTime(50), 0);
+        assert_eq!(w.update(0), Watermark::at(EventTime(45)));
+        w.observe(1, P0, EventTime(40), 0);
+        assert_eq!(w.update(0), Watermark::at(EventTime(45)), "max, not last");
+    }
+
+    #[test]
+    fn idle_partitions_stop_holding_and_rejoin() {
+        let mut w = Watermarks::new(&[2], 0, 1_000, 0);
+        w.observe(0, P0, EventTime(500), 0);
+        w.observe(0, P1, EventTime(100), 0);
+        assert_eq!(w.update(10), Watermark::at(EventTime(100)));
+        w.observe(0, P0, EventTime(600), 1_500);
+        assert_eq!(w.update(1_500), Watermark::at(EventTime(600)), "P1 idle");
+        w.observe(0, P1, EventTime(200), 1_600);
+        assert_eq!(w.update(1_600), Watermark::at(EventTime(600)), "never backwards");
+    }
+
+    #[test]
+    fn exhausted_sources_release_and_all_exhausted_is_infinite() {
+        let mut w = Watermarks::new(&[1, 1], 0, u64::MAX, 0);
+        w.observe(0, P0, EventTime(10), 0);
+        w.observe(1, P0, EventTime(20), 0);
+        w.exhaust(0, P0);
+        assert_eq!(w.update(0), Watermark::at(EventTime(20)));
+        w.exhaust(1, P0);
+        assert_eq!(w.update(0), Watermark::MAX);
+    }
+}
