@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use proptest::prelude::*;
+
 use crate::{
     hash_id, Event, EventTime, Join, JoinKind, JoinSink, JoinSpec, KeyPart, KeyWriter, PartitionId,
     Side, StateStore, StoreError, Watermark, Watermarks,
@@ -154,3 +156,65 @@ pub fn reference(events: &[TestEvent], spec: &JoinSpec, max_out_of_orderness_ms:
     rows.sort();
     Outcome { rows, late }
 }
+
+// Strategies for property tests of the join.
+
+/// One generated arrival: (side, key index, time step, jitter, extra lateness, duplicate?).
+pub type Draw = (bool, usize, i64, i64, i64, bool);
+
+fn keys() -> Vec<Vec<TestKeyPart>> {
+    use TestKeyPart::{Int, Str};
+    vec![
+        vec![Int(1)],
+        vec![Int(2)],
+        vec![Str("1".into())],
+        vec![Int(1), Str("x".into())],
+        vec![Str("a".into()), Int(-5)],
+    ]
+}
+
+/// Builds arrival-ordered events from draws: nominal times rise by `step`, each event's
+/// time is its nominal time minus a jitter within the disorder bound, and sometimes minus
+/// more (a late event); a duplicate repeats an earlier event of the same side.
+pub fn build(draws: &[Draw], ooo_ms: i64) -> Vec<TestEvent> {
+    let keys = keys();
+    let mut nominal = 1_000_000;
+    let mut events: Vec<TestEvent> = Vec::new();
+    for (i, &(left, key, step, jitter, extra, duplicate)) in draws.iter().enumerate() {
+        nominal += step;
+        let side = if left { Side::Left } else { Side::Right };
+        if duplicate {
+            if let Some(original) = events.iter().rev().find(|e| e.side == side).cloned() {
+                events.push(original);
+                continue;
+            }
+        }
+        events.push(TestEvent {
+            side,
+            key: keys[key].clone(),
+            time: nominal - jitter.min(ooo_ms) - extra,
+            id: Some(i as u64),
+            payload: format!("{}{i}", if left { 'l' } else { 'r' }),
+        });
+    }
+    events
+}
+
+pub fn kinds() -> impl Strategy<Value = JoinKind> {
+    prop_oneof![
+        Just(JoinKind::Inner),
+        Just(JoinKind::Left),
+        Just(JoinKind::Right),
+        Just(JoinKind::Full)
+    ]
+}
+
+pub fn draws() -> impl Strategy<Value = Vec<Draw>> {
+    let extra = prop_oneof![8 => Just(0i64), 1 => 1i64..5_000];
+    let duplicate = prop::bool::weighted(0.1);
+    prop::collection::vec(
+        (any::<bool>(), 0usize..5, 0i64..700, 0i64..3_000, extra, duplicate),
+        0..120,
+    )
+}
+

@@ -5,68 +5,9 @@
 //! event" to "spill nothing". The cold tier here is the in-memory model; `braid-state`
 //! runs the same property on RocksDB.
 
-use braid_core::testkit::{reference, run_join, TestEvent, TestKeyPart};
-use braid_core::{Join, JoinKind, JoinSpec, MemStore, Side};
+use braid_core::testkit::{build, draws, kinds, reference, run_join};
+use braid_core::{Join, JoinSpec, MemStore};
 use proptest::prelude::*;
-
-/// One generated arrival: (side, key index, time step, jitter, extra lateness, duplicate?).
-type Draw = (bool, usize, i64, i64, i64, bool);
-
-pub fn keys() -> Vec<Vec<TestKeyPart>> {
-    use TestKeyPart::{Int, Str};
-    vec![
-        vec![Int(1)],
-        vec![Int(2)],
-        vec![Str("1".into())],
-        vec![Int(1), Str("x".into())],
-        vec![Str("a".into()), Int(-5)],
-    ]
-}
-
-/// Builds arrival-ordered events from draws: nominal times rise by `step`, each event's
-/// time is its nominal time minus a jitter within the disorder bound, and sometimes minus
-/// more (a late event); a duplicate repeats an earlier event of the same side.
-fn build(draws: &[Draw], ooo_ms: i64) -> Vec<TestEvent> {
-    let keys = keys();
-    let mut nominal = 1_000_000;
-    let mut events: Vec<TestEvent> = Vec::new();
-    for (i, &(left, key, step, jitter, extra, duplicate)) in draws.iter().enumerate() {
-        nominal += step;
-        let side = if left { Side::Left } else { Side::Right };
-        if duplicate {
-            if let Some(original) = events.iter().rev().find(|e| e.side == side).cloned() {
-                events.push(original);
-                continue;
-            }
-        }
-        events.push(TestEvent {
-            side,
-            key: keys[key].clone(),
-            time: nominal - jitter.min(ooo_ms) - extra,
-            id: Some(i as u64),
-            payload: format!("{}{i}", if left { 'l' } else { 'r' }),
-        });
-    }
-    events
-}
-
-fn kinds() -> impl Strategy<Value = JoinKind> {
-    prop_oneof![
-        Just(JoinKind::Inner),
-        Just(JoinKind::Left),
-        Just(JoinKind::Right),
-        Just(JoinKind::Full)
-    ]
-}
-
-fn draws() -> impl Strategy<Value = Vec<Draw>> {
-    let extra = prop_oneof![8 => Just(0i64), 1 => 1i64..5_000];
-    let duplicate = prop::bool::weighted(0.1);
-    prop::collection::vec(
-        (any::<bool>(), 0usize..5, 0i64..700, 0i64..3_000, extra, duplicate),
-        0..120,
-    )
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]

@@ -1,1 +1,21 @@
-//! placeholder
+//! braid's sources and sinks.
+//!
+//! - [`Decoder`] pulls the key, time and id out of one NDJSON line, leaving the line's
+//!   bytes untouched so that they can be written back verbatim.
+//! - [`FileSource`] reads a source's files in lexical order as one partition, line by
+//!   line, with bounded line length and each line's position.
+//! - [`FileSink`] writes records to hidden files and makes them visible by renaming.
+//! - [`takerate`] generates realistic impressions and plays; [`flink_peer`] reproduces
+//!   the workload of the Flink peer benchmark exactly.
+
+mod decode;
+mod files;
+pub mod flink_peer;
+mod rfc3339;
+mod sink;
+pub mod takerate;
+
+pub use decode::{DecodeError, Decoded, Decoder, Schema};
+pub use files::{FileSource, LineBatch, Position, SourceError};
+pub use rfc3339::parse_rfc3339_ms;
+pub use sink::{FileSink, SinkError};

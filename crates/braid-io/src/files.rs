@@ -1,0 +1,214 @@
+//! A `files` source: a glob's matching files in lexical order, read as one partition.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+/// Read buffer of a source file.
+const READ_BUFFER_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source `{source_name}`: pattern `{pattern}` is not a valid glob: {reason}")]
+    Pattern { source_name: String, pattern: String, reason: String },
+    #[error("source `{source_name}`: no file matches `{pattern}`")]
+    NoFiles { source_name: String, pattern: String },
+    #[error("source `{source_name}`: cannot read {}: {error}", path.display())]
+    Read { source_name: String, path: PathBuf, error: std::io::Error },
+}
+
+/// Where a record was read: which file of the source, which line (from 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub file: u32,
+    pub line: u64,
+}
+
+/// A batch of lines, stored back to back in one buffer.
+#[derive(Default, Debug)]
+pub struct LineBatch {
+    bytes: Vec<u8>,
+    /// (start, end, position, the line's full length when it was cut at the limit)
+    lines: Vec<(usize, usize, Position, Option<usize>)>,
+}
+
+impl LineBatch {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.lines.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// (line bytes without the line end, position, full length if over the limit).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Position, Option<usize>)> {
+        self.lines
+            .iter()
+            .map(|&(s, e, p, over)| (&self.bytes[s..e], p, over))
+    }
+}
+
+pub struct FileSource {
+    name: String,
+    files: Vec<PathBuf>,
+    current: usize,
+    reader: Option<BufReader<File>>,
+    line: u64,
+    max_line_bytes: usize,
+}
+
+impl FileSource {
+    /// Resolves `pattern` (absolute, or relative to `base`) to its files, sorted.
+    pub fn open(name: &str, base: &Path, pattern: &str, max_line_bytes: usize) -> Result<FileSource, SourceError> {
+        let files = resolve_glob(name, base, pattern)?;
+        Ok(FileSource {
+            name: name.to_string(),
+            files,
+            current: 0,
+            reader: None,
+            line: 0,
+            max_line_bytes,
+        })
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn path(&self, position: Position) -> &Path {
+        &self.files[position.file as usize]
+    }
+
+    /// Appends up to `max_lines` lines to `batch`. Returns false once every file is read.
+    /// Blank lines are not records and are skipped.
+    pub fn read_batch(&mut self, batch: &mut LineBatch, max_lines: usize) -> Result<bool, SourceError> {
+        while batch.len() < max_lines {
+            if self.reader.is_none() {
+                let Some(path) = self.files.get(self.current) else {
+                    return Ok(false);
+                };
+                let file = File::open(path).map_err(|error| self.read_error(error))?;
+                self.reader = Some(BufReader::with_capacity(READ_BUFFER_BYTES, file));
+                self.line = 0;
+            }
+            let start = batch.bytes.len();
+            let reader = self.reader.as_mut().expect("opened above");
+            match read_line_bounded(reader, &mut batch.bytes, self.max_line_bytes) {
+                Ok(None) => {
+                    self.reader = None;
+                    self.current += 1;
+                }
+                Ok(Some(full_len)) => {
+                    self.line += 1;
+                    let mut end = batch.bytes.len();
+                    while end > start && matches!(batch.bytes[end - 1], b'\n' | b'\r') {
+                        end -= 1;
+                    }
+                    if batch.bytes[start..end].iter().all(u8::is_ascii_whitespace) {
+                        batch.bytes.truncate(start);
+                        continue;
+                    }
+                    let position = Position { file: self.current as u32, line: self.line };
+                    let over = (full_len > self.max_line_bytes).then_some(full_len);
+                    batch.lines.push((start, end, position, over));
+                }
+                Err(error) => return Err(self.read_error(error)),
+            }
+        }
+        Ok(true)
+    }
+
+    fn read_error(&self, error: std::io::Error) -> SourceError {
+        SourceError::Read {
+            source_name: self.name.clone(),
+            path: self.files[self.current.min(self.files.len() - 1)].clone(),
+            error,
+        }
+    }
+}
+
+/// Resolves a source's glob, relative to `base`, to its files in lexical order.
+pub fn resolve_glob(name: &str, base: &Path, pattern: &str) -> Result<Vec<PathBuf>, SourceError> {
+    let full = if Path::new(pattern).is_absolute() {
+        pattern.to_string()
+    } else {
+        base.join(pattern).to_string_lossy().into_owned()
+    };
+    let paths = glob::glob(&full).map_err(|e| SourceError::Pattern {
+        source_name: name.to_string(),
+        pattern: pattern.to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut files: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(SourceError::NoFiles { source_name: name.to_string(), pattern: full });
+    }
+    Ok(files)
+}
+
+/// Reads one line, keeping at most `max` bytes of it (plus the newline) in `out`.
+/// Returns the line's full length, or `None` at the end of the file.
+fn read_line_bounded(reader: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> std::io::Result<Option<usize>> {
+    let mut total = 0usize;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((total > 0).then_some(total));
+        }
+        let (chunk, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let room = (max + 1).saturating_sub(total);
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        total += chunk.len();
+        let used = chunk.len();
+        reader.consume(used);
+        if done {
+            // The length without the newline.
+            return Ok(Some(total - 1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_positions_blank_lines_and_oversized_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.ndjson"), "x\n\n0123456789\r\nlast").unwrap();
+        std::fs::write(dir.path().join("a.ndjson"), "first\n").unwrap();
+        let mut source = FileSource::open("s", dir.path(), "*.ndjson", 5).unwrap();
+        let mut batch = LineBatch::default();
+        assert!(!source.read_batch(&mut batch, 100).unwrap());
+        let got: Vec<(String, u32, u64, Option<usize>)> = batch
+            .iter()
+            .map(|(b, p, o)| (String::from_utf8_lossy(b).into_owned(), p.file, p.line, o))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("first".into(), 0, 1, None),
+                ("x".into(), 1, 1, None),
+                ("012345".into(), 1, 3, Some(11)),
+                ("last".into(), 1, 4, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_glob_matching_nothing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = FileSource::open("plays", dir.path(), "none/*.ndjson", 10).err().unwrap();
+        assert!(err.to_string().contains("no file matches"), "{err}");
+    }
+}

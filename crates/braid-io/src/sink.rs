@@ -1,0 +1,121 @@
+//! A `files` sink: records go to a hidden in-progress file, which becomes visible under
+//! its final name only when it is committed (renamed). Readers ignore names starting
+//! with `.` or `_`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+#[error("output: cannot {operation} {}: {error}", path.display())]
+pub struct SinkError {
+    pub operation: &'static str,
+    pub path: PathBuf,
+    pub error: std::io::Error,
+}
+
+pub struct FileSink {
+    dir: PathBuf,
+    prefix: String,
+    /// The open in-progress file, its path and its bytes so far.
+    open: Option<(BufWriter<File>, PathBuf, u64)>,
+    next_file: u64,
+    roll_bytes: u64,
+    committed: Vec<PathBuf>,
+}
+
+impl FileSink {
+    /// A sink writing `DIR/PREFIX-NNNNNN.ndjson`; a file is committed once it reaches
+    /// `roll_bytes` and at every [`commit`](Self::commit).
+    pub fn new(dir: &Path, prefix: &str, roll_bytes: u64) -> FileSink {
+        FileSink {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+            open: None,
+            next_file: 0,
+            roll_bytes,
+            committed: Vec::new(),
+        }
+    }
+
+    /// Appends one record and a newline.
+    pub fn write(&mut self, record: &[u8]) -> Result<(), SinkError> {
+        self.write_parts(&[record])
+    }
+
+    /// Appends the concatenation of `parts` and a newline.
+    pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), SinkError> {
+        if self.open.is_none() {
+            std::fs::create_dir_all(&self.dir).map_err(|error| SinkError { operation: "create", path: self.dir.clone(), error })?;
+            let path = self.dir.join(format!(".{}-{:06}.ndjson.inprogress", self.prefix, self.next_file));
+            let file = File::create(&path).map_err(|error| SinkError { operation: "create", path: path.clone(), error })?;
+            self.open = Some((BufWriter::with_capacity(WRITE_BUFFER_BYTES, file), path, 0));
+        }
+        let (writer, path, bytes) = self.open.as_mut().expect("opened above");
+        for part in parts {
+            writer.write_all(part).map_err(|error| SinkError { operation: "write", path: path.clone(), error })?;
+            *bytes += part.len() as u64;
+        }
+        writer.write_all(b"\n").map_err(|error| SinkError { operation: "write", path: path.clone(), error })?;
+        *bytes += 1;
+        if *bytes >= self.roll_bytes {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, syncs and renames the open file to its final name.
+    pub fn commit(&mut self) -> Result<(), SinkError> {
+        let Some((writer, path, _)) = self.open.take() else {
+            return Ok(());
+        };
+        let file = writer.into_inner().map_err(|e| SinkError { operation: "write", path: path.clone(), error: e.into_error() })?;
+        file.sync_all().map_err(|error| SinkError { operation: "sync", path: path.clone(), error })?;
+        let done = self.dir.join(format!("{}-{:06}.ndjson", self.prefix, self.next_file));
+        std::fs::rename(&path, &done).map_err(|error| SinkError { operation: "rename", path: path.clone(), error })?;
+        self.next_file += 1;
+        self.committed.push(done);
+        Ok(())
+    }
+
+    pub fn committed(&self) -> &[PathBuf] {
+        &self.committed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_visible_before_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::new(dir.path(), "part-0", 1 << 30);
+        sink.write(b"{\"a\":1}").unwrap();
+        let visible = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.') && !n.starts_with('_'))
+                .count()
+        };
+        assert_eq!(visible(dir.path()), 0);
+        sink.commit().unwrap();
+        assert_eq!(visible(dir.path()), 1);
+        let text = std::fs::read_to_string(&sink.committed()[0]).unwrap();
+        assert_eq!(text, "{\"a\":1}\n");
+    }
+
+    #[test]
+    fn files_roll_at_the_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::new(dir.path(), "p", 10);
+        for _ in 0..5 {
+            sink.write(b"12345").unwrap();
+        }
+        sink.commit().unwrap();
+        assert_eq!(sink.committed().len(), 3);
+    }
+}

@@ -1,0 +1,199 @@
+//! The RocksDB store.
+//!
+//! Key layout: `side (1) | bucket (8, big-endian, sign bit flipped) | segment (4) | key`,
+//! so one bucket's segments are contiguous, and a segment is one key range.
+
+use std::path::{Path, PathBuf};
+
+use braid_core::{SegmentEntry, SegmentId, Side, StateStore, StoreError};
+use rocksdb::{
+    BlockBasedOptions, Cache, DBCompressionType, IngestExternalFileOptions, Options, ReadOptions,
+    SstFileWriter, DB,
+};
+
+/// The file that marks a folder as braid's state, so that braid never wipes anything else.
+const MARKER_FILE: &str = "BRAID_STATE";
+const PREFIX_BYTES: usize = 13;
+
+/// Tuning of the RocksDB store.
+#[derive(Clone, Debug)]
+pub struct RocksOptions {
+    /// Block cache for reads of spilled segments; part of the process's fixed memory.
+    pub block_cache_bytes: usize,
+    /// Compress spilled segments with LZ4.
+    pub compress: bool,
+}
+
+impl Default for RocksOptions {
+    fn default() -> RocksOptions {
+        RocksOptions {
+            block_cache_bytes: 8 << 20,
+            compress: true,
+        }
+    }
+}
+
+pub struct RocksStore {
+    db: DB,
+    dir: PathBuf,
+    options: Options,
+    /// Reused key buffer and the number of the next SST file to write.
+    key: Vec<u8>,
+    next_file: u64,
+}
+
+fn failed(operation: &'static str, dir: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError {
+        operation,
+        detail: format!("{}: {e}", dir.display()),
+    }
+}
+
+impl RocksStore {
+    /// Opens a fresh store in `dir`, removing the state a previous run left there.
+    /// Refuses a non-empty folder that is not braid's state.
+    pub fn create(dir: &Path, tuning: &RocksOptions) -> Result<RocksStore, StoreError> {
+        prepare_dir(dir)?;
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_block_cache(&Cache::new_lru_cache(tuning.block_cache_bytes));
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.set_block_based_table_factory(&table);
+        options.set_disable_auto_compactions(true);
+        options.set_compression_type(if tuning.compress {
+            DBCompressionType::Lz4
+        } else {
+            DBCompressionType::None
+        });
+        options.set_max_open_files(512);
+        options.set_keep_log_file_num(2);
+        let db = DB::open(&options, dir.join("db")).map_err(|e| failed("open", dir, e))?;
+        Ok(RocksStore {
+            db,
+            dir: dir.to_path_buf(),
+            options,
+            key: Vec::new(),
+            next_file: 0,
+        })
+    }
+
+    /// Bytes of SST files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.total-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    fn set_key(&mut self, id: SegmentId, key: &[u8]) {
+        self.key.clear();
+        push_prefix(&mut self.key, id.side, id.bucket, Some(id.segment));
+        self.key.extend_from_slice(key);
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
+    let marker = dir.join(MARKER_FILE);
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map_err(|e| failed("read", dir, e))?
+            .next()
+            .is_none();
+        if !empty && !marker.exists() {
+            return Err(failed(
+                "open",
+                dir,
+                "the folder is not empty and holds no braid state; choose another [state] dir",
+            ));
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| failed("clear", dir, e))?;
+    }
+    std::fs::create_dir_all(dir.join("ingest")).map_err(|e| failed("create", dir, e))?;
+    std::fs::write(&marker, b"braid state\n").map_err(|e| failed("create", dir, e))
+}
+
+/// Appends the order-preserving prefix of a bucket, or of one of its segments.
+fn push_prefix(out: &mut Vec<u8>, side: Side, bucket: i64, segment: Option<u32>) {
+    out.push(side.index() as u8);
+    out.extend_from_slice(&((bucket as u64) ^ (1 << 63)).to_be_bytes());
+    if let Some(segment) = segment {
+        out.extend_from_slice(&segment.to_be_bytes());
+    }
+}
+
+impl StateStore for RocksStore {
+    fn write_segment(&mut self, id: SegmentId, entries: &[SegmentEntry<'_>]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join("ingest").join(format!("{:012}.sst", self.next_file));
+        self.next_file += 1;
+        let mut writer = SstFileWriter::create(&self.options);
+        writer.open(&path).map_err(|e| failed("write segment", &path, e))?;
+        let mut key = Vec::with_capacity(PREFIX_BYTES + 64);
+        for entry in entries {
+            key.clear();
+            push_prefix(&mut key, id.side, id.bucket, Some(id.segment));
+            key.extend_from_slice(entry.key);
+            writer
+                .put(&key, entry.value)
+                .map_err(|e| failed("write segment", &path, e))?;
+        }
+        writer.finish().map_err(|e| failed("write segment", &path, e))?;
+        let mut ingest = IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        self.db
+            .ingest_external_file_opts(&ingest, vec![&path])
+            .map_err(|e| failed("ingest segment", &path, e))
+    }
+
+    fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError> {
+        self.set_key(id, key);
+        out.clear();
+        match self.db.get_pinned(&self.key) {
+            Ok(Some(value)) => {
+                out.extend_from_slice(&value);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(failed("get", &self.dir, e)),
+        }
+    }
+
+    fn scan_segment(&mut self, id: SegmentId, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+        let mut lower = Vec::with_capacity(PREFIX_BYTES);
+        push_prefix(&mut lower, id.side, id.bucket, Some(id.segment));
+        let mut upper = Vec::with_capacity(PREFIX_BYTES);
+        push_prefix(&mut upper, id.side, id.bucket, Some(id.segment + 1));
+        let mut read = ReadOptions::default();
+        read.set_iterate_lower_bound(lower);
+        read.set_iterate_upper_bound(upper);
+        read.fill_cache(false);
+        let mut it = self.db.raw_iterator_opt(read);
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            visit(&k[PREFIX_BYTES..], v);
+            it.next();
+        }
+        it.status().map_err(|e| failed("scan segment", &self.dir, e))
+    }
+
+    fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError> {
+        let mut from = Vec::with_capacity(PREFIX_BYTES);
+        push_prefix(&mut from, side, bucket, None);
+        let mut to = Vec::with_capacity(PREFIX_BYTES);
+        match bucket.checked_add(1) {
+            Some(next) => push_prefix(&mut to, side, next, None),
+            None => to.push(side.index() as u8 + 1),
+        }
+        // Each segment is one file in the bottom level and files are never compacted
+        // together, so deleting the files inside the range removes the bucket whole.
+        self.db
+            .delete_file_in_range(&from, &to)
+            .map_err(|e| failed("drop bucket", &self.dir, e))
+    }
+}
