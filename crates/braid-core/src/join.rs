@@ -22,6 +22,10 @@ const ID_ENTRY_BYTES: usize = 28;
 const SEGMENTS_PER_BUDGET: usize = 16;
 const SEGMENT_BYTES_MAX: usize = 64 << 20;
 const SEGMENT_BYTES_MIN: usize = 16 << 10;
+/// A hot segment is spilled only once it holds a quarter of the largest segment's
+/// bytes (or of the whole budget, for tiny budgets), so that a budget exhausted by
+/// remembered ids never turns into one file per event.
+const SPILL_FRACTION_MIN: usize = 4;
 
 /// One decoded input event, borrowing its bytes from the reader's buffer.
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +103,9 @@ pub struct Join<S> {
     watermark: Watermark,
     memory_max_bytes: usize,
     segment_bytes_max: usize,
+    spill_bytes_min: usize,
+    /// When nothing could be spilled, the memory at which to look again.
+    spill_retry_bytes: usize,
     /// Sum of `memory_bytes` over every segment, hot and cold.
     segments_bytes: usize,
     counts: JoinCounts,
@@ -110,6 +117,7 @@ pub struct Join<S> {
 
 impl<S: StateStore> Join<S> {
     pub fn new(spec: JoinSpec, store: S, memory_max_bytes: usize) -> Join<S> {
+        let segment_bytes_max = (memory_max_bytes / SEGMENTS_PER_BUDGET).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX);
         Join {
             bucket_width_ms: spec.bucket_width_ms(),
             spec,
@@ -117,8 +125,9 @@ impl<S: StateStore> Join<S> {
             sides: Default::default(),
             watermark: Watermark::MIN,
             memory_max_bytes,
-            segment_bytes_max: (memory_max_bytes / SEGMENTS_PER_BUDGET)
-                .clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX),
+            segment_bytes_max,
+            spill_bytes_min: segment_bytes_max.min(memory_max_bytes) / SPILL_FRACTION_MIN,
+            spill_retry_bytes: 0,
             segments_bytes: 0,
             counts: JoinCounts::default(),
             value: Vec::new(),
@@ -273,22 +282,28 @@ impl<S: StateStore> Join<S> {
 
     /// Spills the oldest hot segments until the state fits in its memory budget.
     fn enforce_memory_max(&mut self) -> Result<(), StoreError> {
-        while self.memory_bytes() > self.memory_max_bytes {
+        while self.memory_bytes() > self.memory_max_bytes && self.memory_bytes() >= self.spill_retry_bytes {
             if !self.spill_oldest()? {
+                self.spill_retry_bytes = self.memory_bytes() + self.spill_bytes_min.max(1);
                 break;
             }
+            self.spill_retry_bytes = 0;
         }
         Ok(())
     }
 
-    /// Writes the hot segment of the oldest bucket (either side) to the cold tier.
-    /// Returns false when nothing is left to spill.
+    /// Writes the oldest hot segment (either side) of at least `spill_bytes_min` to the
+    /// cold tier. Returns false when there is none.
     fn spill_oldest(&mut self) -> Result<bool, StoreError> {
         let oldest = Side::BOTH
             .into_iter()
             .filter_map(|side| {
                 self.sides[side.index()].buckets.iter().find_map(|(&id, bucket)| {
-                    let at = bucket.segments.iter().position(|s| matches!(s, Segment::Hot(_)))?;
+                    let min = self.spill_bytes_min;
+                    let at = bucket
+                        .segments
+                        .iter()
+                        .position(|s| matches!(s, Segment::Hot(h) if h.memory_bytes() >= min))?;
                     Some((id, side, at))
                 })
             })
@@ -369,6 +384,7 @@ impl<S: StateStore> Join<S> {
         if has_cold {
             self.store.drop_bucket(side, bucket_id)?;
         }
+        self.spill_retry_bytes = 0;
         Ok(())
     }
 }

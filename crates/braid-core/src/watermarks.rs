@@ -39,12 +39,17 @@ impl Watermarks {
         }
     }
 
-    /// Records an event delivered by a partition.
-    pub fn observe(&mut self, source: usize, partition: PartitionId, time: EventTime, now_ms: u64) {
+    /// Records an event delivered by a partition. Returns true when it raised the
+    /// partition's largest time (only then can the watermark move).
+    pub fn observe(&mut self, source: usize, partition: PartitionId, time: EventTime, now_ms: u64) -> bool {
         let p = &mut self.sources[source][partition.0 as usize];
-        p.max_time = Some(p.max_time.map_or(time.0, |m| m.max(time.0)));
         p.last_active_ms = now_ms;
         p.exhausted = false;
+        let raised = p.max_time.is_none_or(|m| time.0 > m);
+        if raised {
+            p.max_time = Some(time.0);
+        }
+        raised
     }
 
     /// Records that a partition is reading but delivered nothing new (it is not idle).

@@ -36,5 +36,8 @@ proptest! {
         let accounted: u64 = (0..2).map(|i| c.matched[i] + c.unmatched_emitted[i] + c.unmatched_expired[i] + c.duplicates[i]).sum();
         prop_assert_eq!(accounted, admitted, "every admitted event is accounted for once");
         prop_assert_eq!(join.store().segment_count(), 0, "expired buckets leave nothing behind");
+        if memory_max == 0 && admitted > 0 {
+            prop_assert!(c.spilled_events > 0, "a zero budget spills every event");
+        }
     }
 }

@@ -42,6 +42,13 @@ impl LineBatch {
         self.lines.len()
     }
 
+    /// Appends a line produced elsewhere (by a generator).
+    pub fn push(&mut self, line: &[u8], position: Position) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(line);
+        self.lines.push((start, self.bytes.len(), position, None));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.lines.is_empty()
     }
@@ -66,15 +73,19 @@ pub struct FileSource {
 impl FileSource {
     /// Resolves `pattern` (absolute, or relative to `base`) to its files, sorted.
     pub fn open(name: &str, base: &Path, pattern: &str, max_line_bytes: usize) -> Result<FileSource, SourceError> {
-        let files = resolve_glob(name, base, pattern)?;
-        Ok(FileSource {
+        Ok(FileSource::from_files(name, resolve_glob(name, base, pattern)?, max_line_bytes))
+    }
+
+    /// Reads the given files, in the given order.
+    pub fn from_files(name: &str, files: Vec<PathBuf>, max_line_bytes: usize) -> FileSource {
+        FileSource {
             name: name.to_string(),
             files,
             current: 0,
             reader: None,
             line: 0,
             max_line_bytes,
-        })
+        }
     }
 
     pub fn files(&self) -> &[PathBuf] {

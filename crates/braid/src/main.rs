@@ -1,1 +1,199 @@
-fn main() {}
+//! The `braid` command line (SPEC §1). Exit codes: 0 success, 2 bad usage or job file,
+//! 1 any runtime failure (one-line cause on stderr; the chain with `-v`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use braid::bench::BenchOptions;
+use braid::config::JobError;
+use braid::units::{parse_duration_ms, parse_size_bytes};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "braid", version, about = "Joins event streams in event time, with state on disk.")]
+struct Cli {
+    /// More log output on stderr, and the full cause chain of an error.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// No progress display.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a realistic data set, run the take-rate join over it, print a summary.
+    Demo {
+        #[arg(long, default_value = "braid-demo")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+    /// Run a job to the end of its bounded inputs.
+    Run { job: PathBuf },
+    /// Check a job file and print the resolved plan.
+    Validate { job: PathBuf },
+    /// Write a synthetic impressions/plays data set (NDJSON) and a job.toml for it.
+    Generate(GenerateArgs),
+    /// Measure throughput; prints one JSON line last.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// Lines to write, both streams together.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Distinct members.
+    #[arg(long, default_value_t = 100_000)]
+    profiles: u64,
+    /// Distinct titles (Zipf-popular).
+    #[arg(long, default_value_t = 8_000)]
+    titles: u64,
+    /// Impressions per second of event time.
+    #[arg(long, default_value_t = 500)]
+    impressions_per_s: u64,
+    /// Share of impressions that lead to a play.
+    #[arg(long, default_value_t = 0.12)]
+    play_rate: f64,
+    #[arg(long, default_value_t = 0.01)]
+    duplicate_rate: f64,
+    #[arg(long, default_value_t = 0.0005)]
+    malformed_rate: f64,
+    /// Bounded disorder of event times, e.g. 5s.
+    #[arg(long, default_value = "5s")]
+    max_out_of_orderness: String,
+    #[arg(long, default_value_t = 250_000)]
+    lines_per_file: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Workload {
+    FlinkPeer,
+    Files,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value = "flink-peer")]
+    workload: Workload,
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+    #[arg(long, default_value = "128MiB")]
+    memory_max: String,
+    /// Shard threads (default: the number of cores).
+    #[arg(long)]
+    parallelism: Option<usize>,
+    /// Scratch folder for state (and the files workload's data).
+    #[arg(long, default_value = ".braid/bench")]
+    dir: PathBuf,
+}
+
+/// Errors that are the user's to fix in what they wrote (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG").unwrap_or_else(|_| level.into()))
+        .init();
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    match dispatch(cli.command, progress) {
+        Ok(code) => code,
+        Err(e) => {
+            let usage = e.downcast_ref::<JobError>().is_some() || e.downcast_ref::<UsageError>().is_some();
+            if cli.verbose > 0 {
+                eprintln!("braid: error: {e:?}");
+            } else {
+                eprintln!("braid: error: {e}");
+            }
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Demo { dir, events } => braid::demo::demo(&dir, events, progress)?,
+        Command::Validate { job } => print!("{}", braid::config::load(&job)?),
+        Command::Run { job } => {
+            let plan = braid::config::load(&job)?;
+            let summary = braid::driver::run(&plan, &braid::driver::RunOptions { progress })?;
+            println!("{summary}");
+            summary.check().map_err(anyhow::Error::msg)?;
+        }
+        Command::Generate(args) => generate(&args)?,
+        Command::Bench(args) => bench(&args)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let usage = |e: String| UsageError(e);
+    let disorder = parse_duration_ms(&args.max_out_of_orderness).map_err(|e| usage(format!("--max-out-of-orderness: {e}")))?;
+    for (flag, rate) in [("--play-rate", args.play_rate), ("--duplicate-rate", args.duplicate_rate), ("--malformed-rate", args.malformed_rate)] {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(usage(format!("{flag}: {rate} is not a share between 0 and 1")).into());
+        }
+    }
+    if args.profiles == 0 || args.titles == 0 || args.impressions_per_s == 0 || args.lines_per_file == 0 || disorder < 0 {
+        return Err(usage("--profiles, --titles, --impressions-per-s and --lines-per-file must be positive, --max-out-of-orderness not negative".into()).into());
+    }
+    let config = braid_io::takerate::TakeRateConfig {
+        events: args.events,
+        seed: args.seed,
+        profiles: args.profiles,
+        titles: args.titles,
+        impressions_per_s: args.impressions_per_s,
+        play_rate: args.play_rate,
+        duplicate_rate: args.duplicate_rate,
+        malformed_rate: args.malformed_rate,
+        max_out_of_orderness_ms: disorder,
+        ..Default::default()
+    };
+    let counts = braid_io::takerate::write_dataset(&args.out.join("data"), &config, args.lines_per_file)?;
+    let job = args.out.join("job.toml");
+    std::fs::write(&job, braid::demo::job_toml("take-rate", "out", ".braid/state", braid::demo::DEMO_MEMORY_MAX_BYTES))?;
+    println!(
+        "wrote {} impression and {} play lines under {}; run them with: braid run {}",
+        counts.impressions,
+        counts.plays,
+        args.out.join("data").display(),
+        job.display()
+    );
+    Ok(())
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let memory_max_bytes = parse_size_bytes(&args.memory_max).map_err(|e| UsageError(format!("--memory-max: {e}")))?;
+    let options = BenchOptions {
+        events: args.events,
+        memory_max_bytes,
+        parallelism: args.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        state_dir: args.dir.join("state"),
+    };
+    let line = match args.workload {
+        Workload::FlinkPeer => braid::bench::flink_peer(&options)?,
+        Workload::Files => braid::bench::files(&options, &args.dir.join("files"))?,
+    };
+    println!("{line}");
+    if line["correct"] == serde_json::Value::Bool(false) {
+        anyhow::bail!("the result count is wrong: {} results, {} expected", line["results"], line["expected"]);
+    }
+    Ok(())
+}

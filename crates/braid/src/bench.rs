@@ -1,0 +1,140 @@
+//! `braid bench`: throughput benchmarks that print one JSON line last.
+//!
+//! - `flink-peer` runs the exact workload of `shared/peers/flink` (generated in
+//!   process, no parsing, results counted), checks the result count against the peer's
+//!   reference table and against an independent count, and reports events/s.
+//! - `files` generates a take-rate data set (not timed), then times `braid run` over it:
+//!   NDJSON parsing, the join and the joined NDJSON output included.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use braid_core::{Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side, Watermark};
+use braid_io::flink_peer;
+use serde_json::json;
+
+use crate::engine::{Engine, ShardReport};
+use crate::results::CountingResults;
+use crate::summary::peak_rss_bytes;
+
+/// Events between two watermark advances in the flink-peer benchmark (Flink emits a
+/// watermark every 200 ms; this is about as often at the rates measured).
+const PEER_ADVANCE_EVENTS: u64 = 16_384;
+
+pub struct BenchOptions {
+    pub events: u64,
+    pub memory_max_bytes: u64,
+    pub parallelism: usize,
+    pub state_dir: std::path::PathBuf,
+}
+
+/// Runs the flink-peer workload; returns the JSON result line.
+pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
+    let expected = flink_peer::expected_results(options.events);
+    let reference = flink_peer::REFERENCE_COUNTS
+        .iter()
+        .find(|(n, _)| *n == options.events)
+        .map(|&(_, results)| results);
+    if let Some(r) = reference {
+        anyhow::ensure!(r == expected, "independent count {expected} differs from the peer's reference {r}");
+    }
+    let spec = JoinSpec {
+        kind: JoinKind::Inner,
+        lower_ms: 0,
+        upper_ms: flink_peer::WINDOW_MS,
+        allowed_lateness_ms: 0,
+    };
+    let started = Instant::now();
+    let mut engine = Engine::start(spec, options.parallelism, options.memory_max_bytes, &options.state_dir, |_| {
+        Ok(CountingResults::default())
+    })?;
+    let mut key = KeyWriter::default();
+    let mut max_time = i64::MIN;
+    let mut late = 0u64;
+    let mut watermark = Watermark::MIN;
+    for n in 0..options.events {
+        let e = flink_peer::event(n as i64);
+        if watermark.is_late(EventTime(e.time_ms), 0) {
+            late += 1;
+            continue;
+        }
+        key.clear();
+        key.push(KeyPart::Int(e.profile_id));
+        key.push(KeyPart::Int(e.title_id));
+        engine.push(&Event {
+            side: if e.play { Side::Right } else { Side::Left },
+            key: key.bytes(),
+            key_hash: key.hash(),
+            time: EventTime(e.time_ms),
+            id: None,
+            payload: e.payload,
+        })?;
+        max_time = max_time.max(e.time_ms);
+        if n % PEER_ADVANCE_EVENTS == PEER_ADVANCE_EVENTS - 1 {
+            watermark = Watermark::at(EventTime(max_time - flink_peer::MAX_OUT_OF_ORDERNESS_MS));
+            engine.advance(watermark)?;
+        }
+    }
+    engine.advance(Watermark::MAX)?;
+    let reports = engine.finish()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let results: u64 = reports.iter().map(|r| r.counts.pairs).sum();
+    let spilled: u64 = reports.iter().map(|r| r.counts.spilled_events).sum();
+    Ok(json!({
+        "workload": "flink-peer",
+        "parallelism": options.parallelism,
+        "memory_max_mb": options.memory_max_bytes >> 20,
+        "expected": expected,
+        "correct": results == expected && late == 0,
+        "late": late,
+        "spilled_events": spilled,
+        "peak_state_mb": mb(reports.iter().map(|r: &ShardReport| r.peak_state_bytes as u64).sum()),
+        "events": options.events,
+        "results": results,
+        "events_per_s": (options.events as f64 / seconds).round(),
+        "seconds": round2(seconds),
+        "peak_rss_mb": mb(peak_rss_bytes()),
+    }))
+}
+
+/// Generates a data set of `events` lines under `dir` (untimed), then times a run over it.
+pub fn files(options: &BenchOptions, dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let config = braid_io::takerate::TakeRateConfig { events: options.events, ..Default::default() };
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    braid_io::takerate::write_dataset(&dir.join("data"), &config, 1_000_000)?;
+    let job = dir.join("job.toml");
+    std::fs::write(&job, crate::demo::job_toml("bench-files", "out", ".braid/state", options.memory_max_bytes))?;
+    let mut plan = crate::config::load(&job)?;
+    plan.parallelism = options.parallelism;
+    let summary = crate::driver::run(&plan, &crate::driver::RunOptions { progress: false })?;
+    summary.check().map_err(anyhow::Error::msg)?;
+    let output_bytes: u64 = std::fs::read_dir(dir.join("out"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.len())
+        .sum();
+    Ok(json!({
+        "workload": "files",
+        "parallelism": options.parallelism,
+        "memory_max_mb": options.memory_max_bytes >> 20,
+        "pairs": summary.join.pairs,
+        "output_mb": mb(output_bytes),
+        "events": summary.input(),
+        "results": summary.join.pairs + summary.join.unmatched_emitted.iter().sum::<u64>(),
+        "events_per_s": summary.events_per_s().round(),
+        "seconds": round2(summary.seconds),
+        "peak_rss_mb": mb(peak_rss_bytes()),
+    }))
+}
+
+fn mb(bytes: u64) -> f64 {
+    (bytes as f64 / 1048576.0).round()
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}

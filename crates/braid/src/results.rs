@@ -1,0 +1,173 @@
+//! Result sinks of the shards: joined records (SPEC §4) to files or stdout, or only
+//! counted (benchmarks).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use braid_core::{JoinSink, Side};
+use braid_io::FileSink;
+
+use crate::engine::ResultSink;
+
+/// The fixed bytes around the two sides of a joined record:
+/// `{"LEFT":` left `,"RIGHT":` right `}`.
+#[derive(Clone, Debug)]
+pub struct RecordShape {
+    open: Vec<u8>,
+    middle: Vec<u8>,
+    open_null: Vec<u8>,
+    middle_null: Vec<u8>,
+}
+
+impl RecordShape {
+    pub fn new(left: &str, right: &str) -> RecordShape {
+        let l = serde_json::to_string(left).expect("a string serialises");
+        let r = serde_json::to_string(right).expect("a string serialises");
+        RecordShape {
+            open: format!("{{{l}:").into_bytes(),
+            middle: format!(",{r}:").into_bytes(),
+            open_null: format!("{{{l}:null,{r}:").into_bytes(),
+            middle_null: format!(",{r}:null}}").into_bytes(),
+        }
+    }
+
+    /// Calls `write` with the parts of one record; `None` is a missing side.
+    fn parts<'a>(&'a self, left: Option<&'a [u8]>, right: Option<&'a [u8]>, write: impl FnOnce(&[&[u8]])) {
+        match (left, right) {
+            (Some(l), Some(r)) => write(&[&self.open, l, &self.middle, r, b"}"]),
+            (Some(l), None) => write(&[&self.open, l, &self.middle_null]),
+            (None, Some(r)) => write(&[&self.open_null, r, b"}"]),
+            (None, None) => unreachable!("a record has at least one side"),
+        }
+    }
+}
+
+/// Writes joined records to `part-<shard>-NNNNNN.ndjson` files.
+pub struct FilesResults {
+    shape: RecordShape,
+    sink: FileSink,
+    error: Option<anyhow::Error>,
+}
+
+impl FilesResults {
+    pub fn new(shape: RecordShape, dir: &Path, shard: usize, roll_bytes: u64) -> FilesResults {
+        FilesResults { shape, sink: FileSink::new(dir, &format!("part-{shard}"), roll_bytes), error: None }
+    }
+
+    fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
+        if self.error.is_some() {
+            return;
+        }
+        let mut result = Ok(());
+        self.shape.parts(left, right, |parts| result = self.sink.write_parts(parts));
+        if let Err(e) = result {
+            self.error = Some(e.into());
+        }
+    }
+}
+
+impl JoinSink for FilesResults {
+    fn pair(&mut self, left: &[u8], right: &[u8]) {
+        self.record(Some(left), Some(right));
+    }
+    fn unmatched(&mut self, side: Side, event: &[u8]) {
+        match side {
+            Side::Left => self.record(Some(event), None),
+            Side::Right => self.record(None, Some(event)),
+        }
+    }
+}
+
+impl ResultSink for FilesResults {
+    fn take_error(&mut self) -> Option<anyhow::Error> {
+        self.error.take()
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(self.sink.commit()?)
+    }
+}
+
+/// Bytes a stdout sink gathers before it takes the lock and writes them.
+const STDOUT_CHUNK_BYTES: usize = 256 << 10;
+
+/// Writes joined records to the process's standard output, in whole chunks of lines.
+pub struct StdoutResults {
+    shape: RecordShape,
+    buffer: Vec<u8>,
+    out: Arc<Mutex<std::io::Stdout>>,
+    error: Option<anyhow::Error>,
+}
+
+impl StdoutResults {
+    pub fn new(shape: RecordShape, out: Arc<Mutex<std::io::Stdout>>) -> StdoutResults {
+        StdoutResults { shape, buffer: Vec::with_capacity(STDOUT_CHUNK_BYTES), out, error: None }
+    }
+
+    fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
+        let buffer = &mut self.buffer;
+        self.shape.parts(left, right, |parts| {
+            for p in parts {
+                buffer.extend_from_slice(p);
+            }
+            buffer.push(b'\n');
+        });
+        if self.buffer.len() >= STDOUT_CHUNK_BYTES {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut out = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = out.write_all(&self.buffer).and_then(|()| out.flush()) {
+            self.error.get_or_insert(anyhow::anyhow!("cannot write to stdout: {e}"));
+        }
+        self.buffer.clear();
+    }
+}
+
+impl JoinSink for StdoutResults {
+    fn pair(&mut self, left: &[u8], right: &[u8]) {
+        self.record(Some(left), Some(right));
+    }
+    fn unmatched(&mut self, side: Side, event: &[u8]) {
+        match side {
+            Side::Left => self.record(Some(event), None),
+            Side::Right => self.record(None, Some(event)),
+        }
+    }
+}
+
+impl ResultSink for StdoutResults {
+    fn take_error(&mut self) -> Option<anyhow::Error> {
+        self.error.take()
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.flush();
+        self.error.take().map_or(Ok(()), Err)
+    }
+}
+
+/// Counts results and their bytes without writing them (benchmarks).
+#[derive(Default)]
+pub struct CountingResults {
+    pub bytes: u64,
+}
+
+impl JoinSink for CountingResults {
+    fn pair(&mut self, left: &[u8], right: &[u8]) {
+        self.bytes += (left.len() + right.len()) as u64;
+    }
+    fn unmatched(&mut self, _side: Side, event: &[u8]) {
+        self.bytes += event.len() as u64;
+    }
+}
+
+impl ResultSink for CountingResults {
+    fn take_error(&mut self) -> Option<anyhow::Error> {
+        None
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

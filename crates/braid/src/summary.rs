@@ -1,0 +1,158 @@
+//! The run summary: every count of the accounting identity, checked.
+//!
+//! Every input record is exactly one of: matched (joined at least once), emitted
+//! unmatched, expired unmatched, duplicate, late or dead.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use braid_core::JoinCounts;
+
+use crate::config::Plan;
+use crate::engine::ShardReport;
+
+/// What the reader saw of one source.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SourceCounts {
+    pub input: u64,
+    pub late: u64,
+    pub dead: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub name: String,
+    pub sources: [(String, SourceCounts); 2],
+    pub join: JoinCounts,
+    pub seconds: f64,
+    pub peak_state_bytes: usize,
+    pub disk_bytes_max: u64,
+    pub peak_rss_bytes: u64,
+    pub output: Option<PathBuf>,
+}
+
+impl Summary {
+    pub fn new(plan: &Plan, counts: [SourceCounts; 2], reports: &[ShardReport], elapsed: Duration, output: Option<PathBuf>) -> Summary {
+        let mut join = JoinCounts::default();
+        for r in reports {
+            join.add(&r.counts);
+        }
+        Summary {
+            name: plan.name.clone(),
+            sources: [(plan.sources[0].name.clone(), counts[0]), (plan.sources[1].name.clone(), counts[1])],
+            join,
+            seconds: elapsed.as_secs_f64(),
+            peak_state_bytes: reports.iter().map(|r| r.peak_state_bytes).sum(),
+            disk_bytes_max: reports.iter().map(|r| r.disk_bytes_max).sum(),
+            peak_rss_bytes: peak_rss_bytes(),
+            output,
+        }
+    }
+
+    pub fn input(&self) -> u64 {
+        self.sources.iter().map(|s| s.1.input).sum()
+    }
+
+    /// The accounting identity of one side: what it adds up to, and what was read.
+    fn accounted(&self, i: usize) -> (u64, u64) {
+        let j = &self.join;
+        let s = &self.sources[i].1;
+        let sum = j.matched[i] + j.unmatched_emitted[i] + j.unmatched_expired[i] + j.duplicates[i] + s.late + s.dead;
+        (sum, s.input)
+    }
+
+    /// Checks that every input record is accounted for exactly once.
+    pub fn check(&self) -> Result<(), String> {
+        for i in 0..2 {
+            let (sum, input) = self.accounted(i);
+            if sum != input || self.join.retained[i] != 0 {
+                return Err(format!(
+                    "accounting of source `{}` does not add up: read {input}, accounted {sum}, still in state {}",
+                    self.sources[i].0, self.join.retained[i]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every count as JSON, written beside a files output as `_summary.json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let j = &self.join;
+        let side = |i: usize| {
+            let s = &self.sources[i].1;
+            serde_json::json!({
+                "name": self.sources[i].0,
+                "read": s.input,
+                "matched": j.matched[i],
+                "unmatched_emitted": j.unmatched_emitted[i],
+                "unmatched_expired": j.unmatched_expired[i],
+                "duplicates": j.duplicates[i],
+                "late": s.late,
+                "dead": s.dead,
+            })
+        };
+        serde_json::json!({
+            "job": self.name,
+            "pairs": j.pairs,
+            "left": side(0),
+            "right": side(1),
+            "accounted": self.check().is_ok(),
+            "seconds": self.seconds,
+            "peak_state_bytes": self.peak_state_bytes,
+            "spilled_segments": j.spilled_segments,
+            "spilled_events": j.spilled_events,
+            "disk_bytes_max": self.disk_bytes_max,
+            "peak_rss_bytes": self.peak_rss_bytes,
+        })
+    }
+
+    pub fn events_per_s(&self) -> f64 {
+        self.input() as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// The process's peak resident memory (`VmHWM`), or 0 where it cannot be read.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let j = &self.join;
+        writeln!(f, "job `{}`: {} records in {:.2} s ({:.0} records/s)", self.name, self.input(), self.seconds, self.events_per_s())?;
+        writeln!(f, "  joined pairs emitted   {}", j.pairs)?;
+        writeln!(f, "  {:<22} {:>12} {:>12}", "", self.sources[0].0, self.sources[1].0)?;
+        let row = |f: &mut fmt::Formatter<'_>, label: &str, a: u64, b: u64| writeln!(f, "  {label:<22} {a:>12} {b:>12}");
+        row(f, "read", self.sources[0].1.input, self.sources[1].1.input)?;
+        row(f, "matched", j.matched[0], j.matched[1])?;
+        row(f, "unmatched, emitted", j.unmatched_emitted[0], j.unmatched_emitted[1])?;
+        row(f, "unmatched, expired", j.unmatched_expired[0], j.unmatched_expired[1])?;
+        row(f, "duplicates", j.duplicates[0], j.duplicates[1])?;
+        row(f, "late (_late/)", self.sources[0].1.late, self.sources[1].1.late)?;
+        row(f, "dead letters (_dead/)", self.sources[0].1.dead, self.sources[1].1.dead)?;
+        let verdict = match self.check() {
+            Ok(()) => "every record accounted for exactly once".to_string(),
+            Err(e) => format!("MISMATCH: {e}"),
+        };
+        writeln!(f, "  accounting             {verdict}")?;
+        writeln!(
+            f,
+            "  state                  peak {:.1} MiB in memory, {} segments ({} events) spilled, {:.1} MiB on disk at most",
+            self.peak_state_bytes as f64 / 1048576.0,
+            j.spilled_segments,
+            j.spilled_events,
+            self.disk_bytes_max as f64 / 1048576.0
+        )?;
+        write!(f, "  peak RSS               {:.0} MiB", self.peak_rss_bytes as f64 / 1048576.0)?;
+        if let Some(dir) = &self.output {
+            write!(f, "\n  output                 {}", dir.display())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! Proves that every kind of job-file mistake stops `braid validate` and `braid run`
+//! with exit code 2 and a message naming the file, the field and the reason, and that a
+//! good job file validates and prints its resolved plan.
+
+mod common;
+
+use common::{braid, stderr};
+
+const GOOD: &str = r#"name = "t"
+
+[[source]]
+name = "impressions"
+kind = "files"
+path = "data/*.ndjson"
+key = ["profile_id", "title_id"]
+time = "ts"
+id = "event_id"
+
+[[source]]
+name = "plays"
+kind = "files"
+path = "data/*.ndjson"
+key = ["profile_id", "title_id"]
+time = "ts"
+
+[join]
+left = "impressions"
+right = "plays"
+type = "left"
+within = ["0s", "1h"]
+
+[time]
+max_out_of_orderness = "5s"
+
+[output]
+kind = "files"
+path = "out"
+
+[state]
+memory_max = "64MiB"
+
+[checkpoint]
+interval = "10s"
+"#;
+
+fn with_job(text: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("data")).expect("mkdir");
+    std::fs::write(dir.path().join("data/a.ndjson"), "{}\n").expect("write");
+    let job = dir.path().join("job.toml");
+    std::fs::write(&job, text).expect("write");
+    let mut all: Vec<&str> = args.to_vec();
+    let job_str = job.to_str().expect("utf-8").to_string();
+    all.push(&job_str);
+    let out = braid(&all);
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), stderr(&out))
+}
+
+#[test]
+fn a_good_job_validates_and_prints_its_plan() {
+    let (code, stdout, err) = with_job(GOOD, &["validate"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.contains("join: Left"), "{stdout}");
+    assert!(stdout.contains("1 file(s)"), "{stdout}");
+}
+
+#[test]
+fn each_mistake_names_its_field_and_exits_2() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("name = \"t\"", "name = \"t\"\ncolour = \"red\"", "unknown field `colour`"),
+        ("type = \"left\"", "type = \"left\"\nmode = \"x\"", "unknown field `mode`"),
+        ("type = \"left\"", "type = \"outer\"", "[join] type: `outer` is not a join type"),
+        ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5 seconds\"", "[time] max_out_of_orderness: `5 seconds` is not a duration"),
+        ("within = [\"0s\", \"1h\"]", "within = [\"0s\", \"1hour\"]", "[join] within: `1hour` is not a duration"),
+        ("within = [\"0s\", \"1h\"]", "within = [\"1h\", \"0s\"]", "[join] within: lower bound 1h is after upper bound 0s"),
+        ("within = [\"0s\", \"1h\"]", "within = [\"0s\"]", "[join] within: needs two durations"),
+        ("memory_max = \"64MiB\"", "memory_max = \"64MB\"", "[state] memory_max: `64MB` is not a size"),
+        ("right = \"plays\"", "right = \"clicks\"", "[join] right: no source is named `clicks`"),
+        ("left = \"impressions\"", "left = \"views\"", "[join] left: no source is named `views`"),
+        ("key = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "key = []\ntime = \"ts\"\nid", "[[source]] impressions: key: the key needs at least one field"),
+        ("path = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\n\n", "path = \"nothing/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\n\n", "no file matches"),
+        ("kind = \"files\"\npath = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "kind = \"ftp\"\npath = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "[[source]] impressions: kind: `ftp` is not a source kind"),
+        ("name = \"plays\"", "name = \"impressions\"", "name `impressions` is used twice"),
+        ("interval = \"10s\"", "interval = \"0s\"", "[checkpoint] interval: must be positive"),
+        ("kind = \"files\"\npath = \"out\"", "kind = \"carrier-pigeon\"\npath = \"out\"", "[output] kind: `carrier-pigeon` is not an output kind"),
+        ("type = \"left\"", "type = 3", "invalid type"),
+    ];
+    for (from, to, want) in cases {
+        assert!(GOOD.contains(from), "case {want}: `{from}` not in the good job");
+        let bad = GOOD.replacen(from, to, 1);
+        for command in ["validate", "run"] {
+            let (code, _, err) = with_job(&bad, &[command]);
+            assert_eq!(code, Some(2), "{command} with {want}: {err}");
+            assert!(err.contains(want), "{command}: `{want}` not in: {err}");
+            assert!(err.contains("job.toml"), "{command}: the file is not named in: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_job_file_exits_2_and_bad_usage_exits_2() {
+    let out = braid(&["validate", "/nonexistent/job.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot read the job file"));
+    let out = braid(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+}
