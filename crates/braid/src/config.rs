@@ -205,6 +205,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     if raw.join.left == raw.join.right {
         return Err("[join] right: must name a different source than left".into());
     }
+    let sources = [source(left, base)?, source(right, base)?];
     if left.key.len() != right.key.len() {
         return Err(format!(
             "[[source]] {}: key has {} fields but {} has {}; the join pairs key fields in order",
@@ -214,7 +215,6 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             left.key.len()
         ));
     }
-    let sources = [source(left, base)?, source(right, base)?];
     let output = output(&raw.output, base)?;
     let state = &raw.state;
     let state_dir = match &state.dir {

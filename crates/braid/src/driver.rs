@@ -1,9 +1,8 @@
 //! `braid run`: reads the sources, decodes, tracks watermarks, routes late and dead
 //! records to their outputs and events to the engine, and accounts for every record.
 //!
-//! One reader thread reads both sources in rounds of up to [`READ_BATCH_LINES`] lines
-//! each, pausing a source whose watermark runs ahead of the other's by more than the
-//! window plus the disorder bound (event alignment, SPEC §3).
+//! One reader thread reads the sources in batches of up to [`READ_BATCH_LINES`] lines,
+//! always from the source whose watermark is lowest (event alignment, SPEC §3).
 
 use std::io::Write;
 use std::path::Path;
@@ -220,52 +219,41 @@ impl<'p> Reading<'p> {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Whether source `s` runs too far ahead of the other to be read now.
-    fn paused(&self, s: usize, now_ms: u64) -> bool {
-        let other = 1 - s;
-        if self.exhausted[other] {
-            return false;
-        }
-        let ahead_ms = self
-            .plan
-            .spec
-            .upper_ms
-            .saturating_sub(self.plan.spec.lower_ms)
-            .saturating_add(self.plan.max_out_of_orderness_ms);
-        match (self.marks.source(s, now_ms), self.marks.source(other, now_ms)) {
-            (Some(mine), Some(theirs)) => mine.exceeds(theirs, ahead_ms),
-            _ => false,
-        }
+    /// The source to read next: the unexhausted one with the lowest watermark, so that
+    /// the sources advance together in event time. This is event alignment (SPEC §3)
+    /// with no slack: the faster source waits while the slower one holds the watermark,
+    /// and state does not pile up on the faster side. Ties go to the left source.
+    fn next_source(&self, now_ms: u64) -> Option<usize> {
+        (0..2)
+            .filter(|&s| !self.exhausted[s])
+            .min_by_key(|&s| self.marks.source(s, now_ms).unwrap_or(Watermark::MIN))
     }
 
-    /// Reads one batch from each source that is neither exhausted nor paused, then
-    /// passes the new watermark on.
+    /// Reads one batch from the source that holds the watermark back, then passes the
+    /// new watermark on.
     fn round(&mut self) -> anyhow::Result<()> {
-        for s in 0..2 {
-            let now_ms = self.now_ms();
-            if self.exhausted[s] {
-                continue;
-            }
-            if self.paused(s, now_ms) {
-                // Paused is not idle: keep the partition counted.
-                self.marks.touch(s, PARTITION, now_ms);
-                continue;
-            }
-            let mut batch = std::mem::take(&mut self.batch);
-            batch.clear();
-            let more = self.readers[s].read(&mut batch, READ_BATCH_LINES)?;
-            for (line, position, oversized) in batch.iter() {
-                self.admit(s, line, position, oversized, now_ms)?;
-            }
-            self.batch = batch;
-            if more {
-                self.marks.touch(s, PARTITION, now_ms);
-            } else {
-                self.exhausted[s] = true;
-                self.marks.exhaust(s, PARTITION);
+        let now_ms = self.now_ms();
+        let Some(s) = self.next_source(now_ms) else {
+            return Ok(());
+        };
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let more = self.readers[s].read(&mut batch, READ_BATCH_LINES)?;
+        for (line, position, oversized) in batch.iter() {
+            self.admit(s, line, position, oversized, now_ms)?;
+        }
+        self.batch = batch;
+        if !more {
+            self.exhausted[s] = true;
+            self.marks.exhaust(s, PARTITION);
+        }
+        // A source that waits its turn is not idle.
+        for other in 0..2 {
+            if !self.exhausted[other] {
+                self.marks.touch(other, PARTITION, now_ms);
             }
         }
-        let watermark = self.marks.update(self.now_ms());
+        let watermark = self.marks.update(now_ms);
         if watermark > self.sent {
             self.engine.advance(watermark)?;
             self.sent = watermark;
