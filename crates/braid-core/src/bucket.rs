@@ -104,6 +104,11 @@ impl HotSegment {
             + self.marks.bytes()
     }
 
+    /// Bytes of content (used, not reserved): what a spill would move to disk.
+    pub fn content_bytes(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum::<usize>() + self.slots.len() * SLOT_BYTES + self.index.len() * INDEX_ENTRY_BYTES
+    }
+
     /// Appends an event; returns its ordinal in the segment.
     pub fn push(&mut self, key_hash: u64, key: &[u8], time: i64, payload: &[u8], matched: bool) -> usize {
         let need = key.len() + payload.len();

@@ -303,7 +303,7 @@ impl<S: StateStore> Join<S> {
                     let at = bucket
                         .segments
                         .iter()
-                        .position(|s| matches!(s, Segment::Hot(h) if h.memory_bytes() >= min))?;
+                        .position(|s| matches!(s, Segment::Hot(h) if h.content_bytes() >= min))?;
                     Some((id, side, at))
                 })
             })
