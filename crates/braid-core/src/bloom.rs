@@ -1,48 +1,71 @@
 //! A compact key filter for a spilled segment: a probe for a key the segment cannot hold
-//! costs a few memory reads instead of a disk seek. Most probes in the reference workload
-//! find nothing, so this is what makes a miss cheap.
+//! costs one cache line instead of a disk read. Most probes in the reference workload
+//! find nothing, and a probe checks the filter of every cold segment its interval
+//! overlaps, so this is what makes a miss cheap.
+//!
+//! A split-block Bloom filter (as in Parquet): the key's hash picks one 256-bit block,
+//! and sets one bit in each of its eight 32-bit words. One cache line per check.
 
-/// Bits per key: about 1 % false positives with six probes.
-const BLOOM_BITS_PER_KEY: usize = 10;
-const BLOOM_PROBES: u32 = 6;
+/// Bits per key: about 1 % false positives.
+const BLOOM_BITS_PER_KEY: usize = 12;
+const BLOCK_BITS: usize = 256;
+/// Odd constants that pick a bit in each word of a block.
+const SALTS: [u32; 8] = [
+    0x47b6_137b,
+    0x4497_4d91,
+    0x8824_ad5b,
+    0xa2b7_289d,
+    0x7054_95c7,
+    0x2df1_424b,
+    0x9efc_4947,
+    0x5c6b_fb31,
+];
 
 #[derive(Debug)]
 pub struct Bloom {
-    words: Box<[u64]>,
-    mask: u64,
+    blocks: Box<[[u32; 8]]>,
 }
 
 impl Bloom {
     pub fn new(keys: usize) -> Bloom {
-        let bits = (keys.max(1) * BLOOM_BITS_PER_KEY).next_power_of_two().max(64);
+        let blocks = (keys.max(1) * BLOOM_BITS_PER_KEY).div_ceil(BLOCK_BITS);
         Bloom {
-            words: vec![0; bits / 64].into_boxed_slice(),
-            mask: bits as u64 - 1,
+            blocks: vec![[0; 8]; blocks].into_boxed_slice(),
         }
     }
 
     pub fn insert(&mut self, hash: u64) {
-        let bits: [u64; BLOOM_PROBES as usize] = std::array::from_fn(|i| self.bit(hash, i as u64));
-        for bit in bits {
-            self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+        let (block, mask) = self.locate(hash);
+        for (word, bit) in self.blocks[block].iter_mut().zip(mask) {
+            *word |= bit;
         }
     }
 
+    /// Branch-free over the eight words: a probe checks many filters in a row, and a
+    /// data-dependent early exit would stall the pipeline at every one (measured: the
+    /// filters took 16 % of a spilling flink-peer run with `all()`).
     pub fn may_contain(&self, hash: u64) -> bool {
-        (0..u64::from(BLOOM_PROBES)).all(|i| {
-            let bit = self.bit(hash, i);
-            self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
-        })
+        let (block, mask) = self.locate(hash);
+        let words = &self.blocks[block];
+        let mut missing = 0u32;
+        for i in 0..8 {
+            missing |= !words[i] & mask[i];
+        }
+        missing == 0
     }
 
     pub fn bytes(&self) -> usize {
-        self.words.len() * 8
+        self.blocks.len() * 32
     }
 
-    /// Double hashing (Kirsch–Mitzenmacher): probe `i` is `h1 + i * h2`.
-    fn bit(&self, hash: u64, i: u64) -> u64 {
-        let h2 = hash.rotate_left(32) | 1;
-        hash.wrapping_add(i.wrapping_mul(h2)) & self.mask
+    /// The block for a hash (from its high half) and the bit of each word (from its low).
+    fn locate(&self, hash: u64) -> (usize, [u32; 8]) {
+        let block = (((hash >> 32) * self.blocks.len() as u64) >> 32) as usize;
+        let low = hash as u32;
+        (
+            block,
+            SALTS.map(|salt| 1u32 << (low.wrapping_mul(salt) >> 27)),
+        )
     }
 }
 

@@ -106,16 +106,32 @@ impl HotSegment {
 
     /// Bytes of content (used, not reserved): what a spill would move to disk.
     pub fn content_bytes(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum::<usize>() + self.slots.len() * SLOT_BYTES + self.index.len() * INDEX_ENTRY_BYTES
+        self.chunks.iter().map(Vec::len).sum::<usize>()
+            + self.slots.len() * SLOT_BYTES
+            + self.index.len() * INDEX_ENTRY_BYTES
     }
 
     /// Appends an event; returns its ordinal in the segment.
-    pub fn push(&mut self, key_hash: u64, key: &[u8], time: i64, payload: &[u8], matched: bool) -> usize {
+    pub fn push(
+        &mut self,
+        key_hash: u64,
+        key: &[u8],
+        time: i64,
+        payload: &[u8],
+        matched: bool,
+    ) -> usize {
         let need = key.len() + payload.len();
-        if self.chunks.last().is_none_or(|c| c.capacity() - c.len() < need) {
-            let size = (self.chunks.last().map_or(CHUNK_BYTES_MIN, |c| c.capacity() * 2))
-                .min(CHUNK_BYTES_MAX)
-                .max(need);
+        if self
+            .chunks
+            .last()
+            .is_none_or(|c| c.capacity() - c.len() < need)
+        {
+            let size = (self
+                .chunks
+                .last()
+                .map_or(CHUNK_BYTES_MIN, |c| c.capacity() * 2))
+            .min(CHUNK_BYTES_MAX)
+            .max(need);
             self.chunks.push(Vec::with_capacity(size));
             self.chunk_bytes += size;
         }
@@ -125,7 +141,8 @@ impl HotSegment {
         chunk.extend_from_slice(key);
         chunk.extend_from_slice(payload);
         let ordinal = self.slots.len();
-        let ordinal_u32 = u32::try_from(ordinal).expect("segments are bounded far below 2^32 events");
+        let ordinal_u32 =
+            u32::try_from(ordinal).expect("segments are bounded far below 2^32 events");
         let head = self.index.entry(key_hash).or_insert(NO_SLOT);
         self.slots.push(Slot {
             time,
@@ -162,7 +179,14 @@ impl HotSegment {
 
     /// Calls `hit` with (ordinal, payload) of every event with this key and a time in
     /// `[lo, hi]`.
-    pub fn probe(&self, key_hash: u64, key: &[u8], lo: i64, hi: i64, mut hit: impl FnMut(usize, &[u8])) {
+    pub fn probe(
+        &self,
+        key_hash: u64,
+        key: &[u8],
+        lo: i64,
+        hi: i64,
+        mut hit: impl FnMut(usize, &[u8]),
+    ) {
         if hi < self.time_min || lo > self.time_max {
             return;
         }
@@ -223,7 +247,10 @@ impl HotSegment {
         let values: &'a Vec<u8> = values;
         let entries = groups
             .into_iter()
-            .map(|(key, start, end)| SegmentEntry { key, value: &values[start..end] })
+            .map(|(key, start, end)| SegmentEntry {
+                key,
+                value: &values[start..end],
+            })
             .collect();
         (entries, bloom)
     }
@@ -271,7 +298,11 @@ pub(crate) struct Bucket {
 fn encode_event(out: &mut Vec<u8>, ordinal: u32, time: i64, payload: &[u8]) {
     out.extend_from_slice(&ordinal.to_le_bytes());
     out.extend_from_slice(&time.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(payload.len()).expect("payloads are at most a line long").to_le_bytes());
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .expect("payloads are at most a line long")
+            .to_le_bytes(),
+    );
     out.extend_from_slice(payload);
 }
 
@@ -308,9 +339,14 @@ mod tests {
         let keys: Vec<&[u8]> = entries.iter().map(|e| e.key).collect();
         assert_eq!(keys, vec![&b"a"[..], b"b", b"c"]);
         let mut b_events = Vec::new();
-        decode_events(entries[1].value, |ord, t, p| b_events.push((ord, t, p.to_vec())));
+        decode_events(entries[1].value, |ord, t, p| {
+            b_events.push((ord, t, p.to_vec()))
+        });
         b_events.sort();
-        assert_eq!(b_events, vec![(0, 10, b"b10".to_vec()), (2, 12, b"b12".to_vec())]);
+        assert_eq!(
+            b_events,
+            vec![(0, 10, b"b10".to_vec()), (2, 12, b"b12".to_vec())]
+        );
         assert!(bloom.may_contain(1) && bloom.may_contain(2));
     }
 

@@ -117,7 +117,8 @@ pub struct Join<S> {
 
 impl<S: StateStore> Join<S> {
     pub fn new(spec: JoinSpec, store: S, memory_max_bytes: usize) -> Join<S> {
-        let segment_bytes_max = (memory_max_bytes / SEGMENTS_PER_BUDGET).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX);
+        let segment_bytes_max =
+            (memory_max_bytes / SEGMENTS_PER_BUDGET).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX);
         Join {
             bucket_width_ms: spec.bucket_width_ms(),
             spec,
@@ -159,9 +160,15 @@ impl<S: StateStore> Join<S> {
     }
 
     /// Joins one event. The caller has already routed late events elsewhere.
-    pub fn on_event(&mut self, event: &Event<'_>, sink: &mut impl JoinSink) -> Result<Admission, StoreError> {
+    pub fn on_event(
+        &mut self,
+        event: &Event<'_>,
+        sink: &mut impl JoinSink,
+    ) -> Result<Admission, StoreError> {
         debug_assert!(
-            !self.watermark.is_late(event.time, self.spec.allowed_lateness_ms),
+            !self
+                .watermark
+                .is_late(event.time, self.spec.allowed_lateness_ms),
             "late events never reach the join"
         );
         let own = event.side.index();
@@ -179,13 +186,18 @@ impl<S: StateStore> Join<S> {
     }
 
     /// Moves the watermark forward and expires every bucket it has passed.
-    pub fn advance(&mut self, watermark: Watermark, sink: &mut impl JoinSink) -> Result<(), StoreError> {
+    pub fn advance(
+        &mut self,
+        watermark: Watermark,
+        sink: &mut impl JoinSink,
+    ) -> Result<(), StoreError> {
         if watermark <= self.watermark {
             return Ok(());
         }
         self.watermark = watermark;
         for side in Side::BOTH {
-            let keep_ms = i128::from(self.spec.retention_ms(side)) + i128::from(self.spec.allowed_lateness_ms);
+            let keep_ms = i128::from(self.spec.retention_ms(side))
+                + i128::from(self.spec.allowed_lateness_ms);
             let mut expired_up_to = None;
             while let Some((&bucket_id, _)) = self.sides[side.index()].buckets.first_key_value() {
                 let last_time = (i128::from(bucket_id) + 1) * i128::from(self.bucket_width_ms) - 1;
@@ -214,7 +226,14 @@ impl<S: StateStore> Join<S> {
         let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
         let other = event.side.opposite();
         let width = self.bucket_width_ms;
-        let Join { sides, store, counts, value, hits, .. } = self;
+        let Join {
+            sides,
+            store,
+            counts,
+            value,
+            hits,
+            ..
+        } = self;
         let mut matched = false;
         let mut emit = |payload: &[u8]| {
             counts.pairs += 1;
@@ -240,10 +259,17 @@ impl<S: StateStore> Join<S> {
                         }
                     }
                     Segment::Cold(cold) => {
-                        if hi < cold.time_min || lo > cold.time_max || !cold.bloom.may_contain(event.key_hash) {
+                        if hi < cold.time_min
+                            || lo > cold.time_max
+                            || !cold.bloom.may_contain(event.key_hash)
+                        {
                             continue;
                         }
-                        let id = SegmentId { side: other, bucket, segment: cold.number };
+                        let id = SegmentId {
+                            side: other,
+                            bucket,
+                            segment: cold.number,
+                        };
                         if !store.get(id, event.key, value)? {
                             continue;
                         }
@@ -275,14 +301,22 @@ impl<S: StateStore> Join<S> {
             unreachable!("an open hot segment was just ensured")
         };
         let before = hot.memory_bytes();
-        hot.push(event.key_hash, event.key, event.time.0, event.payload, matched);
+        hot.push(
+            event.key_hash,
+            event.key,
+            event.time.0,
+            event.payload,
+            matched,
+        );
         self.segments_bytes += hot.memory_bytes() - before;
         self.counts.retained[own] += 1;
     }
 
     /// Spills the oldest hot segments until the state fits in its memory budget.
     fn enforce_memory_max(&mut self) -> Result<(), StoreError> {
-        while self.memory_bytes() > self.memory_max_bytes && self.memory_bytes() >= self.spill_retry_bytes {
+        while self.memory_bytes() > self.memory_max_bytes
+            && self.memory_bytes() >= self.spill_retry_bytes
+        {
             if !self.spill_oldest()? {
                 self.spill_retry_bytes = self.memory_bytes() + self.spill_bytes_min.max(1);
                 break;
@@ -298,14 +332,16 @@ impl<S: StateStore> Join<S> {
         let oldest = Side::BOTH
             .into_iter()
             .filter_map(|side| {
-                self.sides[side.index()].buckets.iter().find_map(|(&id, bucket)| {
-                    let min = self.spill_bytes_min;
-                    let at = bucket
-                        .segments
-                        .iter()
-                        .position(|s| matches!(s, Segment::Hot(h) if h.content_bytes() >= min))?;
-                    Some((id, side, at))
-                })
+                self.sides[side.index()]
+                    .buckets
+                    .iter()
+                    .find_map(|(&id, bucket)| {
+                        let min = self.spill_bytes_min;
+                        let at = bucket.segments.iter().position(
+                            |s| matches!(s, Segment::Hot(h) if h.content_bytes() >= min),
+                        )?;
+                        Some((id, side, at))
+                    })
             })
             .min_by_key(|&(id, _, _)| id);
         let Some((bucket_id, side, at)) = oldest else {
@@ -321,7 +357,11 @@ impl<S: StateStore> Join<S> {
         let number = bucket.next_segment_number;
         bucket.next_segment_number += 1;
         let (entries, bloom) = hot.freeze(&mut self.spill);
-        let id = SegmentId { side, bucket: bucket_id, segment: number };
+        let id = SegmentId {
+            side,
+            bucket: bucket_id,
+            segment: number,
+        };
         self.store.write_segment(id, &entries)?;
         drop(entries);
         let cold = ColdSegment {
@@ -335,12 +375,19 @@ impl<S: StateStore> Join<S> {
         self.counts.spilled_segments += 1;
         self.counts.spilled_events += cold.len as u64;
         let old = std::mem::replace(&mut bucket.segments[at], Segment::Cold(cold));
-        self.segments_bytes = self.segments_bytes - old.memory_bytes() + bucket.segments[at].memory_bytes();
+        self.segments_bytes =
+            self.segments_bytes - old.memory_bytes() + bucket.segments[at].memory_bytes();
         Ok(true)
     }
 
     /// Emits or counts the unmatched events of an expired bucket and drops it.
-    fn expire(&mut self, side: Side, bucket_id: i64, bucket: Bucket, sink: &mut impl JoinSink) -> Result<(), StoreError> {
+    fn expire(
+        &mut self,
+        side: Side,
+        bucket_id: i64,
+        bucket: Bucket,
+        sink: &mut impl JoinSink,
+    ) -> Result<(), StoreError> {
         let emits = self.spec.emits_unmatched(side);
         let mut has_cold = false;
         for segment in &bucket.segments {
@@ -360,7 +407,11 @@ impl<S: StateStore> Join<S> {
                     has_cold = true;
                     let matched = cold.marks.count();
                     if emits && matched < cold.len as u64 {
-                        let id = SegmentId { side, bucket: bucket_id, segment: cold.number };
+                        let id = SegmentId {
+                            side,
+                            bucket: bucket_id,
+                            segment: cold.number,
+                        };
                         self.store.scan_segment(id, &mut |_key, value| {
                             decode_events(value, |ordinal, _time, payload| {
                                 if !cold.marks.get(ordinal) {

@@ -80,7 +80,10 @@ mod tests {
                 &[KeyPart::Str("ab"), KeyPart::Str("c")],
                 &[KeyPart::Str("a"), KeyPart::Str("bc")],
             ),
-            (&[KeyPart::Int(1), KeyPart::Int(2)], &[KeyPart::Int(2), KeyPart::Int(1)]),
+            (
+                &[KeyPart::Int(1), KeyPart::Int(2)],
+                &[KeyPart::Int(2), KeyPart::Int(1)],
+            ),
             (&[KeyPart::Str("")], &[KeyPart::Str(""), KeyPart::Str("")]),
         ];
         for (a, b) in cases {

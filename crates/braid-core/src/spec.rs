@@ -133,6 +133,9 @@ mod tests {
         assert_eq!(s.retention_ms(Side::Left), 0);
         assert_eq!(s.retention_ms(Side::Right), 20);
         assert_eq!(spec(JoinKind::Full, 0, 0).bucket_width_ms(), 1_000);
-        assert_eq!(spec(JoinKind::Full, 0, 3_600_000).bucket_width_ms(), 450_000);
+        assert_eq!(
+            spec(JoinKind::Full, 0, 3_600_000).bucket_width_ms(),
+            450_000
+        );
     }
 }

@@ -35,7 +35,11 @@ pub struct StoreError {
 /// the RocksDB store in `braid-state`.
 pub trait StateStore {
     /// Writes a whole segment. `entries` are sorted by key, keys unique.
-    fn write_segment(&mut self, id: SegmentId, entries: &[SegmentEntry<'_>]) -> Result<(), StoreError>;
+    fn write_segment(
+        &mut self,
+        id: SegmentId,
+        entries: &[SegmentEntry<'_>],
+    ) -> Result<(), StoreError>;
 
     /// Reads the value of `key` in segment `id` into `out`; false if absent.
     fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError>;
@@ -64,7 +68,11 @@ impl MemStore {
 }
 
 impl StateStore for MemStore {
-    fn write_segment(&mut self, id: SegmentId, entries: &[SegmentEntry<'_>]) -> Result<(), StoreError> {
+    fn write_segment(
+        &mut self,
+        id: SegmentId,
+        entries: &[SegmentEntry<'_>],
+    ) -> Result<(), StoreError> {
         let map = entries
             .iter()
             .map(|e| (e.key.to_vec(), e.value.to_vec()))

@@ -76,7 +76,10 @@ pub fn run_join<S: StateStore>(
         let size = sizes.next().unwrap_or(1).max(1);
         let end = (next + size).min(events.len());
         for (i, event) in events.iter().enumerate().take(end).skip(next) {
-            if marks.current().is_late(EventTime(event.time), allowed_lateness_ms) {
+            if marks
+                .current()
+                .is_late(EventTime(event.time), allowed_lateness_ms)
+            {
                 late.push(i);
             } else {
                 key.clear();
@@ -121,7 +124,8 @@ pub fn reference(events: &[TestEvent], spec: &JoinSpec, max_out_of_orderness_ms:
             (Some(l), Some(r)) => Some(i128::from(l.min(r)) - i128::from(max_out_of_orderness_ms)),
             _ => None,
         };
-        let is_late = watermark.is_some_and(|w| i128::from(e.time) < w - i128::from(spec.allowed_lateness_ms));
+        let is_late = watermark
+            .is_some_and(|w| i128::from(e.time) < w - i128::from(spec.allowed_lateness_ms));
         max_time[s] = Some(max_time[s].map_or(e.time, |m| m.max(e.time)));
         if is_late {
             late.push(i);
@@ -213,8 +217,14 @@ pub fn draws() -> impl Strategy<Value = Vec<Draw>> {
     let extra = prop_oneof![8 => Just(0i64), 1 => 1i64..5_000];
     let duplicate = prop::bool::weighted(0.1);
     prop::collection::vec(
-        (any::<bool>(), 0usize..5, 0i64..700, 0i64..3_000, extra, duplicate),
+        (
+            any::<bool>(),
+            0usize..5,
+            0i64..700,
+            0i64..3_000,
+            extra,
+            duplicate,
+        ),
         0..120,
     )
 }
-

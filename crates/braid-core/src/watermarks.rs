@@ -29,19 +29,36 @@ pub struct Watermarks {
 
 impl Watermarks {
     /// `partitions[i]` is the partition count of source `i`.
-    pub fn new(partitions: &[u32], max_out_of_orderness_ms: i64, idle_timeout_ms: u64, now_ms: u64) -> Watermarks {
-        let start = Partition { last_active_ms: now_ms, ..Partition::default() };
+    pub fn new(
+        partitions: &[u32],
+        max_out_of_orderness_ms: i64,
+        idle_timeout_ms: u64,
+        now_ms: u64,
+    ) -> Watermarks {
+        let start = Partition {
+            last_active_ms: now_ms,
+            ..Partition::default()
+        };
         Watermarks {
             max_out_of_orderness_ms,
             idle_timeout_ms,
-            sources: partitions.iter().map(|&n| vec![start.clone(); n as usize]).collect(),
+            sources: partitions
+                .iter()
+                .map(|&n| vec![start.clone(); n as usize])
+                .collect(),
             current: Watermark::MIN,
         }
     }
 
     /// Records an event delivered by a partition. Returns true when it raised the
     /// partition's largest time (only then can the watermark move).
-    pub fn observe(&mut self, source: usize, partition: PartitionId, time: EventTime, now_ms: u64) -> bool {
+    pub fn observe(
+        &mut self,
+        source: usize,
+        partition: PartitionId,
+        time: EventTime,
+        now_ms: u64,
+    ) -> bool {
         let p = &mut self.sources[source][partition.0 as usize];
         p.last_active_ms = now_ms;
         p.exhausted = false;
@@ -67,7 +84,9 @@ impl Watermarks {
     pub fn source(&self, source: usize, now_ms: u64) -> Option<Watermark> {
         self.sources[source]
             .iter()
-            .filter(|p| !p.exhausted && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms)
+            .filter(|p| {
+                !p.exhausted && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms
+            })
             .map(|p| match p.max_time {
                 Some(t) => Watermark::at(EventTime(t.saturating_sub(self.max_out_of_orderness_ms))),
                 None => Watermark::MIN,
@@ -81,7 +100,9 @@ impl Watermarks {
         let next = if all_exhausted {
             Some(Watermark::MAX)
         } else {
-            (0..self.sources.len()).filter_map(|s| self.source(s, now_ms)).min()
+            (0..self.sources.len())
+                .filter_map(|s| self.source(s, now_ms))
+                .min()
         };
         // With every partition idle nothing holds the watermark and nothing moves it.
         if let Some(w) = next {
@@ -111,7 +132,11 @@ mod tests {
     fn minimum_over_sources_minus_disorder() {
         let mut w = Watermarks::new(&[1, 1], 5, 1_000, 0);
         w.observe(0, P0, EventTime(100), 0);
-        assert_eq!(w.update(0), Watermark::MIN, "source 1 has delivered nothing");
+        assert_eq!(
+            w.update(0),
+            Watermark::MIN,
+            "source 1 has delivered nothing"
+        );
         w.observe(1, P0, EventTime(50), 0);
         assert_eq!(w.update(0), Watermark::at(EventTime(45)));
         w.observe(1, P0, EventTime(40), 0);
@@ -127,7 +152,11 @@ mod tests {
         w.observe(0, P0, EventTime(600), 1_500);
         assert_eq!(w.update(1_500), Watermark::at(EventTime(600)), "P1 idle");
         w.observe(0, P1, EventTime(200), 1_600);
-        assert_eq!(w.update(1_600), Watermark::at(EventTime(600)), "never backwards");
+        assert_eq!(
+            w.update(1_600),
+            Watermark::at(EventTime(600)),
+            "never backwards"
+        );
     }
 
     #[test]

@@ -41,7 +41,9 @@ pub enum DecodeError {
     Missing(String),
     #[error("field `{field}` is {found}; a key part must be a string or an integer")]
     KeyType { field: String, found: &'static str },
-    #[error("field `{field}` is {found}; the time must be epoch milliseconds or an RFC 3339 string")]
+    #[error(
+        "field `{field}` is {found}; the time must be epoch milliseconds or an RFC 3339 string"
+    )]
     TimeType { field: String, found: &'static str },
     #[error("field `{field}` holds an unparsable time: {reason}")]
     TimeFormat { field: String, reason: &'static str },
@@ -82,7 +84,11 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(schema: Schema) -> Decoder {
         let slots = (0..schema.key.len() + 2).map(|_| Slot::default()).collect();
-        Decoder { schema, slots, key: KeyWriter::default() }
+        Decoder {
+            schema,
+            slots,
+            key: KeyWriter::default(),
+        }
     }
 
     /// The key of the line decoded last.
@@ -91,12 +97,16 @@ impl Decoder {
     }
 
     pub fn decode(&mut self, line: &[u8]) -> Result<Decoded, DecodeError> {
-        let text = std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
+        let text =
+            std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
         for slot in &mut self.slots {
             slot.value = Scalar::Absent;
         }
         let mut de = serde_json::Deserializer::from_str(text);
-        let seed = RecordSeed { schema: &self.schema, slots: &mut self.slots };
+        let seed = RecordSeed {
+            schema: &self.schema,
+            slots: &mut self.slots,
+        };
         match seed.deserialize(&mut de).and_then(|()| de.end()) {
             Ok(()) => {}
             Err(e) if e.to_string().starts_with(NOT_OBJECT) => return Err(DecodeError::NotObject),
@@ -109,7 +119,12 @@ impl Decoder {
                 Scalar::Int(v) => self.key.push(KeyPart::Int(v)),
                 Scalar::Str => self.key.push(KeyPart::Str(&slot.text)),
                 Scalar::Absent => return Err(DecodeError::Missing(field.clone())),
-                Scalar::Other(found) => return Err(DecodeError::KeyType { field: field.clone(), found }),
+                Scalar::Other(found) => {
+                    return Err(DecodeError::KeyType {
+                        field: field.clone(),
+                        found,
+                    })
+                }
             }
         }
         let time = self.time()?;
@@ -122,13 +137,25 @@ impl Decoder {
         let slot = &self.slots[self.schema.key.len()];
         let ms = match slot.value {
             Scalar::Int(ms) => ms,
-            Scalar::Str => crate::parse_rfc3339_ms(&slot.text)
-                .map_err(|reason| DecodeError::TimeFormat { field: field.clone(), reason })?,
+            Scalar::Str => {
+                crate::parse_rfc3339_ms(&slot.text).map_err(|reason| DecodeError::TimeFormat {
+                    field: field.clone(),
+                    reason,
+                })?
+            }
             Scalar::Absent => return Err(DecodeError::Missing(field.clone())),
-            Scalar::Other(found) => return Err(DecodeError::TimeType { field: field.clone(), found }),
+            Scalar::Other(found) => {
+                return Err(DecodeError::TimeType {
+                    field: field.clone(),
+                    found,
+                })
+            }
         };
         if !(TIME_MS_MIN..=TIME_MS_MAX).contains(&ms) {
-            return Err(DecodeError::TimeRange { field: field.clone(), ms });
+            return Err(DecodeError::TimeRange {
+                field: field.clone(),
+                ms,
+            });
         }
         Ok(EventTime(ms))
     }
@@ -153,7 +180,10 @@ impl Decoder {
                 bytes.extend_from_slice(slot.text.as_bytes());
                 Ok(Some(hash_id(&bytes)))
             }
-            Scalar::Other(found) => Err(DecodeError::IdType { field: field.clone(), found }),
+            Scalar::Other(found) => Err(DecodeError::IdType {
+                field: field.clone(),
+                found,
+            }),
         }
     }
 }
@@ -190,10 +220,19 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
         }
         // A field that is both a key part and the time (or the id) was parsed into its
         // first role's slot; copy it to the others.
-        let names: Vec<&String> = self.schema.key.iter().chain([&self.schema.time]).chain(&self.schema.id).collect();
+        let names: Vec<&String> = self
+            .schema
+            .key
+            .iter()
+            .chain([&self.schema.time])
+            .chain(&self.schema.id)
+            .collect();
         for i in 0..names.len() {
             if let Some(first) = names.iter().position(|n| *n == names[i]).filter(|&f| f < i) {
-                let (value, text) = (self.slots[first].value.clone(), self.slots[first].text.clone());
+                let (value, text) = (
+                    self.slots[first].value.clone(),
+                    self.slots[first].text.clone(),
+                );
                 self.slots[i].value = value;
                 self.slots[i].text = text;
             }
@@ -320,15 +359,25 @@ mod tests {
     #[test]
     fn good_lines() {
         let mut d = decoder();
-        let got = d.decode(br#"{"id":"a","p":42,"x":[1,{"y":null}],"t":"7","ts":1700000000000}"#).unwrap();
+        let got = d
+            .decode(br#"{"id":"a","p":42,"x":[1,{"y":null}],"t":"7","ts":1700000000000}"#)
+            .unwrap();
         assert_eq!(got.time, EventTime(1_700_000_000_000));
         assert!(got.id.is_some());
         let mut w = KeyWriter::default();
         w.push(KeyPart::Int(42));
         w.push(KeyPart::Str("7"));
         assert_eq!(d.key().bytes(), w.bytes());
-        let got = d.decode(br#"{"p":"a\"b","t":-1,"ts":"2023-11-14T22:13:20Z"}"#).unwrap();
-        assert_eq!(got, Decoded { time: EventTime(1_700_000_000_000), id: None });
+        let got = d
+            .decode(br#"{"p":"a\"b","t":-1,"ts":"2023-11-14T22:13:20Z"}"#)
+            .unwrap();
+        assert_eq!(
+            got,
+            Decoded {
+                time: EventTime(1_700_000_000_000),
+                id: None
+            }
+        );
     }
 
     #[test]
@@ -354,7 +403,11 @@ mod tests {
         ];
         for (line, want) in cases {
             let got = d.decode(line).expect_err(&String::from_utf8_lossy(line));
-            assert!(got.to_string().contains(want), "{}: {got}", String::from_utf8_lossy(line));
+            assert!(
+                got.to_string().contains(want),
+                "{}: {got}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 }

@@ -10,11 +10,22 @@ const READ_BUFFER_BYTES: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("source `{source_name}`: pattern `{pattern}` is not a valid glob: {reason}")]
-    Pattern { source_name: String, pattern: String, reason: String },
+    Pattern {
+        source_name: String,
+        pattern: String,
+        reason: String,
+    },
     #[error("source `{source_name}`: no file matches `{pattern}`")]
-    NoFiles { source_name: String, pattern: String },
+    NoFiles {
+        source_name: String,
+        pattern: String,
+    },
     #[error("source `{source_name}`: cannot read {}: {error}", path.display())]
-    Read { source_name: String, path: PathBuf, error: std::io::Error },
+    Read {
+        source_name: String,
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// Where a record was read: which file of the source, which line (from 1).
@@ -72,8 +83,17 @@ pub struct FileSource {
 
 impl FileSource {
     /// Resolves `pattern` (absolute, or relative to `base`) to its files, sorted.
-    pub fn open(name: &str, base: &Path, pattern: &str, max_line_bytes: usize) -> Result<FileSource, SourceError> {
-        Ok(FileSource::from_files(name, resolve_glob(name, base, pattern)?, max_line_bytes))
+    pub fn open(
+        name: &str,
+        base: &Path,
+        pattern: &str,
+        max_line_bytes: usize,
+    ) -> Result<FileSource, SourceError> {
+        Ok(FileSource::from_files(
+            name,
+            resolve_glob(name, base, pattern)?,
+            max_line_bytes,
+        ))
     }
 
     /// Reads the given files, in the given order.
@@ -98,7 +118,11 @@ impl FileSource {
 
     /// Appends up to `max_lines` lines to `batch`. Returns false once every file is read.
     /// Blank lines are not records and are skipped.
-    pub fn read_batch(&mut self, batch: &mut LineBatch, max_lines: usize) -> Result<bool, SourceError> {
+    pub fn read_batch(
+        &mut self,
+        batch: &mut LineBatch,
+        max_lines: usize,
+    ) -> Result<bool, SourceError> {
         while batch.len() < max_lines {
             if self.reader.is_none() {
                 let Some(path) = self.files.get(self.current) else {
@@ -125,7 +149,10 @@ impl FileSource {
                         batch.bytes.truncate(start);
                         continue;
                     }
-                    let position = Position { file: self.current as u32, line: self.line };
+                    let position = Position {
+                        file: self.current as u32,
+                        line: self.line,
+                    };
                     let over = (full_len > self.max_line_bytes).then_some(full_len);
                     batch.lines.push((start, end, position, over));
                 }
@@ -156,17 +183,27 @@ pub fn resolve_glob(name: &str, base: &Path, pattern: &str) -> Result<Vec<PathBu
         pattern: pattern.to_string(),
         reason: e.to_string(),
     })?;
-    let mut files: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+    let mut files: Vec<PathBuf> = paths
+        .filter_map(Result::ok)
+        .filter(|p| p.is_file())
+        .collect();
     files.sort();
     if files.is_empty() {
-        return Err(SourceError::NoFiles { source_name: name.to_string(), pattern: full });
+        return Err(SourceError::NoFiles {
+            source_name: name.to_string(),
+            pattern: full,
+        });
     }
     Ok(files)
 }
 
 /// Reads one line, keeping at most `max` bytes of it (plus the newline) in `out`.
 /// Returns the line's full length, or `None` at the end of the file.
-fn read_line_bounded(reader: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> std::io::Result<Option<usize>> {
+fn read_line_bounded(
+    reader: &mut impl BufRead,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
     let mut total = 0usize;
     loop {
         let buf = reader.fill_buf()?;
@@ -219,7 +256,9 @@ mod tests {
     #[test]
     fn a_glob_matching_nothing_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = FileSource::open("plays", dir.path(), "none/*.ndjson", 10).err().unwrap();
+        let err = FileSource::open("plays", dir.path(), "none/*.ndjson", 10)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("no file matches"), "{err}");
     }
 }

@@ -18,7 +18,11 @@ pub fn parse_rfc3339_ms(s: &str) -> Result<i64, &'static str> {
         Ok(v)
     };
     let sep = |i: usize, allowed: &[u8]| -> Result<(), &'static str> {
-        if allowed.contains(&b[i]) { Ok(()) } else { Err("misplaced separator") }
+        if allowed.contains(&b[i]) {
+            Ok(())
+        } else {
+            Err("misplaced separator")
+        }
     };
     sep(4, b"-")?;
     sep(7, b"-")?;
@@ -58,7 +62,11 @@ pub fn parse_rfc3339_ms(s: &str) -> Result<i64, &'static str> {
             if h > 23 || m > 59 {
                 return Err("no such offset");
             }
-            if sign == b'+' { h * 60 + m } else { -(h * 60 + m) }
+            if sign == b'+' {
+                h * 60 + m
+            } else {
+                -(h * 60 + m)
+            }
         }
         _ => return Err("expected Z or an offset like +01:00 at the end"),
     };

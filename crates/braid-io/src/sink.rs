@@ -48,17 +48,36 @@ impl FileSink {
     /// Appends the concatenation of `parts` and a newline.
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), SinkError> {
         if self.open.is_none() {
-            std::fs::create_dir_all(&self.dir).map_err(|error| SinkError { operation: "create", path: self.dir.clone(), error })?;
-            let path = self.dir.join(format!(".{}-{:06}.ndjson.inprogress", self.prefix, self.next_file));
-            let file = File::create(&path).map_err(|error| SinkError { operation: "create", path: path.clone(), error })?;
+            std::fs::create_dir_all(&self.dir).map_err(|error| SinkError {
+                operation: "create",
+                path: self.dir.clone(),
+                error,
+            })?;
+            let path = self.dir.join(format!(
+                ".{}-{:06}.ndjson.inprogress",
+                self.prefix, self.next_file
+            ));
+            let file = File::create(&path).map_err(|error| SinkError {
+                operation: "create",
+                path: path.clone(),
+                error,
+            })?;
             self.open = Some((BufWriter::with_capacity(WRITE_BUFFER_BYTES, file), path, 0));
         }
         let (writer, path, bytes) = self.open.as_mut().expect("opened above");
         for part in parts {
-            writer.write_all(part).map_err(|error| SinkError { operation: "write", path: path.clone(), error })?;
+            writer.write_all(part).map_err(|error| SinkError {
+                operation: "write",
+                path: path.clone(),
+                error,
+            })?;
             *bytes += part.len() as u64;
         }
-        writer.write_all(b"\n").map_err(|error| SinkError { operation: "write", path: path.clone(), error })?;
+        writer.write_all(b"\n").map_err(|error| SinkError {
+            operation: "write",
+            path: path.clone(),
+            error,
+        })?;
         *bytes += 1;
         if *bytes >= self.roll_bytes {
             self.commit()?;
@@ -71,10 +90,24 @@ impl FileSink {
         let Some((writer, path, _)) = self.open.take() else {
             return Ok(());
         };
-        let file = writer.into_inner().map_err(|e| SinkError { operation: "write", path: path.clone(), error: e.into_error() })?;
-        file.sync_all().map_err(|error| SinkError { operation: "sync", path: path.clone(), error })?;
-        let done = self.dir.join(format!("{}-{:06}.ndjson", self.prefix, self.next_file));
-        std::fs::rename(&path, &done).map_err(|error| SinkError { operation: "rename", path: path.clone(), error })?;
+        let file = writer.into_inner().map_err(|e| SinkError {
+            operation: "write",
+            path: path.clone(),
+            error: e.into_error(),
+        })?;
+        file.sync_all().map_err(|error| SinkError {
+            operation: "sync",
+            path: path.clone(),
+            error,
+        })?;
+        let done = self
+            .dir
+            .join(format!("{}-{:06}.ndjson", self.prefix, self.next_file));
+        std::fs::rename(&path, &done).map_err(|error| SinkError {
+            operation: "rename",
+            path: path.clone(),
+            error,
+        })?;
         self.next_file += 1;
         self.committed.push(done);
         Ok(())

@@ -140,16 +140,19 @@ impl TakeRate {
     }
 
     fn jitter(&mut self) -> i64 {
-        self.rng.below(self.config.max_out_of_orderness_ms.max(0) as u64 + 1) as i64
+        self.rng
+            .below(self.config.max_out_of_orderness_ms.max(0) as u64 + 1) as i64
     }
 
     fn impression_time(&self) -> i64 {
-        self.config.start_ms + (self.impressions as i64 * 1_000) / self.config.impressions_per_s.max(1) as i64
+        self.config.start_ms
+            + (self.impressions as i64 * 1_000) / self.config.impressions_per_s.max(1) as i64
     }
 
     fn schedule_play(&mut self, at_ms: i64, profile: u64, title: u64) {
         self.plays += 1;
-        self.pending.push(Reverse((at_ms, self.plays, profile, title)));
+        self.pending
+            .push(Reverse((at_ms, self.plays, profile, title)));
     }
 
     fn delay_ms(&mut self) -> i64 {
@@ -200,18 +203,18 @@ impl TakeRate {
 
     /// A broken line of one of the kinds braid must dead-letter.
     fn malformed(&mut self, good: &[u8]) -> Vec<u8> {
-        let kinds: [&dyn Fn(&[u8]) -> Vec<u8>; 8] = [
-            &|g| g[..g.len() / 2].to_vec(),
-            &|_| b"[1,2,3]".to_vec(),
-            &|_| b"{\"event_id\":\"bad-\xff\xfe\",\"profile_id\":1,\"title_id\":2,\"ts\":1700000000000}".to_vec(),
-            &|_| br#"{"event_id":"bad-missing","title_id":2,"ts":1700000000000}"#.to_vec(),
-            &|_| br#"{"event_id":"bad-object","profile_id":{"id":1},"title_id":2,"ts":1700000000000}"#.to_vec(),
-            &|_| br#"{"event_id":"bad-float","profile_id":1.5,"title_id":2,"ts":1700000000000}"#.to_vec(),
-            &|_| br#"{"event_id":"bad-null","profile_id":null,"title_id":2,"ts":1700000000000}"#.to_vec(),
-            &|_| br#"{"event_id":"bad-time","profile_id":1,"title_id":2,"ts":"next tuesday"}"#.to_vec(),
-        ];
-        let pick = self.rng.below(kinds.len() as u64) as usize;
-        kinds[pick](good)
+        const KINDS: u64 = 8;
+        let fixed: &[u8] = match self.rng.below(KINDS) {
+            0 => return good[..good.len() / 2].to_vec(),
+            1 => b"[1,2,3]",
+            2 => b"{\"event_id\":\"bad-\xff\xfe\",\"profile_id\":1,\"title_id\":2,\"ts\":1700000000000}",
+            3 => br#"{"event_id":"bad-missing","title_id":2,"ts":1700000000000}"#,
+            4 => br#"{"event_id":"bad-object","profile_id":{"id":1},"title_id":2,"ts":1700000000000}"#,
+            5 => br#"{"event_id":"bad-float","profile_id":1.5,"title_id":2,"ts":1700000000000}"#,
+            6 => br#"{"event_id":"bad-null","profile_id":null,"title_id":2,"ts":1700000000000}"#,
+            _ => br#"{"event_id":"bad-time","profile_id":1,"title_id":2,"ts":"next tuesday"}"#,
+        };
+        fixed.to_vec()
     }
 }
 
@@ -272,7 +275,11 @@ pub struct DatasetCounts {
 
 /// Writes the data set as `DIR/impressions/part-NNNN.ndjson` and `DIR/plays/...`,
 /// about `lines_per_file` lines a file.
-pub fn write_dataset(dir: &std::path::Path, config: &TakeRateConfig, lines_per_file: u64) -> std::io::Result<DatasetCounts> {
+pub fn write_dataset(
+    dir: &std::path::Path,
+    config: &TakeRateConfig,
+    lines_per_file: u64,
+) -> std::io::Result<DatasetCounts> {
     let mut counts = DatasetCounts::default();
     let mut writers: [Option<(std::io::BufWriter<std::fs::File>, u64, u64)>; 2] = [None, None];
     for (stream, line) in TakeRate::new(config.clone()) {
@@ -309,7 +316,10 @@ mod tests {
 
     #[test]
     fn deterministic_for_a_seed_and_different_across_seeds() {
-        let config = TakeRateConfig { events: 2_000, ..TakeRateConfig::default() };
+        let config = TakeRateConfig {
+            events: 2_000,
+            ..TakeRateConfig::default()
+        };
         let a: Vec<_> = TakeRate::new(config.clone()).collect();
         let b: Vec<_> = TakeRate::new(config.clone()).collect();
         let c: Vec<_> = TakeRate::new(TakeRateConfig { seed: 2, ..config }).collect();

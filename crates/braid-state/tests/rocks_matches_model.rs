@@ -9,14 +9,34 @@ use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { side: bool, bucket: i64, entries: Vec<(u8, Vec<u8>)> },
-    Get { side: bool, bucket: i64, segment: u32, key: u8 },
-    Scan { side: bool, bucket: i64, segment: u32 },
-    Drop { side: bool, bucket: i64 },
+    Write {
+        side: bool,
+        bucket: i64,
+        entries: Vec<(u8, Vec<u8>)>,
+    },
+    Get {
+        side: bool,
+        bucket: i64,
+        segment: u32,
+        key: u8,
+    },
+    Scan {
+        side: bool,
+        bucket: i64,
+        segment: u32,
+    },
+    Drop {
+        side: bool,
+        bucket: i64,
+    },
 }
 
 fn side(left: bool) -> Side {
-    if left { Side::Left } else { Side::Right }
+    if left {
+        Side::Left
+    } else {
+        Side::Right
+    }
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {

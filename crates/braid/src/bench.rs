@@ -37,7 +37,10 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         .find(|(n, _)| *n == options.events)
         .map(|&(_, results)| results);
     if let Some(r) = reference {
-        anyhow::ensure!(r == expected, "independent count {expected} differs from the peer's reference {r}");
+        anyhow::ensure!(
+            r == expected,
+            "independent count {expected} differs from the peer's reference {r}"
+        );
     }
     let spec = JoinSpec {
         kind: JoinKind::Inner,
@@ -46,9 +49,13 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         allowed_lateness_ms: 0,
     };
     let started = Instant::now();
-    let mut engine = Engine::start(spec, options.parallelism, options.memory_max_bytes, &options.state_dir, |_| {
-        Ok(CountingResults::default())
-    })?;
+    let mut engine = Engine::start(
+        spec,
+        options.parallelism,
+        options.memory_max_bytes,
+        &options.state_dir,
+        |_| Ok(CountingResults::default()),
+    )?;
     let mut key = KeyWriter::default();
     let mut max_time = i64::MIN;
     let mut late = 0u64;
@@ -81,6 +88,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let seconds = started.elapsed().as_secs_f64();
     let results: u64 = reports.iter().map(|r| r.counts.pairs).sum();
     let spilled: u64 = reports.iter().map(|r| r.counts.spilled_events).sum();
+    let spilled_segments: u64 = reports.iter().map(|r| r.counts.spilled_segments).sum();
     Ok(json!({
         "workload": "flink-peer",
         "parallelism": options.parallelism,
@@ -89,6 +97,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         "correct": results == expected && late == 0,
         "late": late,
         "spilled_events": spilled,
+        "spilled_segments": spilled_segments,
         "peak_state_mb": mb(reports.iter().map(|r: &ShardReport| r.peak_state_bytes as u64).sum()),
         "events": options.events,
         "results": results,
@@ -100,13 +109,24 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
 
 /// Generates a data set of `events` lines under `dir` (untimed), then times a run over it.
 pub fn files(options: &BenchOptions, dir: &Path) -> anyhow::Result<serde_json::Value> {
-    let config = braid_io::takerate::TakeRateConfig { events: options.events, ..Default::default() };
+    let config = braid_io::takerate::TakeRateConfig {
+        events: options.events,
+        ..Default::default()
+    };
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     braid_io::takerate::write_dataset(&dir.join("data"), &config, 1_000_000)?;
     let job = dir.join("job.toml");
-    std::fs::write(&job, crate::demo::job_toml("bench-files", "out", ".braid/state", options.memory_max_bytes))?;
+    std::fs::write(
+        &job,
+        crate::demo::job_toml(
+            "bench-files",
+            "out",
+            ".braid/state",
+            options.memory_max_bytes,
+        ),
+    )?;
     let mut plan = crate::config::load(&job)?;
     plan.parallelism = options.parallelism;
     let summary = crate::driver::run(&plan, &crate::driver::RunOptions { progress: false })?;

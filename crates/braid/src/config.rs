@@ -104,8 +104,14 @@ pub struct JobError {
 /// Where a source's events come from.
 #[derive(Clone, Debug)]
 pub enum Input {
-    Files { pattern: String, files: Vec<PathBuf> },
-    Generator { config: TakeRateConfig, stream: Stream },
+    Files {
+        pattern: String,
+        files: Vec<PathBuf>,
+    },
+    Generator {
+        config: TakeRateConfig,
+        stream: Stream,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -156,9 +162,16 @@ pub fn load(file: &Path) -> Result<Plan, JobError> {
 
 /// Validates job-file text; `file` names it in errors and anchors relative paths.
 pub fn parse(file: &Path, text: &str) -> Result<Plan, JobError> {
-    let fail = |message: String| JobError { file: file.to_path_buf(), message };
-    let raw: JobFile = toml::from_str(text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
-    let base = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let fail = |message: String| JobError {
+        file: file.to_path_buf(),
+        message,
+    };
+    let raw: JobFile =
+        toml::from_str(text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     resolve(raw, file, base).map_err(fail)
 }
 
@@ -169,9 +182,18 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     let duration = |field: &str, value: &Option<String>, default: &str| {
         parse_duration_ms(value.as_deref().unwrap_or(default)).map_err(|e| format!("{field}: {e}"))
     };
-    let max_out_of_orderness_ms = duration("[time] max_out_of_orderness", &raw.time.max_out_of_orderness, "0s")?;
-    let allowed_lateness_ms = duration("[time] allowed_lateness", &raw.time.allowed_lateness, "0s")?;
-    let idle_timeout_ms = duration("[time] idle_timeout", &raw.time.idle_timeout, IDLE_TIMEOUT_DEFAULT)?;
+    let max_out_of_orderness_ms = duration(
+        "[time] max_out_of_orderness",
+        &raw.time.max_out_of_orderness,
+        "0s",
+    )?;
+    let allowed_lateness_ms =
+        duration("[time] allowed_lateness", &raw.time.allowed_lateness, "0s")?;
+    let idle_timeout_ms = duration(
+        "[time] idle_timeout",
+        &raw.time.idle_timeout,
+        IDLE_TIMEOUT_DEFAULT,
+    )?;
     for (field, v) in [
         ("[time] max_out_of_orderness", max_out_of_orderness_ms),
         ("[time] allowed_lateness", allowed_lateness_ms),
@@ -185,7 +207,11 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     let mut names = Vec::new();
     for (i, s) in raw.sources.iter().enumerate() {
         if names.contains(&s.name.as_str()) {
-            return Err(format!("[[source]] #{}: name `{}` is used twice", i + 1, s.name));
+            return Err(format!(
+                "[[source]] #{}: name `{}` is used twice",
+                i + 1,
+                s.name
+            ));
         }
         names.push(s.name.as_str());
     }
@@ -197,7 +223,10 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     }
     let find = |field: &str, name: &str| -> Result<&SourceFile, String> {
         raw.sources.iter().find(|s| s.name == name).ok_or_else(|| {
-            format!("[join] {field}: no source is named `{name}`; the sources are {}", names.join(", "))
+            format!(
+                "[join] {field}: no source is named `{name}`; the sources are {}",
+                names.join(", ")
+            )
         })
     };
     let left = find("left", &raw.join.left)?;
@@ -221,12 +250,16 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         Some(dir) => base.join(dir),
         None => base.join(".braid").join(&raw.name).join("state"),
     };
-    let memory_max_bytes = parse_size_bytes(state.memory_max.as_deref().unwrap_or(MEMORY_MAX_DEFAULT))
-        .map_err(|e| format!("[state] memory_max: {e}"))?;
+    let memory_max_bytes =
+        parse_size_bytes(state.memory_max.as_deref().unwrap_or(MEMORY_MAX_DEFAULT))
+            .map_err(|e| format!("[state] memory_max: {e}"))?;
     let checkpoint = match &raw.checkpoint {
         None => None,
         Some(c) => Some(CheckpointPlan {
-            dir: c.dir.clone().unwrap_or_else(|| format!(".braid/{}/checkpoints", raw.name)),
+            dir: c
+                .dir
+                .clone()
+                .unwrap_or_else(|| format!(".braid/{}/checkpoints", raw.name)),
             interval_ms: match duration("[checkpoint] interval", &c.interval, "10s")? {
                 ms if ms > 0 => ms,
                 _ => return Err("[checkpoint] interval: must be positive".into()),
@@ -259,7 +292,11 @@ fn join_spec(join: &JoinFile, allowed_lateness_ms: i64) -> Result<JoinSpec, Stri
         "left" => JoinKind::Left,
         "right" => JoinKind::Right,
         "full" => JoinKind::Full,
-        other => return Err(format!("[join] type: `{other}` is not a join type; use inner, left, right or full")),
+        other => {
+            return Err(format!(
+                "[join] type: `{other}` is not a join type; use inner, left, right or full"
+            ))
+        }
     };
     let [lower, upper] = join.within.as_slice() else {
         return Err(format!(
@@ -270,27 +307,42 @@ fn join_spec(join: &JoinFile, allowed_lateness_ms: i64) -> Result<JoinSpec, Stri
     let lower_ms = parse_duration_ms(lower).map_err(|e| format!("[join] within: {e}"))?;
     let upper_ms = parse_duration_ms(upper).map_err(|e| format!("[join] within: {e}"))?;
     if lower_ms > upper_ms {
-        return Err(format!("[join] within: lower bound {lower} is after upper bound {upper}"));
+        return Err(format!(
+            "[join] within: lower bound {lower} is after upper bound {upper}"
+        ));
     }
-    Ok(JoinSpec { kind, lower_ms, upper_ms, allowed_lateness_ms })
+    Ok(JoinSpec {
+        kind,
+        lower_ms,
+        upper_ms,
+        allowed_lateness_ms,
+    })
 }
 
 fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
     let field = |f: &str| format!("[[source]] {}: {f}", s.name);
     if s.key.is_empty() {
-        return Err(format!("{}: the key needs at least one field", field("key")));
+        return Err(format!(
+            "{}: the key needs at least one field",
+            field("key")
+        ));
     }
     if s.key.iter().any(|k| k.is_empty()) || s.time.is_empty() {
         return Err(format!("{}: field names must not be empty", field("key")));
     }
     if let Some(format) = &s.format {
         if format != "ndjson" {
-            return Err(format!("{}: `{format}` is not supported; use ndjson", field("format")));
+            return Err(format!(
+                "{}: `{format}` is not supported; use ndjson",
+                field("format")
+            ));
         }
     }
     let max_line_bytes = match &s.max_line_bytes {
         None => MAX_LINE_BYTES_DEFAULT,
-        Some(t) => parse_size_bytes(t).map_err(|e| format!("{}: {e}", field("max_line_bytes")))? as usize,
+        Some(t) => {
+            parse_size_bytes(t).map_err(|e| format!("{}: {e}", field("max_line_bytes")))? as usize
+        }
     };
     let only_for = |present: bool, name: &str, kind: &str| {
         if present {
@@ -304,8 +356,12 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
             only_for(s.stream.is_some(), "stream", "generator")?;
             only_for(s.events.is_some(), "events", "generator")?;
             only_for(s.seed.is_some(), "seed", "generator")?;
-            let pattern = s.path.clone().ok_or_else(|| format!("{}: a files source needs a path glob", field("path")))?;
-            let files = braid_io::resolve_glob(&s.name, base, &pattern).map_err(|e| format!("{}: {e}", field("path")))?;
+            let pattern = s
+                .path
+                .clone()
+                .ok_or_else(|| format!("{}: a files source needs a path glob", field("path")))?;
+            let files = braid_io::resolve_glob(&s.name, base, &pattern)
+                .map_err(|e| format!("{}: {e}", field("path")))?;
             Input::Files { pattern, files }
         }
         "generator" => {
@@ -313,7 +369,12 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
             let stream = match s.stream.as_deref() {
                 Some("impressions") => Stream::Impressions,
                 Some("plays") => Stream::Plays,
-                _ => return Err(format!("{}: a generator source needs stream = \"impressions\" or \"plays\"", field("stream"))),
+                _ => {
+                    return Err(format!(
+                        "{}: a generator source needs stream = \"impressions\" or \"plays\"",
+                        field("stream")
+                    ))
+                }
             };
             let mut config = TakeRateConfig::default();
             config.events = s.events.unwrap_or(config.events);
@@ -322,14 +383,26 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
         }
         "kafka" => {
             let _ = (&s.brokers, &s.topic, &s.group);
-            return Err(format!("{}: kafka sources are not built yet (issue 4); use files or generator", field("kind")));
+            return Err(format!(
+                "{}: kafka sources are not built yet (issue 4); use files or generator",
+                field("kind")
+            ));
         }
-        other => return Err(format!("{}: `{other}` is not a source kind; use files or generator", field("kind"))),
+        other => {
+            return Err(format!(
+                "{}: `{other}` is not a source kind; use files or generator",
+                field("kind")
+            ))
+        }
     };
     Ok(SourcePlan {
         name: s.name.clone(),
         input,
-        schema: Schema { key: s.key.clone(), time: s.time.clone(), id: s.id.clone() },
+        schema: Schema {
+            key: s.key.clone(),
+            time: s.time.clone(),
+            id: s.id.clone(),
+        },
         max_line_bytes,
     })
 }
@@ -337,17 +410,26 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
 fn output(o: &OutputFile, base: &Path) -> Result<Output, String> {
     if let Some(format) = &o.format {
         if format != "ndjson" {
-            return Err(format!("[output] format: `{format}` is not supported; use ndjson"));
+            return Err(format!(
+                "[output] format: `{format}` is not supported; use ndjson"
+            ));
         }
     }
     match o.kind.as_str() {
         "files" => {
-            let path = o.path.as_ref().ok_or("[output] path: a files output needs a folder")?;
+            let path = o
+                .path
+                .as_ref()
+                .ok_or("[output] path: a files output needs a folder")?;
             Ok(Output::Files(base.join(path)))
         }
         "stdout" => Ok(Output::Stdout),
-        "kafka" => Err("[output] kind: kafka output is not built yet (issue 4); use files or stdout".into()),
-        other => Err(format!("[output] kind: `{other}` is not an output kind; use files or stdout")),
+        "kafka" => Err(
+            "[output] kind: kafka output is not built yet (issue 4); use files or stdout".into(),
+        ),
+        other => Err(format!(
+            "[output] kind: `{other}` is not an output kind; use files or stdout"
+        )),
     }
 }
 
@@ -356,15 +438,25 @@ impl fmt::Display for Plan {
         let s = &self.spec;
         writeln!(f, "job `{}` ({})", self.name, self.file.display())?;
         for (side, source) in ["left ", "right"].iter().zip(&self.sources) {
-            write!(f, "  {side} source `{}`: key {:?}, time `{}`", source.name, source.schema.key, source.schema.time)?;
+            write!(
+                f,
+                "  {side} source `{}`: key {:?}, time `{}`",
+                source.name, source.schema.key, source.schema.time
+            )?;
             if let Some(id) = &source.schema.id {
                 write!(f, ", id `{id}`")?;
             }
             match &source.input {
-                Input::Files { pattern, files } => writeln!(f, ", {} file(s) matching {pattern}", files.len())?,
-                Input::Generator { config, stream } => {
-                    writeln!(f, ", generated {} (seed {}, {} lines)", stream.name(), config.seed, config.events)?
+                Input::Files { pattern, files } => {
+                    writeln!(f, ", {} file(s) matching {pattern}", files.len())?
                 }
+                Input::Generator { config, stream } => writeln!(
+                    f,
+                    ", generated {} (seed {}, {} lines)",
+                    stream.name(),
+                    config.seed,
+                    config.events
+                )?,
             }
         }
         writeln!(
@@ -392,7 +484,11 @@ impl fmt::Display for Plan {
             self.parallelism
         )?;
         if let Some(c) = &self.checkpoint {
-            writeln!(f, "  checkpoint: {} every {} ms (checkpoints arrive with issue 3)", c.dir, c.interval_ms)?;
+            writeln!(
+                f,
+                "  checkpoint: {} every {} ms (checkpoints arrive with issue 3)",
+                c.dir, c.interval_ms
+            )?;
         }
         Ok(())
     }

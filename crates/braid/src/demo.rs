@@ -72,11 +72,25 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(DEMO_MARKER), "made by braid demo\n")?;
-    eprintln!("braid demo: generating {events} impressions and plays in {}", dir.join("data").display());
-    let config = TakeRateConfig { events, ..TakeRateConfig::default() };
+    eprintln!(
+        "braid demo: generating {events} impressions and plays in {}",
+        dir.join("data").display()
+    );
+    let config = TakeRateConfig {
+        events,
+        ..TakeRateConfig::default()
+    };
     write_dataset(&dir.join("data"), &config, 250_000)?;
     let job = dir.join("job.toml");
-    std::fs::write(&job, job_toml("take-rate-demo", "out", ".braid/state", DEMO_MEMORY_MAX_BYTES))?;
+    std::fs::write(
+        &job,
+        job_toml(
+            "take-rate-demo",
+            "out",
+            ".braid/state",
+            DEMO_MEMORY_MAX_BYTES,
+        ),
+    )?;
     let plan = crate::config::load(&job)?;
     eprintln!("braid demo: running {}", job.display());
     let summary = run(&plan, &RunOptions { progress })?;
@@ -91,9 +105,17 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
 
 /// The first joined record (with a play) of the committed output, to show its shape.
 fn first_line(dir: &Path) -> Option<String> {
-    let mut files: Vec<_> = std::fs::read_dir(dir).ok()?.filter_map(Result::ok).map(|e| e.path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
     files.sort();
-    let file = files.iter().find(|p| p.extension().is_some_and(|e| e == "ndjson"))?;
+    let file = files
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "ndjson"))?;
     let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find(|l| !l.ends_with("\"plays\":null}")).map(str::to_string)
+    text.lines()
+        .find(|l| !l.ends_with("\"plays\":null}"))
+        .map(str::to_string)
 }

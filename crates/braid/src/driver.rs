@@ -31,18 +31,26 @@ const PARTITION: PartitionId = PartitionId(0);
 /// A source being read.
 enum Reader {
     Files(FileSource),
-    Generator { lines: TakeRate, stream: Stream, produced: u64 },
+    Generator {
+        lines: TakeRate,
+        stream: Stream,
+        produced: u64,
+    },
 }
 
 impl Reader {
     fn open(source: &SourcePlan) -> anyhow::Result<Reader> {
         Ok(match &source.input {
-            Input::Files { files, .. } => {
-                Reader::Files(FileSource::from_files(&source.name, files.clone(), source.max_line_bytes))
-            }
-            Input::Generator { config, stream } => {
-                Reader::Generator { lines: TakeRate::new(config.clone()), stream: *stream, produced: 0 }
-            }
+            Input::Files { files, .. } => Reader::Files(FileSource::from_files(
+                &source.name,
+                files.clone(),
+                source.max_line_bytes,
+            )),
+            Input::Generator { config, stream } => Reader::Generator {
+                lines: TakeRate::new(config.clone()),
+                stream: *stream,
+                produced: 0,
+            },
         })
     }
 
@@ -50,14 +58,24 @@ impl Reader {
     fn read(&mut self, batch: &mut LineBatch, max: usize) -> anyhow::Result<bool> {
         match self {
             Reader::Files(files) => Ok(files.read_batch(batch, max)?),
-            Reader::Generator { lines, stream, produced } => {
+            Reader::Generator {
+                lines,
+                stream,
+                produced,
+            } => {
                 while batch.len() < max {
                     let Some((s, line)) = lines.next() else {
                         return Ok(false);
                     };
                     if s == *stream {
                         *produced += 1;
-                        batch.push(&line, Position { file: 0, line: *produced });
+                        batch.push(
+                            &line,
+                            Position {
+                                file: 0,
+                                line: *produced,
+                            },
+                        );
                     }
                 }
                 Ok(true)
@@ -75,7 +93,10 @@ impl Reader {
 
 /// Where late and dead records go.
 enum SideOutput {
-    Files { late: FileSink, dead: FileSink },
+    Files {
+        late: Box<FileSink>,
+        dead: Box<FileSink>,
+    },
     Stderr,
 }
 
@@ -121,7 +142,8 @@ fn prepare_output(dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))
 }
 
 pub struct RunOptions {
@@ -135,18 +157,32 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let (engine, side_output) = match &plan.output {
         Output::Files(dir) => {
             prepare_output(dir)?;
-            let engine = Engine::start(plan.spec, plan.parallelism, plan.memory_max_bytes, &plan.state_dir, |i| {
-                Ok(FilesResults::new(shape.clone(), dir, i, OUTPUT_ROLL_BYTES))
-            })?;
+            let engine = Engine::start(
+                plan.spec,
+                plan.parallelism,
+                plan.memory_max_bytes,
+                &plan.state_dir,
+                |i| Ok(FilesResults::new(shape.clone(), dir, i, OUTPUT_ROLL_BYTES)),
+            )?;
             let late = FileSink::new(&dir.join("_late"), "late", OUTPUT_ROLL_BYTES);
             let dead = FileSink::new(&dir.join("_dead"), "dead", OUTPUT_ROLL_BYTES);
-            (engine, SideOutput::Files { late, dead })
+            (
+                engine,
+                SideOutput::Files {
+                    late: Box::new(late),
+                    dead: Box::new(dead),
+                },
+            )
         }
         Output::Stdout => {
             let out = Arc::new(Mutex::new(std::io::stdout()));
-            let engine = Engine::start(plan.spec, plan.parallelism, plan.memory_max_bytes, &plan.state_dir, |_| {
-                Ok(StdoutResults::new(shape.clone(), out.clone()))
-            })?;
+            let engine = Engine::start(
+                plan.spec,
+                plan.parallelism,
+                plan.memory_max_bytes,
+                &plan.state_dir,
+                |_| Ok(StdoutResults::new(shape.clone(), out.clone())),
+            )?;
             (engine, SideOutput::Stderr)
         }
     };
@@ -157,7 +193,12 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         progress.tick(reading.input_total(), reading.marks.current());
     }
     progress.finish();
-    let Reading { engine, mut side_output, counts, .. } = reading;
+    let Reading {
+        engine,
+        mut side_output,
+        counts,
+        ..
+    } = reading;
     let reports: Vec<ShardReport> = engine.finish()?;
     side_output.commit()?;
     let committed = match &plan.output {
@@ -190,15 +231,31 @@ struct Reading<'p> {
 }
 
 impl<'p> Reading<'p> {
-    fn new(plan: &'p Plan, engine: Engine, side_output: SideOutput, started: Instant) -> anyhow::Result<Reading<'p>> {
+    fn new(
+        plan: &'p Plan,
+        engine: Engine,
+        side_output: SideOutput,
+        started: Instant,
+    ) -> anyhow::Result<Reading<'p>> {
         Ok(Reading {
             plan,
             engine,
             side_output,
-            readers: [Reader::open(&plan.sources[0])?, Reader::open(&plan.sources[1])?],
-            decoders: [Decoder::new(plan.sources[0].schema.clone()), Decoder::new(plan.sources[1].schema.clone())],
+            readers: [
+                Reader::open(&plan.sources[0])?,
+                Reader::open(&plan.sources[1])?,
+            ],
+            decoders: [
+                Decoder::new(plan.sources[0].schema.clone()),
+                Decoder::new(plan.sources[1].schema.clone()),
+            ],
             exhausted: [false; 2],
-            marks: Watermarks::new(&[1, 1], plan.max_out_of_orderness_ms, plan.idle_timeout_ms, 0),
+            marks: Watermarks::new(
+                &[1, 1],
+                plan.max_out_of_orderness_ms,
+                plan.idle_timeout_ms,
+                0,
+            ),
             sent: Watermark::MIN,
             counts: Default::default(),
             batch: LineBatch::default(),
@@ -262,10 +319,20 @@ impl<'p> Reading<'p> {
     }
 
     /// Decodes one line and sends it where it belongs: the join, `_late/` or `_dead/`.
-    fn admit(&mut self, s: usize, line: &[u8], position: Position, oversized: Option<usize>, now_ms: u64) -> anyhow::Result<()> {
+    fn admit(
+        &mut self,
+        s: usize,
+        line: &[u8],
+        position: Position,
+        oversized: Option<usize>,
+        now_ms: u64,
+    ) -> anyhow::Result<()> {
         self.counts[s].input += 1;
         let decoded = match oversized {
-            Some(len) => Err(braid_io::DecodeError::Oversized { len, max: self.plan.sources[s].max_line_bytes }),
+            Some(len) => Err(braid_io::DecodeError::Oversized {
+                len,
+                max: self.plan.sources[s].max_line_bytes,
+            }),
             None => self.decoders[s].decode(line),
         };
         let decoded = match decoded {
@@ -283,7 +350,11 @@ impl<'p> Reading<'p> {
             }
         };
         let allowed_lateness_ms = self.plan.spec.allowed_lateness_ms;
-        if self.marks.current().is_late(decoded.time, allowed_lateness_ms) {
+        if self
+            .marks
+            .current()
+            .is_late(decoded.time, allowed_lateness_ms)
+        {
             self.counts[s].late += 1;
             self.record.clear();
             write!(

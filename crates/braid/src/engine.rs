@@ -76,7 +76,10 @@ impl Engine {
         let mut handles = Vec::with_capacity(shards);
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
         for i in 0..shards {
-            let store = RocksStore::create(&state_dir.join(format!("shard-{i}")), &RocksOptions::default())?;
+            let store = RocksStore::create(
+                &state_dir.join(format!("shard-{i}")),
+                &RocksOptions::default(),
+            )?;
             let join = Join::new(spec, store, per_shard);
             let sink = make_sink(i)?;
             let (tx, rx) = bounded(SHARD_QUEUE_BATCHES);
@@ -87,7 +90,11 @@ impl Engine {
                     .spawn(move || run_shard(join, sink, &rx))?,
             );
         }
-        Ok(Engine { senders, handles, open: (0..shards).map(|_| EventBatch::default()).collect() })
+        Ok(Engine {
+            senders,
+            handles,
+            open: (0..shards).map(|_| EventBatch::default()).collect(),
+        })
     }
 
     pub fn shards(&self) -> usize {
@@ -121,7 +128,10 @@ impl Engine {
     pub fn advance(&mut self, watermark: Watermark) -> anyhow::Result<()> {
         for shard in 0..self.senders.len() {
             self.send(shard)?;
-            if self.senders[shard].send(ShardMessage::Advance(watermark)).is_err() {
+            if self.senders[shard]
+                .send(ShardMessage::Advance(watermark))
+                .is_err()
+            {
                 return Err(self.shard_failure(shard));
             }
         }
@@ -133,7 +143,10 @@ impl Engine {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.open[shard]);
-        if self.senders[shard].send(ShardMessage::Events(batch)).is_err() {
+        if self.senders[shard]
+            .send(ShardMessage::Events(batch))
+            .is_err()
+        {
             return Err(self.shard_failure(shard));
         }
         Ok(())
@@ -159,7 +172,10 @@ impl Engine {
         self.handles
             .into_iter()
             .enumerate()
-            .map(|(i, h)| h.join().map_err(|_| anyhow::anyhow!("shard {i} panicked"))?)
+            .map(|(i, h)| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("shard {i} panicked"))?
+            })
             .collect()
     }
 }

@@ -11,7 +11,11 @@ use braid::units::{parse_duration_ms, parse_size_bytes};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "braid", version, about = "Joins event streams in event time, with state on disk.")]
+#[command(
+    name = "braid",
+    version,
+    about = "Joins event streams in event time, with state on disk."
+)]
 struct Cli {
     /// More log output on stderr, and the full cause chain of an error.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -110,13 +114,17 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG").unwrap_or_else(|_| level.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG")
+                .unwrap_or_else(|_| level.into()),
+        )
         .init();
     let progress = !cli.quiet && std::io::stderr().is_terminal();
     match dispatch(cli.command, progress) {
         Ok(code) => code,
         Err(e) => {
-            let usage = e.downcast_ref::<JobError>().is_some() || e.downcast_ref::<UsageError>().is_some();
+            let usage =
+                e.downcast_ref::<JobError>().is_some() || e.downcast_ref::<UsageError>().is_some();
             if cli.verbose > 0 {
                 eprintln!("braid: error: {e:?}");
             } else {
@@ -145,13 +153,23 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
 
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let usage = |e: String| UsageError(e);
-    let disorder = parse_duration_ms(&args.max_out_of_orderness).map_err(|e| usage(format!("--max-out-of-orderness: {e}")))?;
-    for (flag, rate) in [("--play-rate", args.play_rate), ("--duplicate-rate", args.duplicate_rate), ("--malformed-rate", args.malformed_rate)] {
+    let disorder = parse_duration_ms(&args.max_out_of_orderness)
+        .map_err(|e| usage(format!("--max-out-of-orderness: {e}")))?;
+    for (flag, rate) in [
+        ("--play-rate", args.play_rate),
+        ("--duplicate-rate", args.duplicate_rate),
+        ("--malformed-rate", args.malformed_rate),
+    ] {
         if !(0.0..=1.0).contains(&rate) {
             return Err(usage(format!("{flag}: {rate} is not a share between 0 and 1")).into());
         }
     }
-    if args.profiles == 0 || args.titles == 0 || args.impressions_per_s == 0 || args.lines_per_file == 0 || disorder < 0 {
+    if args.profiles == 0
+        || args.titles == 0
+        || args.impressions_per_s == 0
+        || args.lines_per_file == 0
+        || disorder < 0
+    {
         return Err(usage("--profiles, --titles, --impressions-per-s and --lines-per-file must be positive, --max-out-of-orderness not negative".into()).into());
     }
     let config = braid_io::takerate::TakeRateConfig {
@@ -166,9 +184,18 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         max_out_of_orderness_ms: disorder,
         ..Default::default()
     };
-    let counts = braid_io::takerate::write_dataset(&args.out.join("data"), &config, args.lines_per_file)?;
+    let counts =
+        braid_io::takerate::write_dataset(&args.out.join("data"), &config, args.lines_per_file)?;
     let job = args.out.join("job.toml");
-    std::fs::write(&job, braid::demo::job_toml("take-rate", "out", ".braid/state", braid::demo::DEMO_MEMORY_MAX_BYTES))?;
+    std::fs::write(
+        &job,
+        braid::demo::job_toml(
+            "take-rate",
+            "out",
+            ".braid/state",
+            braid::demo::DEMO_MEMORY_MAX_BYTES,
+        ),
+    )?;
     println!(
         "wrote {} impression and {} play lines under {}; run them with: braid run {}",
         counts.impressions,
@@ -180,11 +207,14 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let memory_max_bytes = parse_size_bytes(&args.memory_max).map_err(|e| UsageError(format!("--memory-max: {e}")))?;
+    let memory_max_bytes =
+        parse_size_bytes(&args.memory_max).map_err(|e| UsageError(format!("--memory-max: {e}")))?;
     let options = BenchOptions {
         events: args.events,
         memory_max_bytes,
-        parallelism: args.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        parallelism: args
+            .parallelism
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
         state_dir: args.dir.join("state"),
     };
     let line = match args.workload {
@@ -193,7 +223,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     println!("{line}");
     if line["correct"] == serde_json::Value::Bool(false) {
-        anyhow::bail!("the result count is wrong: {} results, {} expected", line["results"], line["expected"]);
+        anyhow::bail!(
+            "the result count is wrong: {} results, {} expected",
+            line["results"],
+            line["expected"]
+        );
     }
     Ok(())
 }

@@ -18,11 +18,17 @@ impl Progress {
     pub fn new(enabled: bool) -> Progress {
         let bar = enabled.then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("a valid template"));
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg}").expect("a valid template"),
+            );
             bar
         });
         let now = Instant::now();
-        Progress { bar, started: now, last: now }
+        Progress {
+            bar,
+            started: now,
+            last: now,
+        }
     }
 
     pub fn tick(&mut self, records: u64, watermark: Watermark) {

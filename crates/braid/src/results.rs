@@ -33,7 +33,12 @@ impl RecordShape {
     }
 
     /// Calls `write` with the parts of one record; `None` is a missing side.
-    fn parts<'a>(&'a self, left: Option<&'a [u8]>, right: Option<&'a [u8]>, write: impl FnOnce(&[&[u8]])) {
+    fn parts<'a>(
+        &'a self,
+        left: Option<&'a [u8]>,
+        right: Option<&'a [u8]>,
+        write: impl FnOnce(&[&[u8]]),
+    ) {
         match (left, right) {
             (Some(l), Some(r)) => write(&[&self.open, l, &self.middle, r, b"}"]),
             (Some(l), None) => write(&[&self.open, l, &self.middle_null]),
@@ -52,7 +57,11 @@ pub struct FilesResults {
 
 impl FilesResults {
     pub fn new(shape: RecordShape, dir: &Path, shard: usize, roll_bytes: u64) -> FilesResults {
-        FilesResults { shape, sink: FileSink::new(dir, &format!("part-{shard}"), roll_bytes), error: None }
+        FilesResults {
+            shape,
+            sink: FileSink::new(dir, &format!("part-{shard}"), roll_bytes),
+            error: None,
+        }
     }
 
     fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
@@ -60,7 +69,8 @@ impl FilesResults {
             return;
         }
         let mut result = Ok(());
-        self.shape.parts(left, right, |parts| result = self.sink.write_parts(parts));
+        self.shape
+            .parts(left, right, |parts| result = self.sink.write_parts(parts));
         if let Err(e) = result {
             self.error = Some(e.into());
         }
@@ -101,7 +111,12 @@ pub struct StdoutResults {
 
 impl StdoutResults {
     pub fn new(shape: RecordShape, out: Arc<Mutex<std::io::Stdout>>) -> StdoutResults {
-        StdoutResults { shape, buffer: Vec::with_capacity(STDOUT_CHUNK_BYTES), out, error: None }
+        StdoutResults {
+            shape,
+            buffer: Vec::with_capacity(STDOUT_CHUNK_BYTES),
+            out,
+            error: None,
+        }
     }
 
     fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
@@ -118,9 +133,13 @@ impl StdoutResults {
     }
 
     fn flush(&mut self) {
-        let mut out = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = self
+            .out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = out.write_all(&self.buffer).and_then(|()| out.flush()) {
-            self.error.get_or_insert(anyhow::anyhow!("cannot write to stdout: {e}"));
+            self.error
+                .get_or_insert(anyhow::anyhow!("cannot write to stdout: {e}"));
         }
         self.buffer.clear();
     }

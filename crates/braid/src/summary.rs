@@ -33,14 +33,23 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn new(plan: &Plan, counts: [SourceCounts; 2], reports: &[ShardReport], elapsed: Duration, output: Option<PathBuf>) -> Summary {
+    pub fn new(
+        plan: &Plan,
+        counts: [SourceCounts; 2],
+        reports: &[ShardReport],
+        elapsed: Duration,
+        output: Option<PathBuf>,
+    ) -> Summary {
         let mut join = JoinCounts::default();
         for r in reports {
             join.add(&r.counts);
         }
         Summary {
             name: plan.name.clone(),
-            sources: [(plan.sources[0].name.clone(), counts[0]), (plan.sources[1].name.clone(), counts[1])],
+            sources: [
+                (plan.sources[0].name.clone(), counts[0]),
+                (plan.sources[1].name.clone(), counts[1]),
+            ],
             join,
             seconds: elapsed.as_secs_f64(),
             peak_state_bytes: reports.iter().map(|r| r.peak_state_bytes).sum(),
@@ -58,7 +67,12 @@ impl Summary {
     fn accounted(&self, i: usize) -> (u64, u64) {
         let j = &self.join;
         let s = &self.sources[i].1;
-        let sum = j.matched[i] + j.unmatched_emitted[i] + j.unmatched_expired[i] + j.duplicates[i] + s.late + s.dead;
+        let sum = j.matched[i]
+            + j.unmatched_emitted[i]
+            + j.unmatched_expired[i]
+            + j.duplicates[i]
+            + s.late
+            + s.dead;
         (sum, s.input)
     }
 
@@ -125,17 +139,50 @@ pub fn peak_rss_bytes() -> u64 {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let j = &self.join;
-        writeln!(f, "job `{}`: {} records in {:.2} s ({:.0} records/s)", self.name, self.input(), self.seconds, self.events_per_s())?;
+        writeln!(
+            f,
+            "job `{}`: {} records in {:.2} s ({:.0} records/s)",
+            self.name,
+            self.input(),
+            self.seconds,
+            self.events_per_s()
+        )?;
         writeln!(f, "  joined pairs emitted   {}", j.pairs)?;
-        writeln!(f, "  {:<22} {:>12} {:>12}", "", self.sources[0].0, self.sources[1].0)?;
-        let row = |f: &mut fmt::Formatter<'_>, label: &str, a: u64, b: u64| writeln!(f, "  {label:<22} {a:>12} {b:>12}");
+        writeln!(
+            f,
+            "  {:<22} {:>12} {:>12}",
+            "", self.sources[0].0, self.sources[1].0
+        )?;
+        let row = |f: &mut fmt::Formatter<'_>, label: &str, a: u64, b: u64| {
+            writeln!(f, "  {label:<22} {a:>12} {b:>12}")
+        };
         row(f, "read", self.sources[0].1.input, self.sources[1].1.input)?;
         row(f, "matched", j.matched[0], j.matched[1])?;
-        row(f, "unmatched, emitted", j.unmatched_emitted[0], j.unmatched_emitted[1])?;
-        row(f, "unmatched, expired", j.unmatched_expired[0], j.unmatched_expired[1])?;
+        row(
+            f,
+            "unmatched, emitted",
+            j.unmatched_emitted[0],
+            j.unmatched_emitted[1],
+        )?;
+        row(
+            f,
+            "unmatched, expired",
+            j.unmatched_expired[0],
+            j.unmatched_expired[1],
+        )?;
         row(f, "duplicates", j.duplicates[0], j.duplicates[1])?;
-        row(f, "late (_late/)", self.sources[0].1.late, self.sources[1].1.late)?;
-        row(f, "dead letters (_dead/)", self.sources[0].1.dead, self.sources[1].1.dead)?;
+        row(
+            f,
+            "late (_late/)",
+            self.sources[0].1.late,
+            self.sources[1].1.late,
+        )?;
+        row(
+            f,
+            "dead letters (_dead/)",
+            self.sources[0].1.dead,
+            self.sources[1].1.dead,
+        )?;
         let verdict = match self.check() {
             Ok(()) => "every record accounted for exactly once".to_string(),
             Err(e) => format!("MISMATCH: {e}"),
@@ -149,7 +196,11 @@ impl fmt::Display for Summary {
             j.spilled_events,
             self.disk_bytes_max as f64 / 1048576.0
         )?;
-        write!(f, "  peak RSS               {:.0} MiB", self.peak_rss_bytes as f64 / 1048576.0)?;
+        write!(
+            f,
+            "  peak RSS               {:.0} MiB",
+            self.peak_rss_bytes as f64 / 1048576.0
+        )?;
         if let Some(dir) = &self.output {
             write!(f, "\n  output                 {}", dir.display())?;
         }

@@ -21,9 +21,9 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
             ))
         }
     };
-    let value: i64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; it needs digits before the unit, as in 5s"))?;
+    let value: i64 = digits.parse().map_err(|_| {
+        format!("`{text}` is not a duration; it needs digits before the unit, as in 5s")
+    })?;
     let ms = value
         .checked_mul(scale)
         .ok_or_else(|| format!("`{text}` is too long a duration"))?;
@@ -41,11 +41,15 @@ pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         "TiB" => 1 << 40,
-        _ => return Err(format!("`{text}` is not a size; write a whole number and a unit: 64KiB, 512MiB, 4GiB")),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size; write a whole number and a unit: 64KiB, 512MiB, 4GiB"
+            ))
+        }
     };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size; it needs digits before the unit, as in 512MiB"))?;
+    let value: u64 = digits.parse().map_err(|_| {
+        format!("`{text}` is not a size; it needs digits before the unit, as in 512MiB")
+    })?;
     value
         .checked_mul(scale)
         .ok_or_else(|| format!("`{text}` is too large a size"))
@@ -57,18 +61,40 @@ mod tests {
 
     #[test]
     fn durations() {
-        let ok = [("250ms", 250), ("5s", 5_000), ("10m", 600_000), ("1h", 3_600_000), ("2d", 172_800_000), ("-5s", -5_000), ("0s", 0)];
+        let ok = [
+            ("250ms", 250),
+            ("5s", 5_000),
+            ("10m", 600_000),
+            ("1h", 3_600_000),
+            ("2d", 172_800_000),
+            ("-5s", -5_000),
+            ("0s", 0),
+        ];
         for (text, ms) in ok {
             assert_eq!(parse_duration_ms(text), Ok(ms), "{text}");
         }
-        for bad in ["5", "s", "5 sec", "1.5s", "--5s", "5S", "99999999999999999d"] {
+        for bad in [
+            "5",
+            "s",
+            "5 sec",
+            "1.5s",
+            "--5s",
+            "5S",
+            "99999999999999999d",
+        ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn sizes() {
-        let ok = [("512MiB", 512 << 20), ("4GiB", 4 << 30), ("64KiB", 64 << 10), ("100", 100), ("7B", 7)];
+        let ok = [
+            ("512MiB", 512 << 20),
+            ("4GiB", 4 << 30),
+            ("64KiB", 64 << 10),
+            ("100", 100),
+            ("7B", 7),
+        ];
         for (text, bytes) in ok {
             assert_eq!(parse_size_bytes(text), Ok(bytes), "{text}");
         }

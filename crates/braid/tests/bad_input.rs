@@ -46,7 +46,10 @@ fn records(dir: &std::path::Path) -> Vec<Value> {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "ndjson") {
             let text = std::fs::read_to_string(path).expect("read");
-            out.extend(text.lines().map(|l| serde_json::from_str::<Value>(l).expect("records are JSON")));
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).expect("records are JSON")),
+            );
         }
     }
     out
@@ -97,7 +100,11 @@ fn malformed_lines_are_dead_lettered_with_their_position() {
     )
     .expect("write");
     std::fs::write(dir.path().join("job.toml"), JOB).expect("write");
-    let out = braid(&["run", "--quiet", dir.path().join("job.toml").to_str().expect("utf-8")]);
+    let out = braid(&[
+        "run",
+        "--quiet",
+        dir.path().join("job.toml").to_str().expect("utf-8"),
+    ]);
     assert_success(&out);
 
     let dead = records(&dir.path().join("out/_dead"));
@@ -106,7 +113,11 @@ fn malformed_lines_are_dead_lettered_with_their_position() {
         let line = i + 2;
         let record = dead
             .iter()
-            .find(|r| r["position"].as_str().is_some_and(|p| p.ends_with(&format!("left.ndjson:{line}"))))
+            .find(|r| {
+                r["position"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with(&format!("left.ndjson:{line}")))
+            })
             .unwrap_or_else(|| panic!("no dead letter for line {line}: {dead:#?}"));
         assert_eq!(record["source"], "left");
         let error = record["error"].as_str().expect("error text");
@@ -125,7 +136,10 @@ fn malformed_lines_are_dead_lettered_with_their_position() {
     let joined = committed_lines(&dir.path().join("out"));
     assert_eq!(
         joined,
-        vec![r#"{"left":{"k":1,"ts":1000,"v":"good"},"right":{"k":1,"ts":5000,"v":"match"}}"#.to_string()]
+        vec![
+            r#"{"left":{"k":1,"ts":1000,"v":"good"},"right":{"k":1,"ts":5000,"v":"match"}}"#
+                .to_string()
+        ]
     );
     let s = summary(&dir.path().join("out"));
     assert_eq!(s["accounted"], true);

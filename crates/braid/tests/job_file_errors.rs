@@ -53,7 +53,11 @@ fn with_job(text: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let job_str = job.to_str().expect("utf-8").to_string();
     all.push(&job_str);
     let out = braid(&all);
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), stderr(&out))
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr(&out),
+    )
 }
 
 #[test]
@@ -86,13 +90,19 @@ fn each_mistake_names_its_field_and_exits_2() {
         ("type = \"left\"", "type = 3", "invalid type"),
     ];
     for (from, to, want) in cases {
-        assert!(GOOD.contains(from), "case {want}: `{from}` not in the good job");
+        assert!(
+            GOOD.contains(from),
+            "case {want}: `{from}` not in the good job"
+        );
         let bad = GOOD.replacen(from, to, 1);
         for command in ["validate", "run"] {
             let (code, _, err) = with_job(&bad, &[command]);
             assert_eq!(code, Some(2), "{command} with {want}: {err}");
             assert!(err.contains(want), "{command}: `{want}` not in: {err}");
-            assert!(err.contains("job.toml"), "{command}: the file is not named in: {err}");
+            assert!(
+                err.contains("job.toml"),
+                "{command}: the file is not named in: {err}"
+            );
         }
     }
 }

@@ -6,7 +6,10 @@
 
 mod common;
 
-use common::{assert_success, braid, committed_lines, generate, reference_events, reference_join, summary, write_job};
+use common::{
+    assert_success, braid, committed_lines, generate, reference_events, reference_join, summary,
+    write_job,
+};
 
 fn check(kind: &str, within: (&str, &str), bounds_ms: (i64, i64), memory_max: &str, seed: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -20,13 +23,17 @@ fn check(kind: &str, within: (&str, &str), bounds_ms: (i64, i64), memory_max: &s
     let got = committed_lines(&dir.path().join("out"));
     assert!(!want.is_empty());
     assert_eq!(got.len(), want.len(), "row count of a {kind} join");
-    assert!(got == want, "rows of a {kind} join differ from the reference");
+    assert!(
+        got == want,
+        "rows of a {kind} join differ from the reference"
+    );
     let s = summary(&dir.path().join("out"));
     assert_eq!(s["accounted"], true, "{s:#}");
     assert_eq!(s["left"]["dead"], left_invalid as u64, "{s:#}");
     assert_eq!(s["right"]["dead"], right_invalid as u64, "{s:#}");
     assert_eq!(s["left"]["late"], 0);
-    let total_read = s["left"]["read"].as_u64().expect("count") + s["right"]["read"].as_u64().expect("count");
+    let total_read =
+        s["left"]["read"].as_u64().expect("count") + s["right"]["read"].as_u64().expect("count");
     assert_eq!(total_read, 30_000);
     let want_pairs = want
         .iter()

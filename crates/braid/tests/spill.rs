@@ -24,7 +24,8 @@ fn state_beyond_memory_max_spills_and_rss_stays_bounded() {
     ]);
     assert_success(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    let line: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
     assert_eq!(line["correct"], true, "{line}");
     assert_eq!(line["results"], line["expected"], "{line}");
     // About 1.2 M impressions of ~130 bytes each are in the window: far beyond 16 MiB.
@@ -33,5 +34,8 @@ fn state_beyond_memory_max_spills_and_rss_stays_bounded() {
     let state = line["peak_state_mb"].as_f64().expect("state");
     assert!(state <= 17.0, "in-memory state exceeded memory_max: {line}");
     let rss = line["peak_rss_mb"].as_f64().expect("rss");
-    assert!(rss <= 16.0 + 100.0, "peak RSS beyond memory_max + 100 MiB: {line}");
+    assert!(
+        rss <= 16.0 + 100.0,
+        "peak RSS beyond memory_max + 100 MiB: {line}"
+    );
 }

@@ -109,7 +109,11 @@ pub fn committed_lines(dir: &Path) -> Vec<String> {
     };
     for entry in entries {
         let path = entry.expect("dir entry").path();
-        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         if name.starts_with('.') || name.starts_with('_') || !name.ends_with(".ndjson") {
             continue;
         }
@@ -136,7 +140,10 @@ pub struct RefEvent {
 /// Reads a source's files (sorted) and keeps the valid, first-seen events. Returns them
 /// and the number of invalid lines.
 pub fn reference_events(folder: &Path) -> (Vec<RefEvent>, usize) {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(folder).expect("data").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .expect("data")
+        .map(|e| e.expect("entry").path())
+        .collect();
     files.sort();
     let mut events = Vec::new();
     let mut invalid = 0;
@@ -174,7 +181,9 @@ fn reference_decode(line: &[u8]) -> Option<(RefEvent, Option<String>)> {
     }
     let time = match object.get("ts")? {
         Value::Number(n) => n.as_i64()?,
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_millis(),
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()?
+            .timestamp_millis(),
         _ => return None,
     };
     if !(0..=253_402_300_799_999).contains(&time) {
@@ -186,24 +195,47 @@ fn reference_decode(line: &[u8]) -> Option<(RefEvent, Option<String>)> {
         Some(Value::Number(n)) if n.as_i64().is_some() => Some(format!("i{n}")),
         Some(_) => return None,
     };
-    Some((RefEvent { raw: text.to_string(), key, time }, id))
+    Some((
+        RefEvent {
+            raw: text.to_string(),
+            key,
+            time,
+        },
+        id,
+    ))
 }
 
 /// The interval join of the reference events plus the outer rows of `kind`, as the
 /// exact output lines braid must write.
-pub fn reference_join(left: &[RefEvent], right: &[RefEvent], kind: &str, lower_ms: i64, upper_ms: i64) -> Vec<String> {
+pub fn reference_join(
+    left: &[RefEvent],
+    right: &[RefEvent],
+    kind: &str,
+    lower_ms: i64,
+    upper_ms: i64,
+) -> Vec<String> {
     let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, r) in right.iter().enumerate() {
-        by_key.entry(serde_json::to_string(&r.key).expect("key")).or_default().push(i);
+        by_key
+            .entry(serde_json::to_string(&r.key).expect("key"))
+            .or_default()
+            .push(i);
     }
     let mut rows = Vec::new();
     let mut right_matched = vec![false; right.len()];
     for l in left {
         let mut matched = false;
-        for &ri in by_key.get(&serde_json::to_string(&l.key).expect("key")).into_iter().flatten() {
+        for &ri in by_key
+            .get(&serde_json::to_string(&l.key).expect("key"))
+            .into_iter()
+            .flatten()
+        {
             let d = right[ri].time - l.time;
             if lower_ms <= d && d <= upper_ms {
-                rows.push(format!(r#"{{"impressions":{},"plays":{}}}"#, l.raw, right[ri].raw));
+                rows.push(format!(
+                    r#"{{"impressions":{},"plays":{}}}"#,
+                    l.raw, right[ri].raw
+                ));
                 matched = true;
                 right_matched[ri] = true;
             }
