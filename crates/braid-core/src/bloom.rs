@@ -6,8 +6,10 @@
 //! A split-block Bloom filter (as in Parquet): the key's hash picks one 256-bit block,
 //! and sets one bit in each of its eight 32-bit words. One cache line per check.
 
-/// Bits per key: about 1 % false positives.
-const BLOOM_BITS_PER_KEY: usize = 12;
+/// Bits per key: about 0.12 % false positives (0.55 % at 12 bits, 0.05 % at 20). A
+/// probe checks every cold segment its interval overlaps (dozens in a one-hour window),
+/// and each false positive costs a disk read, so the rate is kept low.
+const BLOOM_BITS_PER_KEY: usize = 16;
 const BLOCK_BITS: usize = 256;
 /// Odd constants that pick a bit in each word of a block.
 const SALTS: [u32; 8] = [
@@ -86,6 +88,6 @@ mod tests {
         let false_positives = (10_000u64..110_000)
             .filter(|i| bloom.may_contain(hash_key(&i.to_be_bytes())))
             .count();
-        assert!(false_positives < 2_000, "{false_positives} of 100000");
+        assert!(false_positives < 300, "{false_positives} of 100000");
     }
 }

@@ -64,6 +64,10 @@ pub struct JoinCounts {
     /// Segments written to the cold tier, and the events in them.
     pub spilled_segments: u64,
     pub spilled_events: u64,
+    /// Point reads of the cold tier, and those that found the key (the rest are filter
+    /// false positives).
+    pub cold_reads: u64,
+    pub cold_reads_found: u64,
 }
 
 impl JoinCounts {
@@ -71,6 +75,8 @@ impl JoinCounts {
         self.pairs += other.pairs;
         self.spilled_segments += other.spilled_segments;
         self.spilled_events += other.spilled_events;
+        self.cold_reads += other.cold_reads;
+        self.cold_reads_found += other.cold_reads_found;
         for i in 0..2 {
             self.matched[i] += other.matched[i];
             self.unmatched_emitted[i] += other.unmatched_emitted[i];
@@ -235,6 +241,7 @@ impl<S: StateStore> Join<S> {
             ..
         } = self;
         let mut matched = false;
+        let (mut cold_reads, mut cold_reads_found) = (0, 0);
         let mut emit = |payload: &[u8]| {
             counts.pairs += 1;
             match event.side {
@@ -270,9 +277,11 @@ impl<S: StateStore> Join<S> {
                             bucket,
                             segment: cold.number,
                         };
+                        cold_reads += 1;
                         if !store.get(id, event.key, value)? {
                             continue;
                         }
+                        cold_reads_found += 1;
                         decode_events(value, |ordinal, time, payload| {
                             if time >= lo && time <= hi {
                                 emit(payload);
@@ -287,6 +296,8 @@ impl<S: StateStore> Join<S> {
                 matched |= !hits.is_empty();
             }
         }
+        counts.cold_reads += cold_reads;
+        counts.cold_reads_found += cold_reads_found;
         Ok(matched)
     }
 

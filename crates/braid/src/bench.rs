@@ -89,6 +89,8 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let results: u64 = reports.iter().map(|r| r.counts.pairs).sum();
     let spilled: u64 = reports.iter().map(|r| r.counts.spilled_events).sum();
     let spilled_segments: u64 = reports.iter().map(|r| r.counts.spilled_segments).sum();
+    let cold_reads: u64 = reports.iter().map(|r| r.counts.cold_reads).sum();
+    let cold_reads_found: u64 = reports.iter().map(|r| r.counts.cold_reads_found).sum();
     Ok(json!({
         "workload": "flink-peer",
         "parallelism": options.parallelism,
@@ -98,6 +100,8 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         "late": late,
         "spilled_events": spilled,
         "spilled_segments": spilled_segments,
+        "cold_reads": cold_reads,
+        "cold_reads_found": cold_reads_found,
         "peak_state_mb": mb(reports.iter().map(|r: &ShardReport| r.peak_state_bytes as u64).sum()),
         "events": options.events,
         "results": results,

@@ -142,7 +142,12 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
         Command::Run { job } => {
             let plan = braid::config::load(&job)?;
             let summary = braid::driver::run(&plan, &braid::driver::RunOptions { progress })?;
-            println!("{summary}");
+            // With results on stdout, the summary must not mix with them.
+            if plan.output == braid::config::Output::Stdout {
+                eprintln!("{summary}");
+            } else {
+                println!("{summary}");
+            }
             summary.check().map_err(anyhow::Error::msg)?;
         }
         Command::Generate(args) => generate(&args)?,
