@@ -19,7 +19,7 @@ const CHUNK_BYTES_MAX: usize = 1 << 20;
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 const INDEX_ENTRY_BYTES: usize = 16;
 
-/// Key hashes are already xxh3 output: the index uses them as they are.
+/// Key and id hashes are already xxh3 output: the maps use them as they are.
 #[derive(Default)]
 pub(crate) struct IdentityHasher(u64);
 
@@ -34,6 +34,9 @@ impl Hasher for IdentityHasher {
     }
     fn write_u64(&mut self, v: u64) {
         self.0 = v;
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = (v as u64) ^ ((v >> 64) as u64);
     }
 }
 

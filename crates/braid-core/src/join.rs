@@ -8,15 +8,14 @@
 //! found exactly once, by whichever of the two arrives second: the first is still
 //! retained then, because the second was not late (see `JoinSpec::retention_ms`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::bucket::{decode_events, Bucket, ColdSegment, HotSegment, Segment};
+use crate::ids::IdSet;
 use crate::spec::{JoinSpec, Side};
 use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
 
-/// Memory of one remembered id: its hash, its bucket, a control byte, at 7/8 load.
-const ID_ENTRY_BYTES: usize = 28;
 /// The largest hot segment, as a fraction of the memory budget: spilling happens in
 /// units of at most this size, so memory never overshoots by more.
 const SEGMENTS_PER_BUDGET: usize = 16;
@@ -97,7 +96,7 @@ pub enum Admission {
 struct SideState {
     buckets: BTreeMap<i64, Bucket>,
     /// Ids of retained events and the bucket that holds each.
-    ids: HashMap<u128, i64>,
+    ids: IdSet,
 }
 
 /// The two-way interval join of one shard.
@@ -161,7 +160,7 @@ impl<S: StateStore> Join<S> {
             + self
                 .sides
                 .iter()
-                .map(|s| s.ids.capacity() * ID_ENTRY_BYTES)
+                .map(|s| s.ids.memory_bytes())
                 .sum::<usize>()
     }
 
@@ -180,7 +179,7 @@ impl<S: StateStore> Join<S> {
         let own = event.side.index();
         let bucket_id = event.time.0.div_euclid(self.bucket_width_ms);
         if let Some(id) = event.id {
-            if self.sides[own].ids.insert(id, bucket_id).is_some() {
+            if !self.sides[own].ids.insert(id, bucket_id) {
                 self.counts.duplicates[own] += 1;
                 return Ok(Admission::Duplicate);
             }
@@ -218,10 +217,7 @@ impl<S: StateStore> Join<S> {
                 expired_up_to = Some(bucket_id);
             }
             if let Some(last) = expired_up_to {
-                let ids = &mut self.sides[side.index()].ids;
-                if !ids.is_empty() {
-                    ids.retain(|_, bucket| *bucket > last);
-                }
+                self.sides[side.index()].ids.forget_up_to(last);
             }
         }
         Ok(())

@@ -8,6 +8,7 @@
 
 mod bloom;
 mod bucket;
+mod ids;
 mod join;
 mod key;
 mod spec;

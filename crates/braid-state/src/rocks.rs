@@ -76,6 +76,9 @@ impl RocksStore {
             DBCompressionType::None
         });
         options.set_max_open_files(512);
+        // Nothing is written through the memtable (segments are ingested as files), so
+        // keep its arena small: its blocks are sized from the write buffer.
+        options.set_write_buffer_size(1 << 20);
         options.set_keep_log_file_num(2);
         let db = DB::open(&options, dir.join("db")).map_err(|e| failed("open", dir, e))?;
         let mut point_read = ReadOptions::default();

@@ -21,6 +21,8 @@ use crate::summary::peak_rss_bytes;
 /// Events between two watermark advances in the flink-peer benchmark (Flink emits a
 /// watermark every 200 ms; this is about as often at the rates measured).
 const PEER_ADVANCE_EVENTS: u64 = 16_384;
+/// An encoded flink-peer key: two integer parts of a tag byte and 8 bytes each.
+const PEER_KEY_BYTES: usize = 18;
 
 pub struct BenchOptions {
     pub events: u64,
@@ -89,6 +91,13 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let results: u64 = reports.iter().map(|r| r.counts.pairs).sum();
     let spilled: u64 = reports.iter().map(|r| r.counts.spilled_events).sum();
     let spilled_segments: u64 = reports.iter().map(|r| r.counts.spilled_segments).sum();
+    // Bytes per event in memory beyond its key and payload, when no event was spilled.
+    let payload = (flink_peer::PAYLOAD_BYTES + PEER_KEY_BYTES) as f64;
+    let overhead = (spilled == 0).then(|| {
+        let bytes: usize = reports.iter().map(|r| r.peak_state_bytes).sum();
+        let events: u64 = reports.iter().map(|r| r.events_at_peak).sum();
+        (bytes as f64 / events.max(1) as f64 - payload).round()
+    });
     let cold_reads: u64 = reports.iter().map(|r| r.counts.cold_reads).sum();
     let cold_reads_found: u64 = reports.iter().map(|r| r.counts.cold_reads_found).sum();
     Ok(json!({
@@ -100,6 +109,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         "late": late,
         "spilled_events": spilled,
         "spilled_segments": spilled_segments,
+        "memory_bytes_per_event_beyond_payload": overhead,
         "cold_reads": cold_reads,
         "cold_reads_found": cold_reads_found,
         "peak_state_mb": mb(reports.iter().map(|r: &ShardReport| r.peak_state_bytes as u64).sum()),

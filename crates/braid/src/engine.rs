@@ -53,6 +53,8 @@ enum ShardMessage {
 pub struct ShardReport {
     pub counts: JoinCounts,
     pub peak_state_bytes: usize,
+    /// Events in state when the memory peaked.
+    pub events_at_peak: u64,
     pub disk_bytes_max: u64,
 }
 
@@ -201,7 +203,10 @@ fn run_shard<K: ResultSink>(
                     };
                     join.on_event(&event, &mut sink)?;
                 }
-                report.peak_state_bytes = report.peak_state_bytes.max(join.memory_bytes());
+                if join.memory_bytes() > report.peak_state_bytes {
+                    report.peak_state_bytes = join.memory_bytes();
+                    report.events_at_peak = join.counts().retained.iter().sum();
+                }
             }
             ShardMessage::Advance(watermark) => {
                 join.advance(watermark, &mut sink)?;

@@ -1,0 +1,84 @@
+//! The ids of retained events, for de-duplication (SPEC §3, "Duplicates").
+//!
+//! Ids are kept by their 128-bit hash with the bucket that holds the event, and are
+//! forgotten when that bucket expires. The set is split into [`ID_PARTS`] hash maps so
+//! that growing it never doubles the whole table at once: one big map reallocating from
+//! 64 MiB to 128 MiB would hold both tables for a moment, far beyond the budget.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use crate::bucket::IdentityBuild;
+
+const ID_PARTS: usize = 64;
+/// Memory of one entry: 16-byte id hash, 8-byte bucket, a control byte.
+const ID_ENTRY_BYTES: usize = 25;
+
+/// An id hash, split in two words so that it aligns to 8 bytes, not 16.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct IdKey(u64, u64);
+
+impl Hash for IdKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0 ^ self.1);
+    }
+}
+
+pub(crate) struct IdSet {
+    parts: Vec<HashMap<IdKey, i64, IdentityBuild>>,
+}
+
+impl Default for IdSet {
+    fn default() -> IdSet {
+        IdSet {
+            parts: (0..ID_PARTS).map(|_| HashMap::default()).collect(),
+        }
+    }
+}
+
+impl IdSet {
+    /// Remembers `id` as held by `bucket`; false if it was already remembered.
+    pub fn insert(&mut self, id: u128, bucket: i64) -> bool {
+        let key = IdKey(id as u64, (id >> 64) as u64);
+        let part = (key.1 >> 58) as usize % ID_PARTS;
+        match self.parts[part].entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(bucket);
+                true
+            }
+        }
+    }
+
+    /// Forgets the ids of every bucket up to and including `last`.
+    pub fn forget_up_to(&mut self, last: i64) {
+        for part in &mut self.parts {
+            if !part.is_empty() {
+                part.retain(|_, bucket| *bucket > last);
+            }
+        }
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.capacity() * ID_ENTRY_BYTES)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_until_forgotten() {
+        let mut ids = IdSet::default();
+        assert!(ids.insert(7, 1));
+        assert!(!ids.insert(7, 2), "a repeat is refused");
+        assert!(ids.insert(7 << 64, 2), "both halves count");
+        ids.forget_up_to(1);
+        assert!(ids.insert(7, 3), "forgotten with its bucket");
+        assert!(!ids.insert(7 << 64, 3), "bucket 2 is still retained");
+    }
+}
