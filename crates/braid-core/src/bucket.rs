@@ -85,6 +85,8 @@ impl Marks {
 /// An in-memory segment: an arena of key and payload bytes, slots, and a hash index.
 #[derive(Default)]
 pub(crate) struct HotSegment {
+    /// Unique within the bucket, kept when the segment is spilled.
+    pub number: u32,
     chunks: Vec<Vec<u8>>,
     chunk_bytes: usize,
     slots: Vec<Slot>,
@@ -95,6 +97,13 @@ pub(crate) struct HotSegment {
 }
 
 impl HotSegment {
+    pub fn new(number: u32) -> HotSegment {
+        HotSegment {
+            number,
+            ..HotSegment::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -281,6 +290,20 @@ pub(crate) enum Segment {
 }
 
 impl Segment {
+    pub fn number(&self) -> u32 {
+        match self {
+            Segment::Hot(h) => h.number,
+            Segment::Cold(c) => c.number,
+        }
+    }
+
+    pub fn marks_mut(&mut self) -> &mut Marks {
+        match self {
+            Segment::Hot(h) => &mut h.marks,
+            Segment::Cold(c) => &mut c.marks,
+        }
+    }
+
     pub fn memory_bytes(&self) -> usize {
         match self {
             Segment::Hot(h) => h.memory_bytes(),
@@ -293,8 +316,14 @@ impl Segment {
 #[derive(Default)]
 pub(crate) struct Bucket {
     pub segments: Vec<Segment>,
-    /// The segment number the next spill of this bucket gets.
+    /// The number the next segment of this bucket gets.
     pub next_segment_number: u32,
+}
+
+impl Bucket {
+    pub fn segment_mut(&mut self, number: u32) -> Option<&mut Segment> {
+        self.segments.iter_mut().find(|s| s.number() == number)
+    }
 }
 
 /// Appends one event to a cold value: ordinal, time, payload length, payload.

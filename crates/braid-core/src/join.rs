@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use crate::bucket::{decode_events, Bucket, ColdSegment, HotSegment, Segment};
 use crate::ids::IdSet;
 use crate::spec::{JoinSpec, Side};
-use crate::store::{SegmentId, StateStore, StoreError};
+use crate::store::{ColdRead, SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
 
 /// The largest hot segment, as a fraction of the memory budget: spilling happens in
@@ -86,12 +86,6 @@ impl JoinCounts {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
-    Accepted,
-    Duplicate,
-}
-
 #[derive(Default)]
 struct SideState {
     buckets: BTreeMap<i64, Bucket>,
@@ -114,10 +108,29 @@ pub struct Join<S> {
     /// Sum of `memory_bytes` over every segment, hot and cold.
     segments_bytes: usize,
     counts: JoinCounts,
-    /// Reused buffers: a cold value read, matched ordinals of one probe, a spill image.
-    value: Vec<u8>,
+    /// Per batch: the cold reads' probes, and where each event was stored.
+    pending: Vec<PendingRead>,
+    placed: Vec<Option<(SegmentId, usize)>>,
+    /// Reused buffers: matched ordinals of one hot probe, a spill image.
     hits: Vec<usize>,
     spill: Vec<u8>,
+}
+
+/// A queued cold read: the batch event that asked, and the times it matches.
+struct PendingRead {
+    event: usize,
+    lo: i64,
+    hi: i64,
+}
+
+/// Marks an event matched wherever its segment is now.
+fn mark(sides: &mut [SideState; 2], at: SegmentId, ordinal: usize) {
+    let segment = sides[at.side.index()]
+        .buckets
+        .get_mut(&at.bucket)
+        .and_then(|b| b.segment_mut(at.segment))
+        .expect("a segment read or written in this batch is still retained");
+    segment.marks_mut().set(ordinal);
 }
 
 impl<S: StateStore> Join<S> {
@@ -136,7 +149,8 @@ impl<S: StateStore> Join<S> {
             spill_retry_bytes: 0,
             segments_bytes: 0,
             counts: JoinCounts::default(),
-            value: Vec::new(),
+            pending: Vec::new(),
+            placed: Vec::new(),
             hits: Vec::new(),
             spill: Vec::new(),
         }
@@ -169,25 +183,88 @@ impl<S: StateStore> Join<S> {
         &mut self,
         event: &Event<'_>,
         sink: &mut impl JoinSink,
-    ) -> Result<Admission, StoreError> {
-        debug_assert!(
-            !self
-                .watermark
-                .is_late(event.time, self.spec.allowed_lateness_ms),
-            "late events never reach the join"
-        );
-        let own = event.side.index();
-        let bucket_id = event.time.0.div_euclid(self.bucket_width_ms);
-        if let Some(id) = event.id {
-            if !self.sides[own].ids.insert(id, bucket_id) {
-                self.counts.duplicates[own] += 1;
-                return Ok(Admission::Duplicate);
+    ) -> Result<(), StoreError> {
+        self.on_batch(std::slice::from_ref(event), sink)
+    }
+
+    /// Joins a batch of events, in order. Probes of the cold tier are collected over
+    /// the batch and read together at its end ([`StateStore::read_many`]), so that
+    /// they wait on the disk in parallel; their pairs are emitted and their matched
+    /// marks set then. The caller has already routed late events elsewhere.
+    pub fn on_batch(
+        &mut self,
+        events: &[Event<'_>],
+        sink: &mut impl JoinSink,
+    ) -> Result<(), StoreError> {
+        let mut reads = Vec::new();
+        self.pending.clear();
+        self.placed.clear();
+        for (index, event) in events.iter().enumerate() {
+            debug_assert!(
+                !self
+                    .watermark
+                    .is_late(event.time, self.spec.allowed_lateness_ms),
+                "late events never reach the join"
+            );
+            let own = event.side.index();
+            let bucket_id = event.time.0.div_euclid(self.bucket_width_ms);
+            if let Some(id) = event.id {
+                if !self.sides[own].ids.insert(id, bucket_id) {
+                    self.counts.duplicates[own] += 1;
+                    self.placed.push(None);
+                    continue;
+                }
             }
+            let matched = self.probe(event, index, &mut reads, sink);
+            let at = self.insert(event, bucket_id, matched);
+            self.placed.push(Some(at));
+            self.enforce_memory_max()?;
         }
-        let matched = self.probe(event, sink)?;
-        self.insert(event, bucket_id, matched);
-        self.enforce_memory_max()?;
-        Ok(Admission::Accepted)
+        if !reads.is_empty() {
+            self.finish_reads(events, &reads, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the batch's cold probes and emits what they match.
+    fn finish_reads(
+        &mut self,
+        events: &[Event<'_>],
+        reads: &[ColdRead<'_>],
+        sink: &mut impl JoinSink,
+    ) -> Result<(), StoreError> {
+        let Join {
+            store,
+            sides,
+            counts,
+            pending,
+            placed,
+            ..
+        } = self;
+        counts.cold_reads += reads.len() as u64;
+        let mut found = 0;
+        store.read_many(reads, &mut |read, value| {
+            found += 1;
+            let p = &pending[read];
+            let event = &events[p.event];
+            let mut matched = false;
+            decode_events(value, |ordinal, time, payload| {
+                if time >= p.lo && time <= p.hi {
+                    counts.pairs += 1;
+                    match event.side {
+                        Side::Left => sink.pair(event.payload, payload),
+                        Side::Right => sink.pair(payload, event.payload),
+                    }
+                    mark(sides, reads[read].id, ordinal);
+                    matched = true;
+                }
+            });
+            if let (true, Some((at, ordinal))) = (matched, placed[p.event]) {
+                mark(sides, at, ordinal);
+            }
+        })?;
+        counts.cold_reads_found += found;
+        Ok(())
     }
 
     /// Moves the watermark forward and expires every bucket it has passed.
@@ -223,43 +300,45 @@ impl<S: StateStore> Join<S> {
         Ok(())
     }
 
-    /// Finds the event's matches among the opposite side's state.
-    fn probe(&mut self, event: &Event<'_>, sink: &mut impl JoinSink) -> Result<bool, StoreError> {
+    /// Finds the event's matches among the opposite side's hot segments, emitting them,
+    /// and queues reads of the cold segments whose filter allows its key. Returns
+    /// whether a hot segment matched.
+    fn probe<'e>(
+        &mut self,
+        event: &Event<'e>,
+        index: usize,
+        reads: &mut Vec<ColdRead<'e>>,
+        sink: &mut impl JoinSink,
+    ) -> bool {
         let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
         let other = event.side.opposite();
         let width = self.bucket_width_ms;
         let Join {
             sides,
-            store,
             counts,
-            value,
             hits,
+            pending,
             ..
         } = self;
         let mut matched = false;
-        let (mut cold_reads, mut cold_reads_found) = (0, 0);
-        let mut emit = |payload: &[u8]| {
-            counts.pairs += 1;
-            match event.side {
-                Side::Left => sink.pair(event.payload, payload),
-                Side::Right => sink.pair(payload, event.payload),
-            }
-        };
-        let buckets = sides[other.index()]
-            .buckets
-            .range_mut(lo.div_euclid(width)..=hi.div_euclid(width));
-        for (&bucket, state) in buckets {
+        let range = lo.div_euclid(width)..=hi.div_euclid(width);
+        for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
             for segment in &mut state.segments {
-                hits.clear();
                 match segment {
                     Segment::Hot(hot) => {
+                        hits.clear();
                         hot.probe(event.key_hash, event.key, lo, hi, |ordinal, payload| {
-                            emit(payload);
+                            counts.pairs += 1;
+                            match event.side {
+                                Side::Left => sink.pair(event.payload, payload),
+                                Side::Right => sink.pair(payload, event.payload),
+                            }
                             hits.push(ordinal);
                         });
                         for &ordinal in hits.iter() {
                             hot.marks.set(ordinal);
                         }
+                        matched |= !hits.is_empty();
                     }
                     Segment::Cold(cold) => {
                         if hi < cold.time_min
@@ -273,42 +352,34 @@ impl<S: StateStore> Join<S> {
                             bucket,
                             segment: cold.number,
                         };
-                        cold_reads += 1;
-                        if !store.get(id, event.key, value)? {
-                            continue;
-                        }
-                        cold_reads_found += 1;
-                        decode_events(value, |ordinal, time, payload| {
-                            if time >= lo && time <= hi {
-                                emit(payload);
-                                hits.push(ordinal);
-                            }
+                        reads.push(ColdRead { id, key: event.key });
+                        pending.push(PendingRead {
+                            event: index,
+                            lo,
+                            hi,
                         });
-                        for &ordinal in hits.iter() {
-                            cold.marks.set(ordinal);
-                        }
                     }
                 }
-                matched |= !hits.is_empty();
             }
         }
-        counts.cold_reads += cold_reads;
-        counts.cold_reads_found += cold_reads_found;
-        Ok(matched)
+        matched
     }
 
-    fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) {
+    /// Stores an event in its side's open hot segment; returns where it went.
+    fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) -> (SegmentId, usize) {
         let own = event.side.index();
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
         let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.memory_bytes() < self.segment_bytes_max);
         if !open {
-            bucket.segments.push(Segment::Hot(HotSegment::default()));
+            let number = bucket.next_segment_number;
+            bucket.next_segment_number += 1;
+            bucket.segments.push(Segment::Hot(HotSegment::new(number)));
         }
         let Some(Segment::Hot(hot)) = bucket.segments.last_mut() else {
             unreachable!("an open hot segment was just ensured")
         };
         let before = hot.memory_bytes();
-        hot.push(
+        let ordinal = hot.push(
             event.key_hash,
             event.key,
             event.time.0,
@@ -317,6 +388,12 @@ impl<S: StateStore> Join<S> {
         );
         self.segments_bytes += hot.memory_bytes() - before;
         self.counts.retained[own] += 1;
+        let at = SegmentId {
+            side: event.side,
+            bucket: bucket_id,
+            segment: hot.number,
+        };
+        (at, ordinal)
     }
 
     /// Spills the oldest hot segments until the state fits in its memory budget.
@@ -361,8 +438,7 @@ impl<S: StateStore> Join<S> {
         let Segment::Hot(hot) = &mut bucket.segments[at] else {
             unreachable!("position found a hot segment")
         };
-        let number = bucket.next_segment_number;
-        bucket.next_segment_number += 1;
+        let number = hot.number;
         let (entries, bloom) = hot.freeze(&mut self.spill);
         let id = SegmentId {
             side,

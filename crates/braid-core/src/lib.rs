@@ -19,9 +19,9 @@ mod watermarks;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-pub use join::{Admission, Event, Join, JoinCounts, JoinSink};
+pub use join::{Event, Join, JoinCounts, JoinSink};
 pub use key::{hash_id, KeyPart, KeyWriter};
 pub use spec::{JoinKind, JoinSpec, Side};
-pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
+pub use store::{ColdRead, MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
 pub use time::{EventTime, Watermark};
 pub use watermarks::{PartitionId, Watermarks};

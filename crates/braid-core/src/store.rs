@@ -24,6 +24,13 @@ pub struct SegmentEntry<'a> {
     pub value: &'a [u8],
 }
 
+/// One point read of a batch: a key in a segment.
+#[derive(Clone, Copy, Debug)]
+pub struct ColdRead<'a> {
+    pub id: SegmentId,
+    pub key: &'a [u8],
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {operation} failed: {detail}")]
 pub struct StoreError {
@@ -43,6 +50,22 @@ pub trait StateStore {
 
     /// Reads the value of `key` in segment `id` into `out`; false if absent.
     fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError>;
+
+    /// Reads many keys, calling `found(i, value)` for each `reads[i]` present, in any
+    /// order. Stores that can wait on several reads at once override this.
+    fn read_many(
+        &mut self,
+        reads: &[ColdRead<'_>],
+        found: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::new();
+        for (i, read) in reads.iter().enumerate() {
+            if self.get(read.id, read.key, &mut value)? {
+                found(i, &value);
+            }
+        }
+        Ok(())
+    }
 
     /// Calls `visit` with every entry of segment `id`, in key order.
     fn scan_segment(

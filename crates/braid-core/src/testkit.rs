@@ -69,12 +69,13 @@ pub fn run_join<S: StateStore>(
     let mut marks = Watermarks::new(&[1, 1], max_out_of_orderness_ms, u64::MAX, 0);
     let mut sink = RowSink::default();
     let mut late = Vec::new();
-    let mut key = KeyWriter::default();
     let mut next = 0;
     let mut sizes = batch_sizes.iter().copied().cycle();
     while next < events.len() {
         let size = sizes.next().unwrap_or(1).max(1);
         let end = (next + size).min(events.len());
+        // The batch's admitted events, with their encoded keys.
+        let mut admitted: Vec<(&TestEvent, Vec<u8>, u64)> = Vec::new();
         for (i, event) in events.iter().enumerate().take(end).skip(next) {
             if marks
                 .current()
@@ -82,27 +83,30 @@ pub fn run_join<S: StateStore>(
             {
                 late.push(i);
             } else {
-                key.clear();
+                let mut key = KeyWriter::default();
                 for part in &event.key {
                     key.push(match part {
                         TestKeyPart::Int(v) => KeyPart::Int(*v),
                         TestKeyPart::Str(s) => KeyPart::Str(s),
                     });
                 }
-                let id = event.id.map(|id| hash_id(&id.to_le_bytes()));
-                let e = Event {
-                    side: event.side,
-                    key: key.bytes(),
-                    key_hash: key.hash(),
-                    time: EventTime(event.time),
-                    id,
-                    payload: event.payload.as_bytes(),
-                };
-                join.on_event(&e, &mut sink)?;
+                admitted.push((event, key.bytes().to_vec(), key.hash()));
             }
             marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
             marks.update(0);
         }
+        let batch: Vec<Event<'_>> = admitted
+            .iter()
+            .map(|(event, key, key_hash)| Event {
+                side: event.side,
+                key,
+                key_hash: *key_hash,
+                time: EventTime(event.time),
+                id: event.id.map(|id| hash_id(&id.to_le_bytes())),
+                payload: event.payload.as_bytes(),
+            })
+            .collect();
+        join.on_batch(&batch, &mut sink)?;
         join.advance(marks.current(), &mut sink)?;
         next = end;
     }

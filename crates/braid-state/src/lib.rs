@@ -5,6 +5,7 @@
 //! ingested into the bottom level (no memtable, no write-ahead log, no compaction).
 //! Expiry deletes whole files with `DeleteFilesInRange`, leaving no tombstones.
 
+mod reads;
 mod rocks;
 
 pub use rocks::{RocksOptions, RocksStore};

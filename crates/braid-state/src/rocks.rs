@@ -4,8 +4,11 @@
 //! so one bucket's segments are contiguous, and a segment is one key range.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use braid_core::{SegmentEntry, SegmentId, Side, StateStore, StoreError};
+use braid_core::{ColdRead, SegmentEntry, SegmentId, Side, StateStore, StoreError};
+
+use crate::reads::{point_read_options, ReadPool};
 use rocksdb::{
     BlockBasedOptions, Cache, DBCompressionType, IngestExternalFileOptions, Options, ReadOptions,
     SstFileWriter, DB,
@@ -33,8 +36,14 @@ impl Default for RocksOptions {
     }
 }
 
+/// Batches with fewer cold reads than this read them on the shard's own thread: a
+/// hand-off to the pool costs more than a read from the page cache.
+const POOL_READS_MIN: usize = 4;
+
 pub struct RocksStore {
-    db: DB,
+    /// Declared before `db`: its threads hold the database and end first.
+    pool: ReadPool,
+    db: Arc<DB>,
     dir: PathBuf,
     options: Options,
     /// Point reads: most are of blocks no other read will touch (a probe for a random
@@ -81,14 +90,13 @@ impl RocksStore {
         options.set_write_buffer_size(1 << 20);
         options.set_keep_log_file_num(2);
         let db = DB::open(&options, dir.join("db")).map_err(|e| failed("open", dir, e))?;
-        let mut point_read = ReadOptions::default();
-        point_read.fill_cache(false);
-        point_read.set_verify_checksums(false);
+        let db = Arc::new(db);
         Ok(RocksStore {
+            pool: ReadPool::start(&db).map_err(|e| failed("start readers", dir, e))?,
+            point_read: point_read_options(),
             db,
             dir: dir.to_path_buf(),
             options,
-            point_read,
             key: Vec::new(),
             next_file: 0,
         })
@@ -187,6 +195,39 @@ impl StateStore for RocksStore {
             Ok(None) => Ok(false),
             Err(e) => Err(failed("get", &self.dir, e)),
         }
+    }
+
+    fn read_many(
+        &mut self,
+        reads: &[ColdRead<'_>],
+        found: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), StoreError> {
+        if reads.len() < POOL_READS_MIN {
+            let mut value = Vec::new();
+            for (i, read) in reads.iter().enumerate() {
+                if self.get(read.id, read.key, &mut value)? {
+                    found(i, &value);
+                }
+            }
+            return Ok(());
+        }
+        let keys = reads
+            .iter()
+            .map(|read| {
+                let mut key = Vec::with_capacity(PREFIX_BYTES + read.key.len());
+                push_prefix(
+                    &mut key,
+                    read.id.side,
+                    read.id.bucket,
+                    Some(read.id.segment),
+                );
+                key.extend_from_slice(read.key);
+                key
+            })
+            .collect();
+        self.pool
+            .read(keys, found)
+            .map_err(|e| failed("get", &self.dir, e))
     }
 
     fn scan_segment(

@@ -191,18 +191,22 @@ fn run_shard<K: ResultSink>(
     for message in rx {
         match message {
             ShardMessage::Events(batch) => {
-                for e in &batch.events {
-                    let key_end = e.start + e.key_len;
-                    let event = Event {
-                        side: e.side,
-                        key: &batch.bytes[e.start..key_end],
-                        key_hash: e.key_hash,
-                        time: e.time,
-                        id: e.id,
-                        payload: &batch.bytes[key_end..key_end + e.payload_len],
-                    };
-                    join.on_event(&event, &mut sink)?;
-                }
+                let events: Vec<Event<'_>> = batch
+                    .events
+                    .iter()
+                    .map(|e| {
+                        let key_end = e.start + e.key_len;
+                        Event {
+                            side: e.side,
+                            key: &batch.bytes[e.start..key_end],
+                            key_hash: e.key_hash,
+                            time: e.time,
+                            id: e.id,
+                            payload: &batch.bytes[key_end..key_end + e.payload_len],
+                        }
+                    })
+                    .collect();
+                join.on_batch(&events, &mut sink)?;
                 if join.memory_bytes() > report.peak_state_bytes {
                     report.peak_state_bytes = join.memory_bytes();
                     report.events_at_peak = join.counts().retained.iter().sum();
