@@ -26,12 +26,15 @@ impl Hash for IdKey {
 
 pub(crate) struct IdSet {
     parts: Vec<HashMap<IdKey, i64, IdentityBuild>>,
+    /// Entries the parts have room for, kept current so that memory is O(1) to read.
+    capacity: usize,
 }
 
 impl Default for IdSet {
     fn default() -> IdSet {
         IdSet {
             parts: (0..ID_PARTS).map(|_| HashMap::default()).collect(),
+            capacity: 0,
         }
     }
 }
@@ -40,14 +43,17 @@ impl IdSet {
     /// Remembers `id` as held by `bucket`; false if it was already remembered.
     pub fn insert(&mut self, id: u128, bucket: i64) -> bool {
         let key = IdKey(id as u64, (id >> 64) as u64);
-        let part = (key.1 >> 58) as usize % ID_PARTS;
-        match self.parts[part].entry(key) {
+        let part = &mut self.parts[(key.1 >> 58) as usize % ID_PARTS];
+        let before = part.capacity();
+        let inserted = match part.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(bucket);
                 true
             }
-        }
+        };
+        self.capacity = self.capacity + part.capacity() - before;
+        inserted
     }
 
     /// Forgets the ids of every bucket up to and including `last`.
@@ -57,6 +63,7 @@ impl IdSet {
                 part.retain(|_, bucket| *bucket > last);
             }
         }
+        self.capacity = self.parts.iter().map(HashMap::capacity).sum();
     }
 
     pub fn memory_bytes(&self) -> usize {
@@ -80,5 +87,7 @@ mod tests {
         ids.forget_up_to(1);
         assert!(ids.insert(7, 3), "forgotten with its bucket");
         assert!(!ids.insert(7 << 64, 3), "bucket 2 is still retained");
+        let counted: usize = ids.parts.iter().map(HashMap::capacity).sum();
+        assert_eq!(ids.memory_bytes(), counted * ID_ENTRY_BYTES);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::bucket::{decode_events, Bucket, ColdSegment, HotSegment, Segment};
+use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment};
 use crate::ids::IdSet;
 use crate::spec::{JoinSpec, Side};
 use crate::store::{ColdRead, SegmentId, StateStore, StoreError};
@@ -25,6 +25,8 @@ const SEGMENT_BYTES_MIN: usize = 16 << 10;
 /// bytes (or of the whole budget, for tiny budgets), so that a budget exhausted by
 /// remembered ids never turns into one file per event.
 const SPILL_FRACTION_MIN: usize = 4;
+/// Freed arena chunks kept for reuse: at most this fraction of the budget.
+const CHUNK_POOL_FRACTION: usize = 16;
 
 /// One decoded input event, borrowing its bytes from the reader's buffer.
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +107,8 @@ pub struct Join<S> {
     spill_bytes_min: usize,
     /// When nothing could be spilled, the memory at which to look again.
     spill_retry_bytes: usize,
+    /// Arena chunks of spilled and expired segments, for reuse.
+    chunks: ChunkPool,
     /// Sum of `memory_bytes` over every segment, hot and cold.
     segments_bytes: usize,
     counts: JoinCounts,
@@ -149,6 +153,7 @@ impl<S: StateStore> Join<S> {
             spill_retry_bytes: 0,
             segments_bytes: 0,
             counts: JoinCounts::default(),
+            chunks: ChunkPool::new(memory_max_bytes / CHUNK_POOL_FRACTION),
             pending: Vec::new(),
             placed: Vec::new(),
             hits: Vec::new(),
@@ -171,6 +176,7 @@ impl<S: StateStore> Join<S> {
     /// Memory the state holds: segments, filters, marks and remembered ids.
     pub fn memory_bytes(&self) -> usize {
         self.segments_bytes
+            + self.chunks.memory_bytes()
             + self
                 .sides
                 .iter()
@@ -385,6 +391,7 @@ impl<S: StateStore> Join<S> {
             event.time.0,
             event.payload,
             matched,
+            &mut self.chunks,
         );
         self.segments_bytes += hot.memory_bytes() - before;
         self.counts.retained[own] += 1;
@@ -457,9 +464,12 @@ impl<S: StateStore> Join<S> {
         };
         self.counts.spilled_segments += 1;
         self.counts.spilled_events += cold.len as u64;
-        let old = std::mem::replace(&mut bucket.segments[at], Segment::Cold(cold));
+        let mut old = std::mem::replace(&mut bucket.segments[at], Segment::Cold(cold));
         self.segments_bytes =
             self.segments_bytes - old.memory_bytes() + bucket.segments[at].memory_bytes();
+        if let Segment::Hot(hot) = &mut old {
+            hot.release_chunks(&mut self.chunks);
+        }
         Ok(true)
     }
 
@@ -468,12 +478,12 @@ impl<S: StateStore> Join<S> {
         &mut self,
         side: Side,
         bucket_id: i64,
-        bucket: Bucket,
+        mut bucket: Bucket,
         sink: &mut impl JoinSink,
     ) -> Result<(), StoreError> {
         let emits = self.spec.emits_unmatched(side);
         let mut has_cold = false;
-        for segment in &bucket.segments {
+        for segment in &mut bucket.segments {
             self.segments_bytes -= segment.memory_bytes();
             let (len, matched) = match segment {
                 Segment::Hot(hot) => {
@@ -484,7 +494,9 @@ impl<S: StateStore> Join<S> {
                             }
                         });
                     }
-                    (hot.len() as u64, hot.marks.count())
+                    let counts = (hot.len() as u64, hot.marks.count());
+                    hot.release_chunks(&mut self.chunks);
+                    counts
                 }
                 Segment::Cold(cold) => {
                     has_cold = true;

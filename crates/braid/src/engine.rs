@@ -62,6 +62,10 @@ pub struct Engine {
     senders: Vec<Sender<ShardMessage>>,
     handles: Vec<JoinHandle<anyhow::Result<ShardReport>>>,
     open: Vec<EventBatch>,
+    /// Batches the shards are done with, emptied, for reuse: a batch's buffers are a
+    /// few hundred KiB, and allocating and freeing one per batch left glibc holding
+    /// freed memory (or, with a fixed mmap threshold, faulting every page in anew).
+    recycled: Receiver<EventBatch>,
 }
 
 impl Engine {
@@ -76,6 +80,8 @@ impl Engine {
     ) -> anyhow::Result<Engine> {
         let mut senders = Vec::with_capacity(shards);
         let mut handles = Vec::with_capacity(shards);
+        // Never more batches than the queues and the open ones hold, so it never blocks.
+        let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
         for i in 0..shards {
             let store = RocksStore::create(
@@ -86,16 +92,18 @@ impl Engine {
             let sink = make_sink(i)?;
             let (tx, rx) = bounded(SHARD_QUEUE_BATCHES);
             senders.push(tx);
+            let recycle = recycle.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("braid-shard-{i}"))
-                    .spawn(move || run_shard(join, sink, &rx))?,
+                    .spawn(move || run_shard(join, sink, &rx, &recycle))?,
             );
         }
         Ok(Engine {
             senders,
             handles,
             open: (0..shards).map(|_| EventBatch::default()).collect(),
+            recycled,
         })
     }
 
@@ -144,7 +152,8 @@ impl Engine {
         if self.open[shard].events.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.open[shard]);
+        let fresh = self.recycled.try_recv().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.open[shard], fresh);
         if self.senders[shard]
             .send(ShardMessage::Events(batch))
             .is_err()
@@ -186,6 +195,7 @@ fn run_shard<K: ResultSink>(
     mut join: Join<RocksStore>,
     mut sink: K,
     rx: &Receiver<ShardMessage>,
+    recycle: &Sender<EventBatch>,
 ) -> anyhow::Result<ShardReport> {
     let mut report = ShardReport::default();
     for message in rx {
@@ -207,10 +217,16 @@ fn run_shard<K: ResultSink>(
                     })
                     .collect();
                 join.on_batch(&events, &mut sink)?;
+                drop(events);
                 if join.memory_bytes() > report.peak_state_bytes {
                     report.peak_state_bytes = join.memory_bytes();
                     report.events_at_peak = join.counts().retained.iter().sum();
                 }
+                let mut batch = batch;
+                batch.bytes.clear();
+                batch.events.clear();
+                // A full recycling queue only means the reader has enough batches.
+                let _ = recycle.try_send(batch);
             }
             ShardMessage::Advance(watermark) => {
                 join.advance(watermark, &mut sink)?;
