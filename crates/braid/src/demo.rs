@@ -99,7 +99,11 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
     if let Some(sample) = first_line(&dir.join("out")) {
         println!("\na joined record:\n{sample}");
     }
-    println!("\nrerun it with: braid run {}", job.display());
+    println!(
+        "\nthe job: {}; to run it again, remove {} first (braid run never mixes new output with old)",
+        job.display(),
+        dir.join("out").display()
+    );
     Ok(())
 }
 
