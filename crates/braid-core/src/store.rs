@@ -58,13 +58,7 @@ pub trait StateStore {
         reads: &[ColdRead<'_>],
         found: &mut dyn FnMut(usize, &[u8]),
     ) -> Result<(), StoreError> {
-        let mut value = Vec::new();
-        for (i, read) in reads.iter().enumerate() {
-            if self.get(read.id, read.key, &mut value)? {
-                found(i, &value);
-            }
-        }
-        Ok(())
+        read_each(self, reads, found)
     }
 
     /// Calls `visit` with every entry of segment `id`, in key order.
@@ -76,6 +70,22 @@ pub trait StateStore {
 
     /// Removes every segment of `bucket` on `side`.
     fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError>;
+}
+
+/// Reads one key after another: [`StateStore::read_many`] for stores without a faster
+/// way, and for batches too small to hand to one.
+pub fn read_each<S: StateStore + ?Sized>(
+    store: &mut S,
+    reads: &[ColdRead<'_>],
+    found: &mut dyn FnMut(usize, &[u8]),
+) -> Result<(), StoreError> {
+    let mut value = Vec::new();
+    for (i, read) in reads.iter().enumerate() {
+        if store.get(read.id, read.key, &mut value)? {
+            found(i, &value);
+        }
+    }
+    Ok(())
 }
 
 /// The in-memory model of a [`StateStore`]: obviously right, used to check the others.

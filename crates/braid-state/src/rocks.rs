@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use braid_core::{ColdRead, SegmentEntry, SegmentId, Side, StateStore, StoreError};
+use braid_core::{read_each, ColdRead, SegmentEntry, SegmentId, Side, StateStore, StoreError};
 
 use crate::reads::{point_read_options, ReadPool};
 use rocksdb::{
@@ -203,13 +203,7 @@ impl StateStore for RocksStore {
         found: &mut dyn FnMut(usize, &[u8]),
     ) -> Result<(), StoreError> {
         if reads.len() < POOL_READS_MIN {
-            let mut value = Vec::new();
-            for (i, read) in reads.iter().enumerate() {
-                if self.get(read.id, read.key, &mut value)? {
-                    found(i, &value);
-                }
-            }
-            return Ok(());
+            return read_each(self, reads, found);
         }
         let keys = reads
             .iter()

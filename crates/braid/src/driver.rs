@@ -17,7 +17,7 @@ use braid_io::{Decoder, FileSink, FileSource, LineBatch, Position};
 use crate::config::{Input, Output, Plan, SourcePlan};
 use crate::engine::{Engine, ShardReport};
 use crate::progress::Progress;
-use crate::results::{FilesResults, RecordShape, StdoutResults};
+use crate::results::{RecordShape, Records, StdoutLines};
 use crate::summary::{SourceCounts, Summary};
 
 /// Lines read from one source per round.
@@ -162,7 +162,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
                 plan.parallelism,
                 plan.memory_max_bytes,
                 &plan.state_dir,
-                |i| Ok(FilesResults::new(shape.clone(), dir, i, OUTPUT_ROLL_BYTES)),
+                |i| {
+                    let part = FileSink::new(dir, &format!("part-{i}"), OUTPUT_ROLL_BYTES);
+                    Ok(Records::new(shape.clone(), part))
+                },
             )?;
             let late = FileSink::new(&dir.join("_late"), "late", OUTPUT_ROLL_BYTES);
             let dead = FileSink::new(&dir.join("_dead"), "dead", OUTPUT_ROLL_BYTES);
@@ -181,7 +184,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
                 plan.parallelism,
                 plan.memory_max_bytes,
                 &plan.state_dir,
-                |_| Ok(StdoutResults::new(shape.clone(), out.clone())),
+                |_| Ok(Records::new(shape.clone(), StdoutLines::new(out.clone()))),
             )?;
             (engine, SideOutput::Stderr)
         }

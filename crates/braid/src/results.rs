@@ -2,7 +2,6 @@
 //! counted (benchmarks).
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use braid_core::{JoinSink, Side};
@@ -48,18 +47,80 @@ impl RecordShape {
     }
 }
 
-/// Writes joined records to `part-<shard>-NNNNNN.ndjson` files.
-pub struct FilesResults {
+/// Where a shard's result lines go: files (hidden until committed) or stdout.
+pub trait LineOut: Send + 'static {
+    /// Writes the concatenation of `parts` and a newline.
+    fn write_line(&mut self, parts: &[&[u8]]) -> anyhow::Result<()>;
+    /// Makes everything written visible (commits files, flushes stdout).
+    fn finish(&mut self) -> anyhow::Result<()>;
+}
+
+impl LineOut for FileSink {
+    fn write_line(&mut self, parts: &[&[u8]]) -> anyhow::Result<()> {
+        Ok(self.write_parts(parts)?)
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(self.commit()?)
+    }
+}
+
+/// Bytes a stdout sink gathers before it takes the lock and writes them.
+const STDOUT_CHUNK_BYTES: usize = 256 << 10;
+
+/// Standard output shared by the shards, written in whole chunks of lines.
+pub struct StdoutLines {
+    buffer: Vec<u8>,
+    out: Arc<Mutex<std::io::Stdout>>,
+}
+
+impl StdoutLines {
+    pub fn new(out: Arc<Mutex<std::io::Stdout>>) -> StdoutLines {
+        StdoutLines {
+            buffer: Vec::with_capacity(STDOUT_CHUNK_BYTES),
+            out,
+        }
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let mut out = self
+            .out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = out.write_all(&self.buffer).and_then(|()| out.flush());
+        self.buffer.clear();
+        written.map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))
+    }
+}
+
+impl LineOut for StdoutLines {
+    fn write_line(&mut self, parts: &[&[u8]]) -> anyhow::Result<()> {
+        for p in parts {
+            self.buffer.extend_from_slice(p);
+        }
+        self.buffer.push(b'\n');
+        if self.buffer.len() >= STDOUT_CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.flush()
+    }
+}
+
+/// Writes joined records (SPEC §4) as lines; the first write error is kept and
+/// reported after the batch, since the join's sink cannot fail mid-batch.
+pub struct Records<W> {
     shape: RecordShape,
-    sink: FileSink,
+    out: W,
     error: Option<anyhow::Error>,
 }
 
-impl FilesResults {
-    pub fn new(shape: RecordShape, dir: &Path, shard: usize, roll_bytes: u64) -> FilesResults {
-        FilesResults {
+impl<W: LineOut> Records<W> {
+    pub fn new(shape: RecordShape, out: W) -> Records<W> {
+        Records {
             shape,
-            sink: FileSink::new(dir, &format!("part-{shard}"), roll_bytes),
+            out,
             error: None,
         }
     }
@@ -70,14 +131,14 @@ impl FilesResults {
         }
         let mut result = Ok(());
         self.shape
-            .parts(left, right, |parts| result = self.sink.write_parts(parts));
+            .parts(left, right, |parts| result = self.out.write_line(parts));
         if let Err(e) = result {
-            self.error = Some(e.into());
+            self.error = Some(e);
         }
     }
 }
 
-impl JoinSink for FilesResults {
+impl<W: LineOut> JoinSink for Records<W> {
     fn pair(&mut self, left: &[u8], right: &[u8]) {
         self.record(Some(left), Some(right));
     }
@@ -89,81 +150,13 @@ impl JoinSink for FilesResults {
     }
 }
 
-impl ResultSink for FilesResults {
+impl<W: LineOut> ResultSink for Records<W> {
     fn take_error(&mut self) -> Option<anyhow::Error> {
         self.error.take()
     }
     fn finish(&mut self) -> anyhow::Result<()> {
-        Ok(self.sink.commit()?)
-    }
-}
-
-/// Bytes a stdout sink gathers before it takes the lock and writes them.
-const STDOUT_CHUNK_BYTES: usize = 256 << 10;
-
-/// Writes joined records to the process's standard output, in whole chunks of lines.
-pub struct StdoutResults {
-    shape: RecordShape,
-    buffer: Vec<u8>,
-    out: Arc<Mutex<std::io::Stdout>>,
-    error: Option<anyhow::Error>,
-}
-
-impl StdoutResults {
-    pub fn new(shape: RecordShape, out: Arc<Mutex<std::io::Stdout>>) -> StdoutResults {
-        StdoutResults {
-            shape,
-            buffer: Vec::with_capacity(STDOUT_CHUNK_BYTES),
-            out,
-            error: None,
-        }
-    }
-
-    fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
-        let buffer = &mut self.buffer;
-        self.shape.parts(left, right, |parts| {
-            for p in parts {
-                buffer.extend_from_slice(p);
-            }
-            buffer.push(b'\n');
-        });
-        if self.buffer.len() >= STDOUT_CHUNK_BYTES {
-            self.flush();
-        }
-    }
-
-    fn flush(&mut self) {
-        let mut out = self
-            .out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = out.write_all(&self.buffer).and_then(|()| out.flush()) {
-            self.error
-                .get_or_insert(anyhow::anyhow!("cannot write to stdout: {e}"));
-        }
-        self.buffer.clear();
-    }
-}
-
-impl JoinSink for StdoutResults {
-    fn pair(&mut self, left: &[u8], right: &[u8]) {
-        self.record(Some(left), Some(right));
-    }
-    fn unmatched(&mut self, side: Side, event: &[u8]) {
-        match side {
-            Side::Left => self.record(Some(event), None),
-            Side::Right => self.record(None, Some(event)),
-        }
-    }
-}
-
-impl ResultSink for StdoutResults {
-    fn take_error(&mut self) -> Option<anyhow::Error> {
-        self.error.take()
-    }
-    fn finish(&mut self) -> anyhow::Result<()> {
-        self.flush();
-        self.error.take().map_or(Ok(()), Err)
+        self.error.take().map_or(Ok(()), Err)?;
+        self.out.finish()
     }
 }
 
