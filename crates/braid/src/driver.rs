@@ -189,6 +189,13 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             (engine, SideOutput::Stderr)
         }
     };
+    tracing::info!(
+        job = %plan.name,
+        shards = plan.parallelism,
+        memory_max_bytes = plan.memory_max_bytes,
+        state = %plan.state_dir.display(),
+        "starting"
+    );
     let mut reading = Reading::new(plan, engine, side_output, started)?;
     let mut progress = Progress::new(options.progress);
     while !reading.done() {
@@ -306,6 +313,7 @@ impl<'p> Reading<'p> {
         if !more {
             self.exhausted[s] = true;
             self.marks.exhaust(s, PARTITION);
+            tracing::info!(source = %self.plan.sources[s].name, records = self.counts[s].input, "source exhausted");
         }
         // A source that waits its turn is not idle.
         for other in 0..2 {

@@ -239,5 +239,12 @@ fn run_shard<K: ResultSink>(
     }
     sink.finish()?;
     report.counts = join.counts();
+    tracing::info!(
+        pairs = report.counts.pairs,
+        spilled_segments = report.counts.spilled_segments,
+        cold_reads = report.counts.cold_reads,
+        peak_state_bytes = report.peak_state_bytes,
+        "shard done"
+    );
     Ok(report)
 }

@@ -148,3 +148,23 @@ fn malformed_lines_are_dead_lettered_with_their_position() {
     assert_eq!(s["right"]["late"], 2);
     assert_eq!(s["right"]["unmatched_expired"], 1);
 }
+
+/// A second run into an output folder that holds committed output would mix two runs'
+/// records: it is refused with exit 1 and a message naming the folder.
+#[test]
+fn earlier_output_is_refused_with_exit_1() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("left.ndjson"), "{\"k\":1,\"ts\":1000}\n").expect("write");
+    std::fs::write(dir.path().join("right.ndjson"), "{\"k\":1,\"ts\":2000}\n").expect("write");
+    std::fs::write(dir.path().join("job.toml"), JOB).expect("write");
+    let job = dir.path().join("job.toml");
+    let job = job.to_str().expect("utf-8");
+    assert_success(&braid(&["run", "--quiet", job]));
+    let again = braid(&["run", "--quiet", job]);
+    assert_eq!(again.status.code(), Some(1));
+    let err = common::stderr(&again);
+    assert!(err.contains("already holds committed output"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line without -v: {err}");
+    let verbose = braid(&["run", "--quiet", "-v", job]);
+    assert_eq!(verbose.status.code(), Some(1));
+}
