@@ -14,6 +14,7 @@ use crate::units::{parse_duration_ms, parse_size_bytes};
 /// The longest input line; longer ones are dead-lettered.
 pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
 const MEMORY_MAX_DEFAULT: &str = "512MiB";
+const MEMORY_MAX_MIN_BYTES: u64 = 64 << 10;
 const IDLE_TIMEOUT_DEFAULT: &str = "30s";
 
 #[derive(Debug, Deserialize)]
@@ -253,6 +254,11 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     let memory_max_bytes =
         parse_size_bytes(state.memory_max.as_deref().unwrap_or(MEMORY_MAX_DEFAULT))
             .map_err(|e| format!("[state] memory_max: {e}"))?;
+    if memory_max_bytes < MEMORY_MAX_MIN_BYTES {
+        return Err(format!(
+            "[state] memory_max: {memory_max_bytes} bytes is below the minimum of 64KiB (state would be spilled an event at a time)"
+        ));
+    }
     let checkpoint = match &raw.checkpoint {
         None => None,
         Some(c) => Some(CheckpointPlan {
