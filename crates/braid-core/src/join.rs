@@ -165,10 +165,6 @@ impl<S: StateStore> Join<S> {
         self.counts
     }
 
-    pub fn watermark(&self) -> Watermark {
-        self.watermark
-    }
-
     pub fn store(&self) -> &S {
         &self.store
     }

@@ -36,11 +36,6 @@ impl Watermark {
         self.0 > i128::from(time.0) + i128::from(offset_ms)
     }
 
-    /// True when `self > other + by_ms`.
-    pub fn exceeds(self, other: Watermark, by_ms: i64) -> bool {
-        self.0 > other.0 + i128::from(by_ms)
-    }
-
     /// True when `self > time`, for times already widened to `i128`.
     pub(crate) fn passed_wide(self, time: i128) -> bool {
         self.0 > time

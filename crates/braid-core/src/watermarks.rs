@@ -114,11 +114,6 @@ impl Watermarks {
     pub fn current(&self) -> Watermark {
         self.current
     }
-
-    /// Restores a watermark that must never be undercut (after a restart).
-    pub fn raise_to(&mut self, watermark: Watermark) {
-        self.current = self.current.max(watermark);
-    }
 }
 
 #[cfg(test)]

@@ -107,10 +107,6 @@ impl Engine {
         })
     }
 
-    pub fn shards(&self) -> usize {
-        self.senders.len()
-    }
-
     /// Queues one event for its shard.
     pub fn push(&mut self, event: &Event<'_>) -> anyhow::Result<()> {
         let group = (event.key_hash >> 32) % KEY_GROUPS;
