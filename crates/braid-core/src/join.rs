@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment};
 use crate::ids::IdSet;
 use crate::spec::{JoinSpec, Side};
-use crate::store::{ColdRead, SegmentId, StateStore, StoreError};
+use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
 
 /// The largest hot segment, as a fraction of the memory budget: spilling happens in
@@ -123,6 +123,7 @@ pub struct Join<S> {
 /// A queued cold read: the batch event that asked, and the times it matches.
 struct PendingRead {
     event: usize,
+    segment: SegmentId,
     lo: i64,
     hi: i64,
 }
@@ -189,16 +190,16 @@ impl<S: StateStore> Join<S> {
         self.on_batch(std::slice::from_ref(event), sink)
     }
 
-    /// Joins a batch of events, in order. Probes of the cold tier are collected over
-    /// the batch and read together at its end ([`StateStore::read_many`]), so that
-    /// they wait on the disk in parallel; their pairs are emitted and their matched
-    /// marks set then. The caller has already routed late events elsewhere.
+    /// Joins a batch of events, in order. Reads of the cold tier are started as the
+    /// probes find them ([`StateStore::start_read`]) and completed at the end of the
+    /// batch, so that they wait on the disk in parallel with each other and with the
+    /// rest of the batch; their pairs are emitted and their matched marks set then.
+    /// The caller has already routed late events elsewhere.
     pub fn on_batch(
         &mut self,
         events: &[Event<'_>],
         sink: &mut impl JoinSink,
     ) -> Result<(), StoreError> {
-        let mut reads = Vec::new();
         self.pending.clear();
         self.placed.clear();
         for (index, event) in events.iter().enumerate() {
@@ -217,13 +218,13 @@ impl<S: StateStore> Join<S> {
                     continue;
                 }
             }
-            let matched = self.probe(event, index, &mut reads, sink);
+            let matched = self.probe(event, index, sink)?;
             let at = self.insert(event, bucket_id, matched);
             self.placed.push(Some(at));
             self.enforce_memory_max()?;
         }
-        if !reads.is_empty() {
-            self.finish_reads(events, &reads, sink)?;
+        if !self.pending.is_empty() {
+            self.finish_reads(events, sink)?;
         }
         Ok(())
     }
@@ -232,7 +233,6 @@ impl<S: StateStore> Join<S> {
     fn finish_reads(
         &mut self,
         events: &[Event<'_>],
-        reads: &[ColdRead<'_>],
         sink: &mut impl JoinSink,
     ) -> Result<(), StoreError> {
         let Join {
@@ -243,9 +243,9 @@ impl<S: StateStore> Join<S> {
             placed,
             ..
         } = self;
-        counts.cold_reads += reads.len() as u64;
+        counts.cold_reads += pending.len() as u64;
         let mut found = 0;
-        store.read_many(reads, &mut |read, value| {
+        store.finish_reads(&mut |read, value| {
             found += 1;
             let p = &pending[read];
             let event = &events[p.event];
@@ -257,7 +257,7 @@ impl<S: StateStore> Join<S> {
                         Side::Left => sink.pair(event.payload, payload),
                         Side::Right => sink.pair(payload, event.payload),
                     }
-                    mark(sides, reads[read].id, ordinal);
+                    mark(sides, p.segment, ordinal);
                     matched = true;
                 }
             });
@@ -303,20 +303,20 @@ impl<S: StateStore> Join<S> {
     }
 
     /// Finds the event's matches among the opposite side's hot segments, emitting them,
-    /// and queues reads of the cold segments whose filter allows its key. Returns
+    /// and starts reads of the cold segments whose filter allows its key. Returns
     /// whether a hot segment matched.
-    fn probe<'e>(
+    fn probe(
         &mut self,
-        event: &Event<'e>,
+        event: &Event<'_>,
         index: usize,
-        reads: &mut Vec<ColdRead<'e>>,
         sink: &mut impl JoinSink,
-    ) -> bool {
+    ) -> Result<bool, StoreError> {
         let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
         let other = event.side.opposite();
         let width = self.bucket_width_ms;
         let Join {
             sides,
+            store,
             counts,
             hits,
             pending,
@@ -354,9 +354,10 @@ impl<S: StateStore> Join<S> {
                             bucket,
                             segment: cold.number,
                         };
-                        reads.push(ColdRead { id, key: event.key });
+                        store.start_read(pending.len(), id, event.key)?;
                         pending.push(PendingRead {
                             event: index,
+                            segment: id,
                             lo,
                             hi,
                         });
@@ -364,7 +365,7 @@ impl<S: StateStore> Join<S> {
                 }
             }
         }
-        matched
+        Ok(matched)
     }
 
     /// Stores an event in its side's open hot segment; returns where it went.

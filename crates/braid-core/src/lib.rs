@@ -22,6 +22,6 @@ pub mod testkit;
 pub use join::{Event, Join, JoinCounts, JoinSink};
 pub use key::{hash_id, KeyPart, KeyWriter};
 pub use spec::{JoinKind, JoinSpec, Side};
-pub use store::{read_each, ColdRead, MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
+pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
 pub use time::{EventTime, Watermark};
 pub use watermarks::{PartitionId, Watermarks};

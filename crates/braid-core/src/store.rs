@@ -24,13 +24,6 @@ pub struct SegmentEntry<'a> {
     pub value: &'a [u8],
 }
 
-/// One point read of a batch: a key in a segment.
-#[derive(Clone, Copy, Debug)]
-pub struct ColdRead<'a> {
-    pub id: SegmentId,
-    pub key: &'a [u8],
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {operation} failed: {detail}")]
 pub struct StoreError {
@@ -51,15 +44,14 @@ pub trait StateStore {
     /// Reads the value of `key` in segment `id` into `out`; false if absent.
     fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError>;
 
-    /// Reads many keys, calling `found(i, value)` for each `reads[i]` present, in any
-    /// order. Stores that can wait on several reads at once override this.
-    fn read_many(
-        &mut self,
-        reads: &[ColdRead<'_>],
-        found: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<(), StoreError> {
-        read_each(self, reads, found)
-    }
+    /// Starts reading `key` of segment `id`; its value arrives at the next
+    /// [`finish_reads`](Self::finish_reads) under `token`. A store that can read in the
+    /// background starts now, so that the read overlaps the rest of the batch.
+    fn start_read(&mut self, token: usize, id: SegmentId, key: &[u8]) -> Result<(), StoreError>;
+
+    /// Completes every started read, calling `found(token, value)` for each key
+    /// present, in any order.
+    fn finish_reads(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), StoreError>;
 
     /// Calls `visit` with every entry of segment `id`, in key order.
     fn scan_segment(
@@ -72,26 +64,12 @@ pub trait StateStore {
     fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError>;
 }
 
-/// Reads one key after another: [`StateStore::read_many`] for stores without a faster
-/// way, and for batches too small to hand to one.
-pub fn read_each<S: StateStore + ?Sized>(
-    store: &mut S,
-    reads: &[ColdRead<'_>],
-    found: &mut dyn FnMut(usize, &[u8]),
-) -> Result<(), StoreError> {
-    let mut value = Vec::new();
-    for (i, read) in reads.iter().enumerate() {
-        if store.get(read.id, read.key, &mut value)? {
-            found(i, &value);
-        }
-    }
-    Ok(())
-}
-
 /// The in-memory model of a [`StateStore`]: obviously right, used to check the others.
 #[derive(Default, Debug)]
 pub struct MemStore {
     segments: BTreeMap<SegmentId, BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Reads started and not yet finished: (token, segment, key).
+    started: Vec<(usize, SegmentId, Vec<u8>)>,
 }
 
 impl MemStore {
@@ -126,6 +104,20 @@ impl StateStore for MemStore {
             }
             None => Ok(false),
         }
+    }
+
+    fn start_read(&mut self, token: usize, id: SegmentId, key: &[u8]) -> Result<(), StoreError> {
+        self.started.push((token, id, key.to_vec()));
+        Ok(())
+    }
+
+    fn finish_reads(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), StoreError> {
+        for (token, id, key) in self.started.drain(..) {
+            if let Some(value) = self.segments.get(&id).and_then(|s| s.get(&key)) {
+                found(token, value);
+            }
+        }
+        Ok(())
     }
 
     fn scan_segment(

@@ -27,6 +27,8 @@ pub struct ReadPool {
     jobs: Option<Sender<ReadJob>>,
     done: Receiver<ReadDone>,
     threads: Vec<JoinHandle<()>>,
+    /// Reads submitted and not yet collected.
+    outstanding: usize,
 }
 
 /// Options of a point read: no block-cache fill, no checksum (see `RocksStore`).
@@ -65,35 +67,30 @@ impl ReadPool {
             jobs: Some(jobs),
             done,
             threads,
+            outstanding: 0,
         })
     }
 
-    /// Reads every key; calls `found(i, value)` for each present one, in any order.
-    /// Returns the first error after all reads have finished.
-    pub fn read(
-        &self,
-        keys: Vec<Vec<u8>>,
-        found: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<(), String> {
+    /// Starts reading `key`; its value comes back from [`collect`](Self::collect)
+    /// under `index`. Waits only when [`READ_QUEUE_MAX`] reads are already queued.
+    pub fn submit(&mut self, index: usize, key: Vec<u8>) -> Result<(), String> {
         let jobs = self.jobs.as_ref().expect("the pool runs until dropped");
-        let count = keys.len();
+        jobs.send(ReadJob { index, key })
+            .map_err(|_| "a read thread died".to_string())?;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    /// Waits for every submitted read; calls `found(index, value)` for each present
+    /// key, in any order. Returns the first error after all reads have finished.
+    pub fn collect(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), String> {
         let mut first_error = None;
-        let mut received = 0;
-        for (index, key) in keys.into_iter().enumerate() {
-            // Drain answers while queueing, so that a long batch never fills both queues.
-            while let Ok(done) = self.done.try_recv() {
-                received += 1;
-                take(done, found, &mut first_error);
-            }
-            jobs.send(ReadJob { index, key })
-                .map_err(|_| "a read thread died".to_string())?;
-        }
-        while received < count {
+        while self.outstanding > 0 {
             let done = self
                 .done
                 .recv()
                 .map_err(|_| "a read thread died".to_string())?;
-            received += 1;
+            self.outstanding -= 1;
             take(done, found, &mut first_error);
         }
         first_error.map_or(Ok(()), Err)

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use braid_core::{read_each, ColdRead, SegmentEntry, SegmentId, Side, StateStore, StoreError};
+use braid_core::{SegmentEntry, SegmentId, Side, StateStore, StoreError};
 
 use crate::reads::{point_read_options, ReadPool};
 use rocksdb::{
@@ -35,10 +35,6 @@ impl Default for RocksOptions {
         }
     }
 }
-
-/// Batches with fewer cold reads than this read them on the shard's own thread: a
-/// hand-off to the pool costs more than a read from the page cache.
-const POOL_READS_MIN: usize = 4;
 
 pub struct RocksStore {
     /// Declared before `db`: its threads hold the database and end first.
@@ -197,30 +193,18 @@ impl StateStore for RocksStore {
         }
     }
 
-    fn read_many(
-        &mut self,
-        reads: &[ColdRead<'_>],
-        found: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<(), StoreError> {
-        if reads.len() < POOL_READS_MIN {
-            return read_each(self, reads, found);
-        }
-        let keys = reads
-            .iter()
-            .map(|read| {
-                let mut key = Vec::with_capacity(PREFIX_BYTES + read.key.len());
-                push_prefix(
-                    &mut key,
-                    read.id.side,
-                    read.id.bucket,
-                    Some(read.id.segment),
-                );
-                key.extend_from_slice(read.key);
-                key
-            })
-            .collect();
+    fn start_read(&mut self, token: usize, id: SegmentId, key: &[u8]) -> Result<(), StoreError> {
+        let mut full = Vec::with_capacity(PREFIX_BYTES + key.len());
+        push_prefix(&mut full, id.side, id.bucket, Some(id.segment));
+        full.extend_from_slice(key);
         self.pool
-            .read(keys, found)
+            .submit(token, full)
+            .map_err(|e| failed("get", &self.dir, e))
+    }
+
+    fn finish_reads(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), StoreError> {
+        self.pool
+            .collect(found)
             .map_err(|e| failed("get", &self.dir, e))
     }
 

@@ -25,6 +25,8 @@ enum Op {
         bucket: i64,
         segment: u32,
     },
+    /// Several reads started, then finished together.
+    Reads(Vec<(bool, i64, u32, u8)>),
     Drop {
         side: bool,
         bucket: i64,
@@ -46,9 +48,30 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
             .prop_map(|(side, bucket, entries)| Op::Write { side, bucket, entries }),
         3 => (any::<bool>(), bucket.clone(), 0u32..3, 0u8..8).prop_map(|(side, bucket, segment, key)| Op::Get { side, bucket, segment, key }),
         1 => (any::<bool>(), bucket.clone(), 0u32..3).prop_map(|(side, bucket, segment)| Op::Scan { side, bucket, segment }),
-        1 => (any::<bool>(), bucket).prop_map(|(side, bucket)| Op::Drop { side, bucket }),
+        1 => (any::<bool>(), bucket.clone()).prop_map(|(side, bucket)| Op::Drop { side, bucket }),
+        2 => prop::collection::vec((any::<bool>(), bucket, 0u32..3, 0u8..8), 0..12).prop_map(Op::Reads),
     ];
     prop::collection::vec(op, 1..40)
+}
+
+/// Starts every read, finishes them, and returns what was found, by read.
+fn read_all(store: &mut dyn StateStore, reads: &[(bool, i64, u32, u8)]) -> Vec<(usize, Vec<u8>)> {
+    for (token, &(s, bucket, segment, key)) in reads.iter().enumerate() {
+        let id = SegmentId {
+            side: side(s),
+            bucket,
+            segment,
+        };
+        store
+            .start_read(token, id, &[b'k', key])
+            .expect("start read");
+    }
+    let mut found = Vec::new();
+    store
+        .finish_reads(&mut |token, value| found.push((token, value.to_vec())))
+        .expect("finish reads");
+    found.sort();
+    found
 }
 
 fn scan(store: &mut dyn StateStore, id: SegmentId) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -93,6 +116,9 @@ proptest! {
                 Op::Scan { side: s, bucket, segment } => {
                     let id = SegmentId { side: side(s), bucket, segment };
                     prop_assert_eq!(scan(&mut rocks, id), scan(&mut model, id));
+                }
+                Op::Reads(reads) => {
+                    prop_assert_eq!(read_all(&mut rocks, &reads), read_all(&mut model, &reads));
                 }
                 Op::Drop { side: s, bucket } => {
                     rocks.drop_bucket(side(s), bucket).expect("rocks drop");
