@@ -130,16 +130,12 @@ pub fn files(options: &BenchOptions, dir: &Path) -> anyhow::Result<serde_json::V
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
-    braid_io::takerate::write_dataset(&dir.join("data"), &config, 1_000_000)?;
-    let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        crate::demo::job_toml(
-            "bench-files",
-            "out",
-            ".braid/state",
-            options.memory_max_bytes,
-        ),
+    let (job, _) = crate::demo::write_take_rate(
+        dir,
+        &config,
+        1_000_000,
+        "bench-files",
+        options.memory_max_bytes,
     )?;
     // The run is a child process so that its peak resident memory is the run's alone,
     // not the generator's.

@@ -1,9 +1,9 @@
 //! `braid demo`: a realistic data set, the reference job over it, a summary. No setup.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use braid_io::takerate::{write_dataset, TakeRateConfig};
+use braid_io::takerate::{write_dataset, DatasetCounts, TakeRateConfig};
 
 use crate::driver::{run, RunOptions};
 
@@ -13,7 +13,8 @@ pub const DEMO_MEMORY_MAX_BYTES: u64 = 64 << 20;
 
 /// The reference job (impressions left-joined with the plays within an hour) over
 /// `data/` beside the job file.
-pub fn job_toml(name: &str, output: &str, state: &str, memory_max_bytes: u64) -> String {
+/// Output goes to `out/`, state to `.braid/state`, both beside the job file.
+fn job_toml(name: &str, memory_max_bytes: u64) -> String {
     format!(
         r#"# The take-rate join: every impression with the plays that followed it within an
 # hour, and every impression that led to none (a left join).
@@ -50,15 +51,31 @@ idle_timeout = "30s"
 
 [output]
 kind = "files"
-path = "{output}"
+path = "out"
 format = "ndjson"
 
 [state]
-dir = "{state}"
+dir = ".braid/state"
 memory_max = "{}MiB"
 "#,
         memory_max_bytes >> 20
     )
+}
+
+/// Writes a take-rate data set under `dir/data` and the job over it as `dir/job.toml`
+/// (shared by `braid demo`, `braid generate` and the files benchmark). Returns the
+/// job file and the line counts.
+pub fn write_take_rate(
+    dir: &Path,
+    config: &TakeRateConfig,
+    lines_per_file: u64,
+    job_name: &str,
+    memory_max_bytes: u64,
+) -> anyhow::Result<(PathBuf, DatasetCounts)> {
+    let counts = write_dataset(&dir.join("data"), config, lines_per_file)?;
+    let job = dir.join("job.toml");
+    std::fs::write(&job, job_toml(job_name, memory_max_bytes))?;
+    Ok((job, counts))
 }
 
 pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
@@ -80,16 +97,12 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
         events,
         ..TakeRateConfig::default()
     };
-    write_dataset(&dir.join("data"), &config, 250_000)?;
-    let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        job_toml(
-            "take-rate-demo",
-            "out",
-            ".braid/state",
-            DEMO_MEMORY_MAX_BYTES,
-        ),
+    let (job, _) = write_take_rate(
+        dir,
+        &config,
+        250_000,
+        "take-rate-demo",
+        DEMO_MEMORY_MAX_BYTES,
     )?;
     let plan = crate::config::load(&job)?;
     eprintln!("braid demo: running {}", job.display());

@@ -190,17 +190,12 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         max_out_of_orderness_ms: disorder,
         ..Default::default()
     };
-    let counts =
-        braid_io::takerate::write_dataset(&args.out.join("data"), &config, args.lines_per_file)?;
-    let job = args.out.join("job.toml");
-    std::fs::write(
-        &job,
-        braid::demo::job_toml(
-            "take-rate",
-            "out",
-            ".braid/state",
-            braid::demo::DEMO_MEMORY_MAX_BYTES,
-        ),
+    let (job, counts) = braid::demo::write_take_rate(
+        &args.out,
+        &config,
+        args.lines_per_file,
+        "take-rate",
+        braid::demo::DEMO_MEMORY_MAX_BYTES,
     )?;
     println!(
         "wrote {} impression and {} play lines under {}; run them with: braid run {}",
