@@ -6,6 +6,8 @@
 //! A split-block Bloom filter (as in Parquet): the key's hash picks one 256-bit block,
 //! and sets one bit in each of its eight 32-bit words. One cache line per check.
 
+use crate::snapshot::{Reader, SnapshotError, Writer};
+
 /// Bits per key: about 0.12 % false positives (0.55 % at 12 bits, 0.05 % at 20). A
 /// probe checks every cold segment its interval overlaps (dozens in a one-hour window),
 /// and each false positive costs a disk read, so the rate is kept low.
@@ -58,6 +60,33 @@ impl Bloom {
 
     pub fn bytes(&self) -> usize {
         self.blocks.len() * 32
+    }
+
+    pub(crate) fn write(&self, w: &mut Writer<'_>) {
+        w.len(self.blocks.len());
+        for block in self.blocks.iter() {
+            for word in block {
+                w.u32(*word);
+            }
+        }
+    }
+
+    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Bloom, SnapshotError> {
+        let count = r.len()?;
+        if count == 0 {
+            return Err(SnapshotError("a key filter without blocks".into()));
+        }
+        let mut blocks = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut block = [0u32; 8];
+            for word in &mut block {
+                *word = r.u32()?;
+            }
+            blocks.push(block);
+        }
+        Ok(Bloom {
+            blocks: blocks.into_boxed_slice(),
+        })
     }
 
     /// The block for a hash (from its high half) and the bit of each word (from its low).

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::bloom::Bloom;
+use crate::snapshot::{Reader, SnapshotError, Writer};
 use crate::store::SegmentEntry;
 
 /// The first arena chunk of a segment; later chunks double up to [`CHUNK_BYTES_MAX`].
@@ -122,6 +123,21 @@ impl Marks {
     }
     pub fn bytes(&self) -> usize {
         self.0.capacity() * 8
+    }
+    fn write(&self, w: &mut Writer<'_>) {
+        w.words(&self.0);
+    }
+    fn read(r: &mut Reader<'_>, len: usize) -> Result<Marks, SnapshotError> {
+        let words = r.words()?;
+        if words.len() > len.div_ceil(64) {
+            return Err(SnapshotError(format!(
+                "{} mark words for {len} events",
+                words.len()
+            )));
+        }
+        let mut marks = Marks(words);
+        marks.reserve_for(len);
+        Ok(marks)
     }
 }
 
@@ -257,6 +273,42 @@ impl HotSegment {
         }
     }
 
+    /// Writes the segment's events in order, with its number and marks.
+    pub fn write(&self, w: &mut Writer<'_>) {
+        w.u32(self.number);
+        w.len(self.slots.len());
+        let mut hashes = vec![0u64; self.slots.len()];
+        for (&hash, &head) in &self.index {
+            let mut next = head;
+            while next != NO_SLOT {
+                hashes[next as usize] = hash;
+                next = self.slots[next as usize].next;
+            }
+        }
+        for (slot, hash) in self.slots.iter().zip(hashes) {
+            w.i64(slot.time);
+            w.u64(hash);
+            w.bytes(self.key(slot));
+            w.bytes(self.payload(slot));
+        }
+        self.marks.write(w);
+    }
+
+    /// Reads what [`write`](Self::write) wrote: the same events at the same ordinals.
+    pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<HotSegment, SnapshotError> {
+        let mut hot = HotSegment::new(r.u32()?);
+        let len = r.len()?;
+        for _ in 0..len {
+            let time = r.i64()?;
+            let hash = r.u64()?;
+            let key = r.bytes()?;
+            let payload = r.bytes()?;
+            hot.push(hash, key, time, payload, false, pool);
+        }
+        hot.marks = Marks::read(r, len)?;
+        Ok(hot)
+    }
+
     /// Gives the segment's arena chunks back to the pool.
     pub fn release_chunks(&mut self, pool: &mut ChunkPool) {
         for chunk in self.chunks.drain(..) {
@@ -335,6 +387,32 @@ impl ColdSegment {
     pub fn memory_bytes(&self) -> usize {
         self.bloom.bytes() + self.marks.bytes() + std::mem::size_of::<ColdSegment>()
     }
+
+    pub fn write(&self, w: &mut Writer<'_>) {
+        w.u32(self.number);
+        w.len(self.len);
+        w.i64(self.time_min);
+        w.i64(self.time_max);
+        self.bloom.write(w);
+        self.marks.write(w);
+    }
+
+    pub fn read(r: &mut Reader<'_>) -> Result<ColdSegment, SnapshotError> {
+        let number = r.u32()?;
+        let len = r.u64()? as usize;
+        let time_min = r.i64()?;
+        let time_max = r.i64()?;
+        let bloom = Bloom::read(r)?;
+        let marks = Marks::read(r, len)?;
+        Ok(ColdSegment {
+            number,
+            len,
+            bloom,
+            marks,
+            time_min,
+            time_max,
+        })
+    }
 }
 
 pub(crate) enum Segment {
@@ -374,6 +452,40 @@ pub(crate) struct Bucket {
 }
 
 impl Bucket {
+    pub fn write(&self, w: &mut Writer<'_>) {
+        w.u32(self.next_segment_number);
+        w.len(self.segments.len());
+        for segment in &self.segments {
+            match segment {
+                Segment::Hot(hot) => {
+                    w.u8(0);
+                    hot.write(w);
+                }
+                Segment::Cold(cold) => {
+                    w.u8(1);
+                    cold.write(w);
+                }
+            }
+        }
+    }
+
+    pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<Bucket, SnapshotError> {
+        let next_segment_number = r.u32()?;
+        let count = r.len()?;
+        let mut segments = Vec::with_capacity(count);
+        for _ in 0..count {
+            segments.push(match r.u8()? {
+                0 => Segment::Hot(HotSegment::read(r, pool)?),
+                1 => Segment::Cold(ColdSegment::read(r)?),
+                other => return Err(SnapshotError(format!("bad segment tag {other}"))),
+            });
+        }
+        Ok(Bucket {
+            segments,
+            next_segment_number,
+        })
+    }
+
     pub fn segment_mut(&mut self, number: u32) -> Option<&mut Segment> {
         self.segments.iter_mut().find(|s| s.number() == number)
     }

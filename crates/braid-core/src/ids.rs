@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use crate::bucket::IdentityBuild;
+use crate::snapshot::{Reader, SnapshotError, Writer};
 
 const ID_PARTS: usize = 64;
 /// Memory of one entry: 16-byte id hash, 8-byte bucket, a control byte.
@@ -64,6 +65,28 @@ impl IdSet {
             }
         }
         self.capacity = self.parts.iter().map(HashMap::capacity).sum();
+    }
+
+    pub fn write(&self, w: &mut Writer<'_>) {
+        w.len(self.parts.iter().map(HashMap::len).sum());
+        for part in &self.parts {
+            for (key, bucket) in part {
+                w.u128(u128::from(key.0) | (u128::from(key.1) << 64));
+                w.i64(*bucket);
+            }
+        }
+    }
+
+    pub fn read(r: &mut Reader<'_>) -> Result<IdSet, SnapshotError> {
+        let mut ids = IdSet::default();
+        for _ in 0..r.len()? {
+            let id = r.u128()?;
+            let bucket = r.i64()?;
+            if !ids.insert(id, bucket) {
+                return Err(SnapshotError("an id is listed twice".into()));
+            }
+        }
+        Ok(ids)
     }
 
     pub fn memory_bytes(&self) -> usize {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment};
 use crate::ids::IdSet;
+use crate::snapshot::{Reader, SnapshotError, Writer};
 use crate::spec::{JoinSpec, Side};
 use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
@@ -168,6 +169,119 @@ impl<S: StateStore> Join<S> {
 
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Appends the join's in-memory state to `out` (see [`crate::snapshot`]): everything
+    /// but the cold segments' contents, which are the store's.
+    pub fn snapshot(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(out);
+        w.magic();
+        w.i128(self.watermark.raw());
+        let c = &self.counts;
+        for v in [
+            c.pairs,
+            c.spilled_segments,
+            c.spilled_events,
+            c.cold_reads,
+            c.cold_reads_found,
+        ] {
+            w.u64(v);
+        }
+        for i in 0..2 {
+            for v in [
+                c.matched[i],
+                c.unmatched_emitted[i],
+                c.unmatched_expired[i],
+                c.duplicates[i],
+                c.retained[i],
+            ] {
+                w.u64(v);
+            }
+        }
+        for side in &self.sides {
+            w.len(side.buckets.len());
+            for (&id, bucket) in &side.buckets {
+                w.i64(id);
+                bucket.write(&mut w);
+            }
+            side.ids.write(&mut w);
+        }
+    }
+
+    /// Replaces the join's in-memory state with a [`snapshot`](Self::snapshot). The
+    /// store must hold the snapshot's cold segments.
+    pub fn load(&mut self, image: &[u8]) -> Result<(), SnapshotError> {
+        let mut r = Reader(image);
+        r.magic()?;
+        let watermark = Watermark::from_raw(r.i128()?);
+        let mut c = JoinCounts {
+            pairs: r.u64()?,
+            spilled_segments: r.u64()?,
+            spilled_events: r.u64()?,
+            cold_reads: r.u64()?,
+            cold_reads_found: r.u64()?,
+            ..JoinCounts::default()
+        };
+        for i in 0..2 {
+            c.matched[i] = r.u64()?;
+            c.unmatched_emitted[i] = r.u64()?;
+            c.unmatched_expired[i] = r.u64()?;
+            c.duplicates[i] = r.u64()?;
+            c.retained[i] = r.u64()?;
+        }
+        let mut sides: [SideState; 2] = Default::default();
+        for side in &mut sides {
+            for _ in 0..r.len()? {
+                let id = r.i64()?;
+                let bucket = Bucket::read(&mut r, &mut self.chunks)?;
+                side.buckets.insert(id, bucket);
+            }
+            side.ids = IdSet::read(&mut r)?;
+        }
+        r.end()?;
+        for side in &mut self.sides {
+            for bucket in side.buckets.values_mut() {
+                for segment in &mut bucket.segments {
+                    if let Segment::Hot(hot) = segment {
+                        hot.release_chunks(&mut self.chunks);
+                    }
+                }
+            }
+        }
+        self.segments_bytes = sides
+            .iter()
+            .flat_map(|s| s.buckets.values())
+            .flat_map(|b| b.segments.iter())
+            .map(Segment::memory_bytes)
+            .sum();
+        self.sides = sides;
+        self.watermark = watermark;
+        self.counts = c;
+        self.spill_retry_bytes = 0;
+        Ok(())
+    }
+
+    /// The cold segments the state refers to: what the store must hold.
+    pub fn cold_segments(&self) -> Vec<SegmentId> {
+        let mut out = Vec::new();
+        for side in Side::BOTH {
+            for (&bucket, state) in &self.sides[side.index()].buckets {
+                for segment in &state.segments {
+                    if let Segment::Cold(cold) = segment {
+                        out.push(SegmentId {
+                            side,
+                            bucket,
+                            segment: cold.number,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn watermark(&self) -> Watermark {
+        self.watermark
     }
 
     /// Memory the state holds: segments, filters, marks and remembered ids.

@@ -11,6 +11,7 @@ mod bucket;
 mod ids;
 mod join;
 mod key;
+mod snapshot;
 mod spec;
 mod store;
 mod time;
@@ -21,6 +22,7 @@ pub mod testkit;
 
 pub use join::{Event, Join, JoinCounts, JoinSink};
 pub use key::{hash_id, KeyPart, KeyWriter};
+pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};
 pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
 pub use time::{EventTime, Watermark};

@@ -66,6 +66,27 @@ pub fn run_join<S: StateStore>(
     max_out_of_orderness_ms: i64,
     allowed_lateness_ms: i64,
 ) -> Result<Outcome, StoreError> {
+    run_join_restarting(
+        join,
+        events,
+        batch_sizes,
+        max_out_of_orderness_ms,
+        allowed_lateness_ms,
+        usize::MAX,
+    )
+}
+
+/// [`run_join`], replacing the join's in-memory state with a snapshot of itself after
+/// every `restart_every` batches, as a restore from a checkpoint does.
+pub fn run_join_restarting<S: StateStore>(
+    join: &mut Join<S>,
+    events: &[TestEvent],
+    batch_sizes: &[usize],
+    max_out_of_orderness_ms: i64,
+    allowed_lateness_ms: i64,
+    restart_every: usize,
+) -> Result<Outcome, StoreError> {
+    let mut batches = 0usize;
     let mut marks = Watermarks::new(&[1, 1], max_out_of_orderness_ms, u64::MAX, 0);
     let mut sink = RowSink::default();
     let mut late = Vec::new();
@@ -109,6 +130,12 @@ pub fn run_join<S: StateStore>(
         join.on_batch(&batch, &mut sink)?;
         join.advance(marks.current(), &mut sink)?;
         next = end;
+        batches += 1;
+        if batches % restart_every.max(1) == 0 {
+            let mut image = Vec::new();
+            join.snapshot(&mut image);
+            join.load(&image).expect("a snapshot loads");
+        }
     }
     join.advance(Watermark::MAX, &mut sink)?;
     sink.0.sort();

@@ -36,6 +36,15 @@ impl Watermark {
         self.0 > i128::from(time.0) + i128::from(offset_ms)
     }
 
+    pub(crate) fn raw(self) -> i128 {
+        self.0
+    }
+
+    /// A watermark read back from a snapshot, clamped into the infinities.
+    pub(crate) fn from_raw(raw: i128) -> Watermark {
+        Watermark(raw.clamp(Watermark::MIN.0, Watermark::MAX.0))
+    }
+
     /// True when `self > time`, for times already widened to `i128`.
     pub(crate) fn passed_wide(self, time: i128) -> bool {
         self.0 > time
