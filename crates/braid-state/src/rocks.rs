@@ -3,6 +3,7 @@
 //! Key layout: `side (1) | bucket (8, big-endian, sign bit flipped) | segment (4) | key`,
 //! so one bucket's segments are contiguous, and a segment is one key range.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,6 +26,9 @@ pub struct RocksOptions {
     pub block_cache_bytes: usize,
     /// Compress spilled segments with LZ4.
     pub compress: bool,
+    /// Fault injection for tests: fail the segment write after this many succeeded,
+    /// as a full disk would.
+    pub fail_writes_after: Option<u64>,
 }
 
 impl Default for RocksOptions {
@@ -32,6 +36,7 @@ impl Default for RocksOptions {
         RocksOptions {
             block_cache_bytes: 8 << 20,
             compress: true,
+            fail_writes_after: None,
         }
     }
 }
@@ -47,9 +52,13 @@ pub struct RocksStore {
     /// nor verify block checksums (the files were written by this process and are
     /// checked when checkpoints copy them, issue 3).
     point_read: ReadOptions,
-    /// Reused key buffer and the number of the next SST file to write.
+    /// Reused key buffer.
     key: Vec<u8>,
-    next_file: u64,
+    /// Every live segment's file in `segments/`: a hard link to the file RocksDB
+    /// ingested, which stays unchanged, so that checkpoints can copy it.
+    files: BTreeMap<SegmentId, PathBuf>,
+    writes: u64,
+    fail_writes_after: Option<u64>,
 }
 
 fn failed(operation: &'static str, dir: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -94,8 +103,47 @@ impl RocksStore {
             dir: dir.to_path_buf(),
             options,
             key: Vec::new(),
-            next_file: 0,
+            files: BTreeMap::new(),
+            writes: 0,
+            fail_writes_after: tuning.fail_writes_after,
         })
+    }
+
+    /// The file of each live segment. Files are immutable once written.
+    pub fn segment_files(&self) -> &BTreeMap<SegmentId, PathBuf> {
+        &self.files
+    }
+
+    /// Where the file of segment `id` lives; [`ingest_segments`](Self::ingest_segments)
+    /// expects restored files there.
+    pub fn segment_path(&self, id: SegmentId) -> PathBuf {
+        self.dir.join("segments").join(format!(
+            "{}-{:016x}-{:08x}.sst",
+            id.side.index(),
+            (id.bucket as u64) ^ (1 << 63),
+            id.segment
+        ))
+    }
+
+    /// Adds segment files placed at their [`segment_path`](Self::segment_path) (by a
+    /// restore from a checkpoint) to the database, all in one ingestion.
+    pub fn ingest_segments(&mut self, ids: &[SegmentId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut links = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let path = self.segment_path(id);
+            let link = self.dir.join("ingest").join(path.file_name().expect("a file name"));
+            std::fs::hard_link(&path, &link).map_err(|e| failed("restore segment", &path, e))?;
+            links.push(link);
+            self.files.insert(id, path);
+        }
+        let mut ingest = IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        self.db
+            .ingest_external_file_opts(&ingest, links)
+            .map_err(|e| failed("restore segments", &self.dir, e))
     }
 
     /// Bytes of SST files on disk.
@@ -130,7 +178,9 @@ fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
         }
         std::fs::remove_dir_all(dir).map_err(|e| failed("clear", dir, e))?;
     }
-    std::fs::create_dir_all(dir.join("ingest")).map_err(|e| failed("create", dir, e))?;
+    for sub in ["ingest", "segments"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| failed("create", dir, e))?;
+    }
     std::fs::write(&marker, b"braid state\n").map_err(|e| failed("create", dir, e))
 }
 
@@ -152,11 +202,15 @@ impl StateStore for RocksStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let path = self
-            .dir
-            .join("ingest")
-            .join(format!("{:012}.sst", self.next_file));
-        self.next_file += 1;
+        let path = self.segment_path(id);
+        if self.fail_writes_after == Some(self.writes) {
+            return Err(failed(
+                "write segment",
+                &path,
+                "No space left on device (os error 28) (injected fault)",
+            ));
+        }
+        self.writes += 1;
         let mut writer = SstFileWriter::create(&self.options);
         writer
             .open(&path)
@@ -173,11 +227,16 @@ impl StateStore for RocksStore {
         writer
             .finish()
             .map_err(|e| failed("write segment", &path, e))?;
+        // RocksDB moves the ingested link into its folder; `path` stays, unchanged.
+        let link = self.dir.join("ingest").join(path.file_name().expect("a file name"));
+        std::fs::hard_link(&path, &link).map_err(|e| failed("ingest segment", &path, e))?;
         let mut ingest = IngestExternalFileOptions::default();
         ingest.set_move_files(true);
         self.db
-            .ingest_external_file_opts(&ingest, vec![&path])
-            .map_err(|e| failed("ingest segment", &path, e))
+            .ingest_external_file_opts(&ingest, vec![&link])
+            .map_err(|e| failed("ingest segment", &path, e))?;
+        self.files.insert(id, path);
+        Ok(())
     }
 
     fn get(&mut self, id: SegmentId, key: &[u8], out: &mut Vec<u8>) -> Result<bool, StoreError> {
@@ -243,6 +302,22 @@ impl StateStore for RocksStore {
         // together, so deleting the files inside the range removes the bucket whole.
         self.db
             .delete_file_in_range(&from, &to)
-            .map_err(|e| failed("drop bucket", &self.dir, e))
+            .map_err(|e| failed("drop bucket", &self.dir, e))?;
+        let first = SegmentId {
+            side,
+            bucket,
+            segment: 0,
+        };
+        let dropped: Vec<SegmentId> = self
+            .files
+            .range(first..)
+            .take_while(|(id, _)| id.side == side && id.bucket == bucket)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dropped {
+            let path = self.files.remove(&id).expect("listed above");
+            std::fs::remove_file(&path).map_err(|e| failed("drop bucket", &path, e))?;
+        }
+        Ok(())
     }
 }

@@ -31,6 +31,9 @@ enum Op {
         side: bool,
         bucket: i64,
     },
+    /// The store rebuilt in a new folder from copies of its segment files, as a restore
+    /// from a checkpoint does.
+    Restore,
 }
 
 fn side(left: bool) -> Side {
@@ -50,6 +53,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         1 => (any::<bool>(), bucket.clone(), 0u32..3).prop_map(|(side, bucket, segment)| Op::Scan { side, bucket, segment }),
         1 => (any::<bool>(), bucket.clone()).prop_map(|(side, bucket)| Op::Drop { side, bucket }),
         2 => prop::collection::vec((any::<bool>(), bucket, 0u32..3, 0u8..8), 0..12).prop_map(Op::Reads),
+        1 => Just(Op::Restore),
     ];
     prop::collection::vec(op, 1..40)
 }
@@ -88,7 +92,8 @@ proptest! {
     #[test]
     fn rocks_store_agrees_with_model(ops in ops()) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut rocks = RocksStore::create(&dir.path().join("state"), &RocksOptions::default()).expect("open");
+        let mut rocks = RocksStore::create(&dir.path().join("state-0"), &RocksOptions::default()).expect("open");
+        let mut restores = 0;
         let mut model = MemStore::default();
         // Segment numbers are never reused within a bucket, as in the join.
         let mut next_segment = std::collections::HashMap::new();
@@ -124,7 +129,19 @@ proptest! {
                     rocks.drop_bucket(side(s), bucket).expect("rocks drop");
                     model.drop_bucket(side(s), bucket).expect("model drop");
                 }
+                Op::Restore => {
+                    restores += 1;
+                    let dir = dir.path().join(format!("state-{restores}"));
+                    let mut fresh = RocksStore::create(&dir, &RocksOptions::default()).expect("open");
+                    let ids: Vec<SegmentId> = rocks.segment_files().keys().copied().collect();
+                    for (&id, path) in rocks.segment_files() {
+                        std::fs::copy(path, fresh.segment_path(id)).expect("copy a segment file");
+                    }
+                    fresh.ingest_segments(&ids).expect("ingest");
+                    rocks = fresh;
+                }
             }
+            prop_assert_eq!(rocks.segment_files().len(), model.segment_count(), "one file per live segment");
         }
     }
 
