@@ -20,6 +20,12 @@ pub enum SourceError {
         source_name: String,
         pattern: String,
     },
+    #[error("source `{source_name}`: the checkpoint was taken in {} but that place in the file list now holds {}; the input files changed since, so braid cannot resume (run with --reset to start over)", expected.display(), found.display())]
+    Moved {
+        source_name: String,
+        expected: PathBuf,
+        found: PathBuf,
+    },
     #[error("source `{source_name}`: cannot read {}: {error}", path.display())]
     Read {
         source_name: String,
@@ -72,12 +78,24 @@ impl LineBatch {
     }
 }
 
+/// Where a files source stands: the next byte to read, for checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourcePosition {
+    /// Index of the file in the source's sorted list, and its path (checked on restore).
+    pub file: u32,
+    pub path: PathBuf,
+    /// Bytes of that file already read, and the lines among them.
+    pub offset: u64,
+    pub line: u64,
+}
+
 pub struct FileSource {
     name: String,
     files: Vec<PathBuf>,
     current: usize,
     reader: Option<BufReader<File>>,
     line: u64,
+    offset: u64,
     max_line_bytes: usize,
 }
 
@@ -104,8 +122,46 @@ impl FileSource {
             current: 0,
             reader: None,
             line: 0,
+            offset: 0,
             max_line_bytes,
         }
+    }
+
+    /// The position after the last line read.
+    pub fn position(&self) -> SourcePosition {
+        SourcePosition {
+            file: self.current as u32,
+            path: self
+                .files
+                .get(self.current)
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("<end>")),
+            offset: self.offset,
+            line: self.line,
+        }
+    }
+
+    /// Continues reading at `position`, taken from this source's file list earlier.
+    pub fn seek(&mut self, position: &SourcePosition) -> Result<(), SourceError> {
+        let index = position.file as usize;
+        if index < self.files.len() && self.files[index] != position.path {
+            return Err(SourceError::Moved {
+                source_name: self.name.clone(),
+                expected: position.path.clone(),
+                found: self.files[index].clone(),
+            });
+        }
+        self.current = index;
+        self.reader = None;
+        self.line = position.line;
+        self.offset = position.offset;
+        if let Some(path) = self.files.get(index) {
+            let mut file = File::open(path).map_err(|error| self.read_error(error))?;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(position.offset))
+                .map_err(|error| self.read_error(error))?;
+            self.reader = Some(BufReader::with_capacity(READ_BUFFER_BYTES, file));
+        }
+        Ok(())
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -131,6 +187,7 @@ impl FileSource {
                 let file = File::open(path).map_err(|error| self.read_error(error))?;
                 self.reader = Some(BufReader::with_capacity(READ_BUFFER_BYTES, file));
                 self.line = 0;
+                self.offset = 0;
             }
             let start = batch.bytes.len();
             let reader = self.reader.as_mut().expect("opened above");
@@ -138,9 +195,12 @@ impl FileSource {
                 Ok(None) => {
                     self.reader = None;
                     self.current += 1;
+                    self.offset = 0;
+                    self.line = 0;
                 }
-                Ok(Some(full_len)) => {
+                Ok(Some((full_len, consumed))) => {
                     self.line += 1;
+                    self.offset += consumed;
                     let mut end = batch.bytes.len();
                     while end > start && matches!(batch.bytes[end - 1], b'\n' | b'\r') {
                         end -= 1;
@@ -198,17 +258,18 @@ pub fn resolve_glob(name: &str, base: &Path, pattern: &str) -> Result<Vec<PathBu
 }
 
 /// Reads one line, keeping at most `max` bytes of it (plus the newline) in `out`.
-/// Returns the line's full length, or `None` at the end of the file.
+/// Returns the line's full length and the bytes consumed, or `None` at the end of the
+/// file.
 fn read_line_bounded(
     reader: &mut impl BufRead,
     out: &mut Vec<u8>,
     max: usize,
-) -> std::io::Result<Option<usize>> {
+) -> std::io::Result<Option<(usize, u64)>> {
     let mut total = 0usize;
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
-            return Ok((total > 0).then_some(total));
+            return Ok((total > 0).then_some((total, total as u64)));
         }
         let (chunk, done) = match memchr::memchr(b'\n', buf) {
             Some(i) => (&buf[..=i], true),
@@ -221,7 +282,7 @@ fn read_line_bounded(
         reader.consume(used);
         if done {
             // The length without the newline.
-            return Ok(Some(total - 1));
+            return Ok(Some((total - 1, total as u64)));
         }
     }
 }
@@ -251,6 +312,32 @@ mod tests {
                 ("last".into(), 1, 4, None),
             ]
         );
+    }
+
+    #[test]
+    fn reading_resumes_at_a_saved_position() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.ndjson"), "a1\n\na3\r\na4").unwrap();
+        std::fs::write(dir.path().join("b.ndjson"), "b1\nb2\n").unwrap();
+        let lines = |source: &mut FileSource, max| {
+            let mut batch = LineBatch::default();
+            source.read_batch(&mut batch, max).unwrap();
+            batch
+                .iter()
+                .map(|(b, p, _)| (String::from_utf8_lossy(b).into_owned(), p.file, p.line))
+                .collect::<Vec<_>>()
+        };
+        let mut whole = FileSource::open("s", dir.path(), "*.ndjson", 100).unwrap();
+        let all = lines(&mut whole, 100);
+        for cut in 0..all.len() {
+            let mut first = FileSource::open("s", dir.path(), "*.ndjson", 100).unwrap();
+            let mut got = lines(&mut first, cut);
+            let position = first.position();
+            let mut resumed = FileSource::open("s", dir.path(), "*.ndjson", 100).unwrap();
+            resumed.seek(&position).unwrap();
+            got.extend(lines(&mut resumed, 100));
+            assert_eq!(got, all, "cut after {cut} lines at {position:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! A `files` sink: records go to a hidden in-progress file, which becomes visible under
 //! its final name only when it is committed (renamed). Readers ignore names starting
 //! with `.` or `_`.
+//!
+//! With checkpoints the commit has two phases: at a barrier (and when a file reaches
+//! its size limit) the in-progress file is closed and renamed to a hidden *pending*
+//! name; the checkpoint's manifest lists it, and only once the manifest is committed
+//! is it renamed to its final name ([`PendingFile::publish`]).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -16,6 +21,40 @@ pub struct SinkError {
     pub error: std::io::Error,
 }
 
+/// A closed output file awaiting its checkpoint: hidden under `pending` until renamed
+/// to `done`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingFile {
+    pub pending: PathBuf,
+    pub done: PathBuf,
+}
+
+impl PendingFile {
+    /// Makes the file durable under its pending name (before the manifest is written).
+    pub fn sync(&self) -> Result<(), SinkError> {
+        File::open(&self.pending)
+            .and_then(|f| f.sync_all())
+            .map_err(|error| SinkError {
+                operation: "sync",
+                path: self.pending.clone(),
+                error,
+            })
+    }
+
+    /// Renames the file to its final name. Publishing again (after a crash between the
+    /// rename and the next checkpoint) finds it done and does nothing.
+    pub fn publish(&self) -> Result<(), SinkError> {
+        if !self.pending.exists() && self.done.exists() {
+            return Ok(());
+        }
+        std::fs::rename(&self.pending, &self.done).map_err(|error| SinkError {
+            operation: "rename",
+            path: self.pending.clone(),
+            error,
+        })
+    }
+}
+
 pub struct FileSink {
     dir: PathBuf,
     prefix: String,
@@ -24,6 +63,9 @@ pub struct FileSink {
     next_file: u64,
     roll_bytes: u64,
     committed: Vec<PathBuf>,
+    /// Two-phase commit: closed files wait here for the next checkpoint.
+    two_phase: bool,
+    pending: Vec<PendingFile>,
 }
 
 impl FileSink {
@@ -37,7 +79,68 @@ impl FileSink {
             next_file: 0,
             roll_bytes,
             committed: Vec::new(),
+            two_phase: false,
+            pending: Vec::new(),
         }
+    }
+
+    /// A sink whose files become visible only through checkpoints: each closed file
+    /// is returned by the next [`barrier`](Self::barrier), numbered from `next_file`.
+    pub fn two_phase(dir: &Path, prefix: &str, roll_bytes: u64, next_file: u64) -> FileSink {
+        FileSink {
+            two_phase: true,
+            next_file,
+            ..FileSink::new(dir, prefix, roll_bytes)
+        }
+    }
+
+    /// The number the next file gets: part of a checkpoint.
+    pub fn next_file(&self) -> u64 {
+        self.next_file
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Closes the open file as pending and returns every file closed since the last
+    /// barrier (two-phase sinks).
+    pub fn barrier(&mut self) -> Result<Vec<PendingFile>, SinkError> {
+        self.close_pending()?;
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    /// Flushes the open file and renames it to its pending name.
+    fn close_pending(&mut self) -> Result<(), SinkError> {
+        let Some((writer, path, _)) = self.open.take() else {
+            return Ok(());
+        };
+        writer.into_inner().map_err(|e| SinkError {
+            operation: "write",
+            path: path.clone(),
+            error: e.into_error(),
+        })?;
+        let file = PendingFile {
+            pending: self.dir.join(format!(
+                ".{}-{:06}.ndjson.pending",
+                self.prefix, self.next_file
+            )),
+            done: self
+                .dir
+                .join(format!("{}-{:06}.ndjson", self.prefix, self.next_file)),
+        };
+        std::fs::rename(&path, &file.pending).map_err(|error| SinkError {
+            operation: "rename",
+            path: path.clone(),
+            error,
+        })?;
+        self.next_file += 1;
+        self.pending.push(file);
+        Ok(())
     }
 
     /// Appends one record and a newline.
@@ -80,13 +183,18 @@ impl FileSink {
         })?;
         *bytes += 1;
         if *bytes >= self.roll_bytes {
-            self.commit()?;
+            if self.two_phase {
+                self.close_pending()?;
+            } else {
+                self.commit()?;
+            }
         }
         Ok(())
     }
 
-    /// Flushes, syncs and renames the open file to its final name.
+    /// Flushes, syncs and renames the open file to its final name (one-phase sinks).
     pub fn commit(&mut self) -> Result<(), SinkError> {
+        debug_assert!(!self.two_phase, "two-phase sinks commit through checkpoints");
         let Some((writer, path, _)) = self.open.take() else {
             return Ok(());
         };
@@ -139,6 +247,37 @@ mod tests {
         assert_eq!(visible(dir.path()), 1);
         let text = std::fs::read_to_string(&sink.committed()[0]).unwrap();
         assert_eq!(text, "{\"a\":1}\n");
+    }
+
+    #[test]
+    fn two_phase_files_stay_hidden_until_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::two_phase(dir.path(), "p", 10, 7);
+        for _ in 0..3 {
+            sink.write(b"12345").unwrap();
+        }
+        let pending = sink.barrier().unwrap();
+        assert_eq!(pending.len(), 2, "one rolled at the limit, one closed at the barrier");
+        assert_eq!(sink.next_file(), 9);
+        let names = |d: &Path| {
+            let mut n: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(dir.path()),
+            vec![".p-000007.ndjson.pending", ".p-000008.ndjson.pending"]
+        );
+        for file in &pending {
+            file.sync().unwrap();
+            file.publish().unwrap();
+            file.publish().unwrap();
+        }
+        assert_eq!(names(dir.path()), vec!["p-000007.ndjson", "p-000008.ndjson"]);
+        assert!(sink.barrier().unwrap().is_empty());
     }
 
     #[test]
