@@ -36,12 +36,13 @@ impl Watermark {
         self.0 > i128::from(time.0) + i128::from(offset_ms)
     }
 
-    pub(crate) fn raw(self) -> i128 {
+    /// The watermark as stored in snapshots and manifests.
+    pub fn raw(self) -> i128 {
         self.0
     }
 
     /// A watermark read back from a snapshot, clamped into the infinities.
-    pub(crate) fn from_raw(raw: i128) -> Watermark {
+    pub fn from_raw(raw: i128) -> Watermark {
         Watermark(raw.clamp(Watermark::MIN.0, Watermark::MAX.0))
     }
 

@@ -114,6 +114,33 @@ impl Watermarks {
     pub fn current(&self) -> Watermark {
         self.current
     }
+
+    /// Per source and partition: the largest time delivered and whether it is
+    /// exhausted. With [`current`](Self::current) this is what a checkpoint keeps.
+    pub fn partitions(&self) -> Vec<Vec<(Option<i64>, bool)>> {
+        self.sources
+            .iter()
+            .map(|s| s.iter().map(|p| (p.max_time, p.exhausted)).collect())
+            .collect()
+    }
+
+    /// Restores what [`partitions`](Self::partitions) and `current` returned; the
+    /// partitions count as active from `now_ms`. The watermark never moves backwards.
+    pub fn restore(
+        &mut self,
+        partitions: &[Vec<(Option<i64>, bool)>],
+        current: Watermark,
+        now_ms: u64,
+    ) {
+        for (source, saved) in self.sources.iter_mut().zip(partitions) {
+            for (p, &(max_time, exhausted)) in source.iter_mut().zip(saved) {
+                p.max_time = max_time;
+                p.exhausted = exhausted;
+                p.last_active_ms = now_ms;
+            }
+        }
+        self.current = self.current.max(current);
+    }
 }
 
 #[cfg(test)]

@@ -94,6 +94,10 @@ impl FileSink {
         }
     }
 
+    pub fn is_two_phase(&self) -> bool {
+        self.two_phase
+    }
+
     /// The number the next file gets: part of a checkpoint.
     pub fn next_file(&self) -> u64 {
         self.next_file
@@ -194,7 +198,10 @@ impl FileSink {
 
     /// Flushes, syncs and renames the open file to its final name (one-phase sinks).
     pub fn commit(&mut self) -> Result<(), SinkError> {
-        debug_assert!(!self.two_phase, "two-phase sinks commit through checkpoints");
+        debug_assert!(
+            !self.two_phase,
+            "two-phase sinks commit through checkpoints"
+        );
         let Some((writer, path, _)) = self.open.take() else {
             return Ok(());
         };
@@ -257,7 +264,11 @@ mod tests {
             sink.write(b"12345").unwrap();
         }
         let pending = sink.barrier().unwrap();
-        assert_eq!(pending.len(), 2, "one rolled at the limit, one closed at the barrier");
+        assert_eq!(
+            pending.len(),
+            2,
+            "one rolled at the limit, one closed at the barrier"
+        );
         assert_eq!(sink.next_file(), 9);
         let names = |d: &Path| {
             let mut n: Vec<String> = std::fs::read_dir(d)
@@ -276,7 +287,10 @@ mod tests {
             file.publish().unwrap();
             file.publish().unwrap();
         }
-        assert_eq!(names(dir.path()), vec!["p-000007.ndjson", "p-000008.ndjson"]);
+        assert_eq!(
+            names(dir.path()),
+            vec!["p-000007.ndjson", "p-000008.ndjson"]
+        );
         assert!(sink.barrier().unwrap().is_empty());
     }
 

@@ -117,12 +117,7 @@ impl RocksStore {
     /// Where the file of segment `id` lives; [`ingest_segments`](Self::ingest_segments)
     /// expects restored files there.
     pub fn segment_path(&self, id: SegmentId) -> PathBuf {
-        self.dir.join("segments").join(format!(
-            "{}-{:016x}-{:08x}.sst",
-            id.side.index(),
-            (id.bucket as u64) ^ (1 << 63),
-            id.segment
-        ))
+        self.dir.join("segments").join(segment_file_name(id))
     }
 
     /// Adds segment files placed at their [`segment_path`](Self::segment_path) (by a
@@ -134,7 +129,10 @@ impl RocksStore {
         let mut links = Vec::with_capacity(ids.len());
         for &id in ids {
             let path = self.segment_path(id);
-            let link = self.dir.join("ingest").join(path.file_name().expect("a file name"));
+            let link = self
+                .dir
+                .join("ingest")
+                .join(path.file_name().expect("a file name"));
             std::fs::hard_link(&path, &link).map_err(|e| failed("restore segment", &path, e))?;
             links.push(link);
             self.files.insert(id, path);
@@ -160,6 +158,16 @@ impl RocksStore {
         push_prefix(&mut self.key, id.side, id.bucket, Some(id.segment));
         self.key.extend_from_slice(key);
     }
+}
+
+/// The file name of segment `id`, unique within one store's history.
+pub fn segment_file_name(id: SegmentId) -> String {
+    format!(
+        "{}-{:016x}-{:08x}.sst",
+        id.side.index(),
+        (id.bucket as u64) ^ (1 << 63),
+        id.segment
+    )
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
@@ -228,7 +236,10 @@ impl StateStore for RocksStore {
             .finish()
             .map_err(|e| failed("write segment", &path, e))?;
         // RocksDB moves the ingested link into its folder; `path` stays, unchanged.
-        let link = self.dir.join("ingest").join(path.file_name().expect("a file name"));
+        let link = self
+            .dir
+            .join("ingest")
+            .join(path.file_name().expect("a file name"));
         std::fs::hard_link(&path, &link).map_err(|e| failed("ingest segment", &path, e))?;
         let mut ingest = IngestExternalFileOptions::default();
         ingest.set_move_files(true);

@@ -16,6 +16,9 @@ pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
 const MEMORY_MAX_DEFAULT: &str = "512MiB";
 const MEMORY_MAX_MIN_BYTES: u64 = 64 << 10;
 const IDLE_TIMEOUT_DEFAULT: &str = "30s";
+/// Completed checkpoints kept when the job file does not say (Flink keeps 1; a few give
+/// a fallback when the newest turns out broken).
+const CHECKPOINTS_KEPT_DEFAULT: usize = 3;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +95,7 @@ struct StateFile {
 struct CheckpointFile {
     dir: Option<String>,
     interval: Option<String>,
+    keep: Option<usize>,
 }
 
 /// A job file that cannot run, with where and why.
@@ -131,8 +135,11 @@ pub enum Output {
 
 #[derive(Clone, Debug)]
 pub struct CheckpointPlan {
+    /// A folder (resolved against the job file's folder) or `s3://bucket/prefix`.
     pub dir: String,
     pub interval_ms: i64,
+    /// Completed checkpoints kept; older ones and their files are deleted.
+    pub keep: usize,
 }
 
 /// A validated job: everything `braid run` needs, with paths resolved.
@@ -262,10 +269,28 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     let checkpoint = match &raw.checkpoint {
         None => None,
         Some(c) => Some(CheckpointPlan {
-            dir: c
-                .dir
-                .clone()
-                .unwrap_or_else(|| format!(".braid/{}/checkpoints", raw.name)),
+            dir: match &c.dir {
+                Some(d) if d.starts_with("s3://") => {
+                    if d.trim_start_matches("s3://").trim_matches('/').is_empty() {
+                        return Err(format!(
+                            "[checkpoint] dir: `{d}` names no bucket; write s3://BUCKET/PREFIX"
+                        ));
+                    }
+                    d.clone()
+                }
+                Some(d) => base.join(d).to_string_lossy().into_owned(),
+                None => base
+                    .join(".braid")
+                    .join(&raw.name)
+                    .join("checkpoints")
+                    .to_string_lossy()
+                    .into_owned(),
+            },
+            keep: match c.keep {
+                Some(0) => return Err("[checkpoint] keep: must be at least 1".into()),
+                Some(n) => n,
+                None => CHECKPOINTS_KEPT_DEFAULT,
+            },
             interval_ms: match duration("[checkpoint] interval", &c.interval, "10s")? {
                 ms if ms > 0 => ms,
                 _ => return Err("[checkpoint] interval: must be positive".into()),
@@ -492,8 +517,8 @@ impl fmt::Display for Plan {
         if let Some(c) = &self.checkpoint {
             writeln!(
                 f,
-                "  checkpoint: {} every {} ms (checkpoints arrive with issue 3)",
-                c.dir, c.interval_ms
+                "  checkpoint: {} every {} ms, keeping {}",
+                c.dir, c.interval_ms, c.keep
             )?;
         }
         Ok(())

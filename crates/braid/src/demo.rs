@@ -57,6 +57,10 @@ format = "ndjson"
 [state]
 dir = ".braid/state"
 memory_max = "{}MiB"
+
+[checkpoint]
+dir = ".braid/checkpoints"
+interval = "10s"
 "#,
         memory_max_bytes >> 20
     )
@@ -106,7 +110,13 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
     )?;
     let plan = crate::config::load(&job)?;
     eprintln!("braid demo: running {}", job.display());
-    let summary = run(&plan, &RunOptions { progress })?;
+    let summary = run(
+        &plan,
+        &RunOptions {
+            progress,
+            reset: false,
+        },
+    )?;
     println!("{summary}");
     summary.check().map_err(anyhow::Error::msg)?;
     if let Some(sample) = first_line(&dir.join("out")) {

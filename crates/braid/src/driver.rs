@@ -12,10 +12,15 @@ use std::time::Instant;
 use anyhow::Context;
 use braid_core::{Event, PartitionId, Side, Watermark, Watermarks};
 use braid_io::takerate::{Stream, TakeRate};
-use braid_io::{Decoder, FileSink, FileSource, LineBatch, Position};
+use braid_io::{Decoder, FileSink, FileSource, LineBatch, PendingFile, Position};
 
+use crate::checkpoint::coordinator::{recover_output, Checkpointing};
+use crate::checkpoint::{
+    parse_watermark, watermark_text, Part, ReaderSnapshot, ReaderState, SinkState, SourceAt,
+    SourceState,
+};
 use crate::config::{Input, Output, Plan, SourcePlan};
-use crate::engine::{Engine, ShardReport};
+use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::progress::Progress;
 use crate::results::{RecordShape, Records, StdoutLines};
 use crate::summary::{SourceCounts, Summary};
@@ -35,6 +40,8 @@ enum Reader {
         lines: TakeRate,
         stream: Stream,
         produced: u64,
+        /// Lines drawn from the generator, of both streams: its position.
+        drawn: u64,
     },
 }
 
@@ -50,8 +57,46 @@ impl Reader {
                 lines: TakeRate::new(config.clone()),
                 stream: *stream,
                 produced: 0,
+                drawn: 0,
             },
         })
+    }
+
+    fn position(&self) -> SourceAt {
+        match self {
+            Reader::Files(files) => SourceAt::Files(files.position()),
+            Reader::Generator { drawn, .. } => SourceAt::Generator { lines: *drawn },
+        }
+    }
+
+    /// Continues at a checkpoint's position.
+    fn seek(&mut self, at: &SourceAt) -> anyhow::Result<()> {
+        match (self, at) {
+            (Reader::Files(files), SourceAt::Files(position)) => Ok(files.seek(position)?),
+            (
+                Reader::Generator {
+                    lines,
+                    stream,
+                    produced,
+                    drawn,
+                },
+                SourceAt::Generator { lines: target },
+            ) => {
+                while *drawn < *target {
+                    let (s, _) = lines
+                        .next()
+                        .context("the checkpoint is past the generator's end")?;
+                    *drawn += 1;
+                    if s == *stream {
+                        *produced += 1;
+                    }
+                }
+                Ok(())
+            }
+            (_, at) => {
+                anyhow::bail!("the checkpoint holds a position of another kind of source: {at:?}")
+            }
+        }
     }
 
     /// Reads up to `max` lines; false once exhausted.
@@ -62,11 +107,13 @@ impl Reader {
                 lines,
                 stream,
                 produced,
+                drawn,
             } => {
                 while batch.len() < max {
                     let Some((s, line)) = lines.next() else {
                         return Ok(false);
                     };
+                    *drawn += 1;
                     if s == *stream {
                         *produced += 1;
                         batch.push(
@@ -115,80 +162,118 @@ impl SideOutput {
 
     fn commit(&mut self) -> anyhow::Result<()> {
         if let SideOutput::Files { late, dead } = self {
-            late.commit()?;
-            dead.commit()?;
+            if !late.is_two_phase() {
+                late.commit()?;
+                dead.commit()?;
+            }
         }
         Ok(())
     }
-}
 
-/// Makes sure a files output starts clean: refuses committed output of an earlier run
-/// (it would be mixed with this run's) and removes files an interrupted run left hidden.
-fn prepare_output(dir: &Path) -> anyhow::Result<()> {
-    for folder in [dir.to_path_buf(), dir.join("_late"), dir.join("_dead")] {
-        let Ok(entries) = std::fs::read_dir(&folder) else {
-            continue;
-        };
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".inprogress") {
-                std::fs::remove_file(entry.path())?;
-            } else if name.ends_with(".ndjson") {
-                anyhow::bail!(
-                    "output folder {} already holds committed output ({name}) of an earlier run; remove it or set another [output] path",
-                    folder.display()
-                );
+    /// Closes the side outputs' files as pending, for a checkpoint.
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Vec<SinkState>)> {
+        let mut pending = Vec::new();
+        let mut sinks = Vec::new();
+        if let SideOutput::Files { late, dead } = self {
+            for sink in [late, dead] {
+                pending.extend(sink.barrier()?);
+                sinks.push(SinkState {
+                    dir: sink.dir().to_path_buf(),
+                    prefix: sink.prefix().to_string(),
+                    next_file: sink.next_file(),
+                });
             }
         }
+        Ok((pending, sinks))
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output folder {}", dir.display()))
 }
 
 pub struct RunOptions {
     pub progress: bool,
+    /// Delete the job's checkpoints and start from the beginning of the inputs.
+    pub reset: bool,
 }
 
-/// Runs a validated job over its bounded inputs to the end.
+/// A sink's file numbering in a restored checkpoint (0 for a fresh start).
+fn next_file(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) -> u64 {
+    checkpointing
+        .and_then(|c| c.restored.as_ref())
+        .and_then(|r| {
+            r.manifest
+                .sinks
+                .iter()
+                .find(|s| s.dir == dir && s.prefix == prefix)
+        })
+        .map_or(0, |s| s.next_file)
+}
+
+/// A files sink: two-phase (published by checkpoints) when the job checkpoints.
+fn file_sink(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) -> FileSink {
+    match checkpointing {
+        Some(_) => FileSink::two_phase(
+            dir,
+            prefix,
+            OUTPUT_ROLL_BYTES,
+            next_file(checkpointing, dir, prefix),
+        ),
+        None => FileSink::new(dir, prefix, OUTPUT_ROLL_BYTES),
+    }
+}
+
+/// Runs a validated job over its bounded inputs to the end, resuming from its newest
+/// usable checkpoint.
 pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
+    let mut checkpointing = match &plan.checkpoint {
+        Some(c) => Some(Checkpointing::open(plan, c, options.reset)?),
+        None => None,
+    };
+    let manifest = checkpointing
+        .as_ref()
+        .and_then(|c| c.restored.as_ref())
+        .map(|r| r.manifest.clone());
+    let restore = checkpointing
+        .as_mut()
+        .and_then(|c| c.restored.as_mut())
+        .map(|r| std::mem::take(&mut r.shards))
+        .unwrap_or_default();
+    let parts = checkpointing.as_ref().map(|c| c.committer.parts());
+    let engine_config = EngineConfig {
+        spec: plan.spec,
+        shards: plan.parallelism,
+        memory_max_bytes: plan.memory_max_bytes,
+        state_dir: &plan.state_dir,
+        checkpoints: parts.clone(),
+        restore,
+    };
     let shape = RecordShape::new(&plan.sources[0].name, &plan.sources[1].name);
     let (engine, side_output) = match &plan.output {
         Output::Files(dir) => {
-            prepare_output(dir)?;
-            let engine = Engine::start(
-                plan.spec,
-                plan.parallelism,
-                plan.memory_max_bytes,
-                &plan.state_dir,
-                |i| {
-                    let part = FileSink::new(dir, &format!("part-{i}"), OUTPUT_ROLL_BYTES);
-                    Ok(Records::new(shape.clone(), part))
-                },
-            )?;
-            let late = FileSink::new(&dir.join("_late"), "late", OUTPUT_ROLL_BYTES);
-            let dead = FileSink::new(&dir.join("_dead"), "dead", OUTPUT_ROLL_BYTES);
+            recover_output(dir, manifest.as_ref())?;
+            let c = checkpointing.as_ref();
+            let engine = Engine::start_with(engine_config, |i| {
+                Ok(Records::new(
+                    shape.clone(),
+                    file_sink(c, dir, &format!("part-{i}")),
+                ))
+            })?;
             (
                 engine,
                 SideOutput::Files {
-                    late: Box::new(late),
-                    dead: Box::new(dead),
+                    late: Box::new(file_sink(c, &dir.join("_late"), "late")),
+                    dead: Box::new(file_sink(c, &dir.join("_dead"), "dead")),
                 },
             )
         }
         Output::Stdout => {
             let out = Arc::new(Mutex::new(std::io::stdout()));
-            let engine = Engine::start(
-                plan.spec,
-                plan.parallelism,
-                plan.memory_max_bytes,
-                &plan.state_dir,
-                |_| Ok(Records::new(shape.clone(), StdoutLines::new(out.clone()))),
-            )?;
+            let engine = Engine::start_with(engine_config, |_| {
+                Ok(Records::new(shape.clone(), StdoutLines::new(out.clone())))
+            })?;
             (engine, SideOutput::Stderr)
         }
     };
+    let _ = std::fs::remove_dir_all(plan.state_dir.join("restore"));
     tracing::info!(
         job = %plan.name,
         shards = plan.parallelism,
@@ -197,12 +282,29 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         "starting"
     );
     let mut reading = Reading::new(plan, engine, side_output, started)?;
+    if let Some(m) = &manifest {
+        reading.restore(&m.reader)?;
+    }
     let mut progress = Progress::new(options.progress);
     while !reading.done() {
+        if let Some(c) = checkpointing.as_mut() {
+            c.poll()?;
+            if c.due() {
+                let epoch = c.begin();
+                reading.barrier(epoch, parts.as_ref().expect("checkpointing"))?;
+            }
+        }
         reading.round()?;
         progress.tick(reading.input_total(), reading.marks.current());
     }
     progress.finish();
+    if let Some(c) = checkpointing.as_mut() {
+        // The final checkpoint publishes the rest of the output.
+        c.wait()?;
+        let epoch = c.begin();
+        reading.barrier(epoch, parts.as_ref().expect("checkpointing"))?;
+        c.wait()?;
+    }
     let Reading {
         engine,
         mut side_output,
@@ -215,7 +317,13 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         Output::Files(dir) => Some(dir.clone()),
         Output::Stdout => None,
     };
-    let summary = Summary::new(plan, counts, &reports, started.elapsed(), committed);
+    let mut summary = Summary::new(plan, counts, &reports, started.elapsed(), committed);
+    if let Some(c) = &checkpointing {
+        summary.checkpoints = Some(crate::summary::CheckpointCounts::new(
+            manifest.as_ref().map(|m| m.epoch),
+            &c.committed,
+        ));
+    }
     if let Output::Files(dir) = &plan.output {
         let path = dir.join("_summary.json");
         std::fs::write(&path, format!("{:#}\n", summary.to_json()))
@@ -276,6 +384,75 @@ impl<'p> Reading<'p> {
 
     fn done(&self) -> bool {
         self.exhausted == [true, true]
+    }
+
+    /// Continues where a checkpoint's reader stood.
+    fn restore(&mut self, state: &ReaderState) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            state.sources.len() == 2,
+            "the checkpoint holds {} sources",
+            state.sources.len()
+        );
+        let now_ms = self.now_ms();
+        for (s, saved) in state.sources.iter().enumerate() {
+            anyhow::ensure!(
+                saved.name == self.plan.sources[s].name,
+                "the checkpoint's source {} is `{}`, the job's `{}`",
+                s + 1,
+                saved.name,
+                self.plan.sources[s].name
+            );
+            self.readers[s]
+                .seek(&saved.at)
+                .with_context(|| format!("cannot resume source `{}`", saved.name))?;
+            self.counts[s] = saved.counts;
+            self.exhausted[s] = saved.partitions.iter().all(|&(_, exhausted)| exhausted);
+        }
+        let partitions: Vec<Vec<(Option<i64>, bool)>> =
+            state.sources.iter().map(|s| s.partitions.clone()).collect();
+        self.marks
+            .restore(&partitions, parse_watermark(&state.watermark)?, now_ms);
+        self.sent = parse_watermark(&state.sent)?;
+        Ok(())
+    }
+
+    /// Cuts the sources here: closes the side outputs' files as pending, sends the
+    /// barrier behind every event read so far, and hands the reader's part to the
+    /// committer.
+    fn barrier(
+        &mut self,
+        epoch: u64,
+        parts: &crossbeam_channel::Sender<Part>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (pending, sinks) = self.side_output.barrier()?;
+        let partitions = self.marks.partitions();
+        let sources = (0..2)
+            .map(|s| SourceState {
+                name: self.plan.sources[s].name.clone(),
+                at: self.readers[s].position(),
+                partitions: partitions[s].clone(),
+                counts: self.counts[s],
+            })
+            .collect();
+        let watermark = self.marks.current();
+        self.engine.barrier(epoch)?;
+        let snapshot = ReaderSnapshot {
+            epoch,
+            state: ReaderState {
+                sources,
+                watermark: watermark_text(watermark),
+                sent: watermark_text(self.sent),
+            },
+            watermark_ms: (!watermark.is_infinite() || watermark == Watermark::MAX)
+                .then(|| watermark.millis()),
+            pending,
+            sinks,
+            pause: started.elapsed(),
+        };
+        parts
+            .send(Part::Reader(snapshot))
+            .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))
     }
 
     fn input_total(&self) -> u64 {

@@ -6,12 +6,20 @@
 //! [`BATCH_EVENTS_MAX`] events through bounded channels, so a slow shard pushes back on
 //! the reader instead of queueing without limit.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use braid_core::{Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, Side, Watermark};
+use anyhow::Context;
+use braid_core::{
+    Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, SegmentId, Side, Watermark,
+};
+use braid_io::PendingFile;
 use braid_state::{RocksOptions, RocksStore};
 use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::checkpoint::{store::fault_after, Part, ShardRestore, ShardSnapshot, SinkState};
 
 /// Key groups: the unit that would move between processes when scaling out.
 pub const KEY_GROUPS: u64 = 4_096;
@@ -23,6 +31,9 @@ pub const SHARD_QUEUE_BATCHES: usize = 8;
 /// Where a shard's results go; errors are kept and checked after each batch.
 pub trait ResultSink: JoinSink + Send + 'static {
     fn take_error(&mut self) -> Option<anyhow::Error>;
+    /// At a checkpoint barrier: the files closed since the last one, pending their
+    /// commit, and where the sink's numbering stands.
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)>;
     fn finish(&mut self) -> anyhow::Result<()>;
 }
 
@@ -46,6 +57,21 @@ struct BatchEvent {
 enum ShardMessage {
     Events(EventBatch),
     Advance(Watermark),
+    /// Checkpoint barrier of an epoch: everything before it is in the snapshot.
+    Barrier(u64),
+}
+
+/// How the engine is set up.
+pub struct EngineConfig<'a> {
+    pub spec: JoinSpec,
+    pub shards: usize,
+    pub memory_max_bytes: u64,
+    /// Shard `i` keeps its state under `state_dir/shard-i`.
+    pub state_dir: &'a Path,
+    /// Where barriers' snapshots go; `None` without checkpoints.
+    pub checkpoints: Option<Sender<Part>>,
+    /// Per shard, the state of a restored checkpoint (empty for a fresh start).
+    pub restore: Vec<ShardRestore>,
 }
 
 /// What a shard did, reported when it ends.
@@ -76,27 +102,88 @@ impl Engine {
         shards: usize,
         memory_max_bytes: u64,
         state_dir: &Path,
+        make_sink: impl FnMut(usize) -> anyhow::Result<K>,
+    ) -> anyhow::Result<Engine> {
+        Engine::start_with(
+            EngineConfig {
+                spec,
+                shards,
+                memory_max_bytes,
+                state_dir,
+                checkpoints: None,
+                restore: Vec::new(),
+            },
+            make_sink,
+        )
+    }
+
+    /// Starts the shards, restoring their state when `config.restore` holds it.
+    pub fn start_with<K: ResultSink>(
+        config: EngineConfig<'_>,
         mut make_sink: impl FnMut(usize) -> anyhow::Result<K>,
     ) -> anyhow::Result<Engine> {
+        let EngineConfig {
+            spec,
+            shards,
+            memory_max_bytes,
+            state_dir,
+            checkpoints,
+            mut restore,
+        } = config;
+        anyhow::ensure!(
+            restore.is_empty() || restore.len() == shards,
+            "the checkpoint has {} shards, the job {shards}",
+            restore.len()
+        );
+        let mut restore = restore.drain(..).map(Some).collect::<Vec<_>>();
+        restore.resize_with(shards, || None);
+        let tuning = RocksOptions {
+            fail_writes_after: fault_after("state-write"),
+            ..RocksOptions::default()
+        };
         let mut senders = Vec::with_capacity(shards);
         let mut handles = Vec::with_capacity(shards);
         // Never more batches than the queues and the open ones hold, so it never blocks.
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
-        for i in 0..shards {
-            let store = RocksStore::create(
-                &state_dir.join(format!("shard-{i}")),
-                &RocksOptions::default(),
-            )?;
-            let join = Join::new(spec, store, per_shard);
+        for (i, restored) in restore.into_iter().enumerate() {
+            let dir = state_dir.join(format!("shard-{i}"));
+            let mut store = RocksStore::create(&dir, &tuning)?;
+            let mut checkpointed = BTreeSet::new();
+            let image = match restored {
+                Some(r) => {
+                    for &id in &r.segments {
+                        let from = r.dir.join(braid_state::segment_file_name(id));
+                        std::fs::rename(&from, store.segment_path(id)).with_context(|| {
+                            format!("cannot move restored {} into the state", from.display())
+                        })?;
+                    }
+                    store.ingest_segments(&r.segments)?;
+                    checkpointed.extend(r.segments.iter().copied());
+                    Some(r.image)
+                }
+                None => None,
+            };
+            let mut join = Join::new(spec, store, per_shard);
+            if let Some(image) = image {
+                join.load(&image)
+                    .with_context(|| format!("cannot restore shard {i}"))?;
+            }
             let sink = make_sink(i)?;
             let (tx, rx) = bounded(SHARD_QUEUE_BATCHES);
             senders.push(tx);
             let recycle = recycle.clone();
+            let shard = Shard {
+                index: i,
+                join,
+                staging: dir.join("staging"),
+                checkpoints: checkpoints.clone(),
+                checkpointed,
+            };
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("braid-shard-{i}"))
-                    .spawn(move || run_shard(join, sink, &rx, &recycle))?,
+                    .spawn(move || run_shard(shard, sink, &rx, &recycle))?,
             );
         }
         Ok(Engine {
@@ -136,6 +223,20 @@ impl Engine {
             self.send(shard)?;
             if self.senders[shard]
                 .send(ShardMessage::Advance(watermark))
+                .is_err()
+            {
+                return Err(self.shard_failure(shard));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every queued event, then the barrier of `epoch`, to every shard.
+    pub fn barrier(&mut self, epoch: u64) -> anyhow::Result<()> {
+        for shard in 0..self.senders.len() {
+            self.send(shard)?;
+            if self.senders[shard]
+                .send(ShardMessage::Barrier(epoch))
                 .is_err()
             {
                 return Err(self.shard_failure(shard));
@@ -187,8 +288,61 @@ impl Engine {
     }
 }
 
+/// One shard's join and its checkpointing.
+struct Shard {
+    index: usize,
+    join: Join<RocksStore>,
+    staging: PathBuf,
+    checkpoints: Option<Sender<Part>>,
+    /// Segments whose files an earlier barrier handed over.
+    checkpointed: BTreeSet<SegmentId>,
+}
+
+impl Shard {
+    /// Hands the shard's state at a barrier to the committer: the pause of the pipeline
+    /// is this function (an in-memory copy of the hot state and a few hard links).
+    fn barrier(&mut self, epoch: u64, sink: &mut impl ResultSink) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (pending, sink_state) = sink.barrier()?;
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let mut image = Vec::new();
+        self.join.snapshot(&mut image);
+        let staging = self.staging.join(format!("{epoch}"));
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create {}", staging.display()))?;
+        let files = self.join.store().segment_files();
+        let mut new_files = Vec::new();
+        for (id, path) in files {
+            if !self.checkpointed.contains(id) {
+                let link = staging.join(path.file_name().expect("a file name"));
+                std::fs::hard_link(path, &link)
+                    .with_context(|| format!("cannot stage {}", path.display()))?;
+                new_files.push((*id, link));
+            }
+        }
+        let live: Vec<SegmentId> = files.keys().copied().collect();
+        self.checkpointed = live.iter().copied().collect();
+        let snapshot = ShardSnapshot {
+            shard: self.index,
+            epoch,
+            image,
+            live,
+            new_files,
+            staging,
+            pending,
+            sink: sink_state,
+            pause: started.elapsed(),
+        };
+        checkpoints
+            .send(Part::Shard(snapshot))
+            .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))
+    }
+}
+
 fn run_shard<K: ResultSink>(
-    mut join: Join<RocksStore>,
+    mut shard: Shard,
     mut sink: K,
     rx: &Receiver<ShardMessage>,
     recycle: &Sender<EventBatch>,
@@ -212,11 +366,11 @@ fn run_shard<K: ResultSink>(
                         }
                     })
                     .collect();
-                join.on_batch(&events, &mut sink)?;
+                shard.join.on_batch(&events, &mut sink)?;
                 drop(events);
-                if join.memory_bytes() > report.peak_state_bytes {
-                    report.peak_state_bytes = join.memory_bytes();
-                    report.events_at_peak = join.counts().retained.iter().sum();
+                if shard.join.memory_bytes() > report.peak_state_bytes {
+                    report.peak_state_bytes = shard.join.memory_bytes();
+                    report.events_at_peak = shard.join.counts().retained.iter().sum();
                 }
                 let mut batch = batch;
                 batch.bytes.clear();
@@ -225,8 +379,14 @@ fn run_shard<K: ResultSink>(
                 let _ = recycle.try_send(batch);
             }
             ShardMessage::Advance(watermark) => {
-                join.advance(watermark, &mut sink)?;
-                report.disk_bytes_max = report.disk_bytes_max.max(join.store().disk_bytes());
+                shard.join.advance(watermark, &mut sink)?;
+                report.disk_bytes_max = report.disk_bytes_max.max(shard.join.store().disk_bytes());
+            }
+            ShardMessage::Barrier(epoch) => {
+                if let Some(e) = sink.take_error() {
+                    return Err(e);
+                }
+                shard.barrier(epoch, &mut sink)?;
             }
         }
         if let Some(e) = sink.take_error() {
@@ -234,7 +394,7 @@ fn run_shard<K: ResultSink>(
         }
     }
     sink.finish()?;
-    report.counts = join.counts();
+    report.counts = shard.join.counts();
     tracing::info!(
         pairs = report.counts.pairs,
         spilled_segments = report.counts.spilled_segments,

@@ -6,6 +6,7 @@
 //! ([`demo`], [`bench`]) that `main.rs` dispatches to.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod driver;

@@ -37,7 +37,12 @@ enum Command {
         events: u64,
     },
     /// Run a job to the end of its bounded inputs.
-    Run { job: PathBuf },
+    Run {
+        job: PathBuf,
+        /// Delete the job's checkpoints and start from the beginning of its inputs.
+        #[arg(long)]
+        reset: bool,
+    },
     /// Check a job file and print the resolved plan.
     Validate { job: PathBuf },
     /// Write a synthetic impressions/plays data set (NDJSON) and a job.toml for it.
@@ -140,9 +145,10 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
     match command {
         Command::Demo { dir, events } => braid::demo::demo(&dir, events, progress)?,
         Command::Validate { job } => print!("{}", braid::config::load(&job)?),
-        Command::Run { job } => {
+        Command::Run { job, reset } => {
             let plan = braid::config::load(&job)?;
-            let summary = braid::driver::run(&plan, &braid::driver::RunOptions { progress })?;
+            let summary =
+                braid::driver::run(&plan, &braid::driver::RunOptions { progress, reset })?;
             // With results on stdout, the summary must not mix with them.
             if plan.output == braid::config::Output::Stdout {
                 eprintln!("{summary}");

@@ -5,8 +5,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use braid_core::{JoinSink, Side};
-use braid_io::FileSink;
+use braid_io::{FileSink, PendingFile};
 
+use crate::checkpoint::SinkState;
 use crate::engine::ResultSink;
 
 /// The fixed bytes around the two sides of a joined record:
@@ -51,7 +52,10 @@ impl RecordShape {
 pub trait LineOut: Send + 'static {
     /// Writes the concatenation of `parts` and a newline.
     fn write_line(&mut self, parts: &[&[u8]]) -> anyhow::Result<()>;
-    /// Makes everything written visible (commits files, flushes stdout).
+    /// At a checkpoint barrier: closes what was written as pending (files) or flushes
+    /// it (stdout, which cannot take back lines: at-least-once across a restore).
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)>;
+    /// Makes everything written visible (commits one-phase files, flushes stdout).
     fn finish(&mut self) -> anyhow::Result<()>;
 }
 
@@ -59,7 +63,20 @@ impl LineOut for FileSink {
     fn write_line(&mut self, parts: &[&[u8]]) -> anyhow::Result<()> {
         Ok(self.write_parts(parts)?)
     }
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+        let pending = FileSink::barrier(self)?;
+        let state = SinkState {
+            dir: self.dir().to_path_buf(),
+            prefix: self.prefix().to_string(),
+            next_file: self.next_file(),
+        };
+        Ok((pending, Some(state)))
+    }
     fn finish(&mut self) -> anyhow::Result<()> {
+        if self.is_two_phase() {
+            // Checkpoints publish what was written; the final one is taken at the end.
+            return Ok(());
+        }
         Ok(self.commit()?)
     }
 }
@@ -102,6 +119,10 @@ impl LineOut for StdoutLines {
             self.flush()?;
         }
         Ok(())
+    }
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+        self.flush()?;
+        Ok((Vec::new(), None))
     }
     fn finish(&mut self) -> anyhow::Result<()> {
         self.flush()
@@ -154,6 +175,10 @@ impl<W: LineOut> ResultSink for Records<W> {
     fn take_error(&mut self) -> Option<anyhow::Error> {
         self.error.take()
     }
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+        self.error.take().map_or(Ok(()), Err)?;
+        self.out.barrier()
+    }
     fn finish(&mut self) -> anyhow::Result<()> {
         self.error.take().map_or(Ok(()), Err)?;
         self.out.finish()
@@ -178,6 +203,9 @@ impl JoinSink for CountingResults {
 impl ResultSink for CountingResults {
     fn take_error(&mut self) -> Option<anyhow::Error> {
         None
+    }
+    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+        Ok((Vec::new(), None))
     }
     fn finish(&mut self) -> anyhow::Result<()> {
         Ok(())

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use braid_core::JoinCounts;
 
+use crate::checkpoint::Committed;
 use crate::config::Plan;
 use crate::engine::ShardReport;
 
 /// What the reader saw of one source.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SourceCounts {
     pub input: u64,
     pub late: u64,
@@ -30,6 +31,67 @@ pub struct Summary {
     pub disk_bytes_max: u64,
     pub peak_rss_bytes: u64,
     pub output: Option<PathBuf>,
+    pub checkpoints: Option<CheckpointCounts>,
+}
+
+/// What checkpointing did in one run.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointCounts {
+    /// The epoch this run resumed from.
+    pub restored_from: Option<u64>,
+    pub taken: usize,
+    /// How long the pipeline stood still for a barrier: median, 99th percentile, max.
+    pub pause_ms: [f64; 3],
+    /// From barrier to committed manifest, median.
+    pub duration_ms_median: f64,
+    pub last_state_bytes: u64,
+}
+
+impl CheckpointCounts {
+    pub fn new(restored_from: Option<u64>, committed: &[Committed]) -> CheckpointCounts {
+        let mut pauses: Vec<f64> = committed
+            .iter()
+            .map(|c| c.pause.as_secs_f64() * 1e3)
+            .collect();
+        pauses.sort_by(f64::total_cmp);
+        let mut durations: Vec<f64> = committed
+            .iter()
+            .map(|c| c.duration.as_secs_f64() * 1e3)
+            .collect();
+        durations.sort_by(f64::total_cmp);
+        CheckpointCounts {
+            restored_from,
+            taken: committed.len(),
+            pause_ms: [
+                quantile(&pauses, 0.5),
+                quantile(&pauses, 0.99),
+                quantile(&pauses, 1.0),
+            ],
+            duration_ms_median: quantile(&durations, 0.5),
+            last_state_bytes: committed.last().map_or(0, |c| c.state_bytes),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "restored_from_epoch": self.restored_from,
+            "taken": self.taken,
+            "pause_ms_p50": self.pause_ms[0],
+            "pause_ms_p99": self.pause_ms[1],
+            "pause_ms_max": self.pause_ms[2],
+            "duration_ms_p50": self.duration_ms_median,
+            "last_state_bytes": self.last_state_bytes,
+        })
+    }
+}
+
+/// The `q` quantile of sorted values (nearest rank), 0 when empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    (sorted[rank - 1] * 100.0).round() / 100.0
 }
 
 impl Summary {
@@ -56,6 +118,7 @@ impl Summary {
             disk_bytes_max: reports.iter().map(|r| r.disk_bytes_max).sum(),
             peak_rss_bytes: peak_rss_bytes(),
             output,
+            checkpoints: None,
         }
     }
 
@@ -118,6 +181,7 @@ impl Summary {
             "spilled_events": j.spilled_events,
             "disk_bytes_max": self.disk_bytes_max,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "checkpoints": self.checkpoints.as_ref().map(CheckpointCounts::to_json),
         })
     }
 
@@ -201,6 +265,19 @@ impl fmt::Display for Summary {
             "  peak RSS               {:.0} MiB",
             self.peak_rss_bytes as f64 / 1048576.0
         )?;
+        if let Some(c) = &self.checkpoints {
+            write!(
+                f,
+                "\n  checkpoints            {} taken{}, pause p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                c.taken,
+                c.restored_from
+                    .map(|e| format!(" (resumed from {e})"))
+                    .unwrap_or_default(),
+                c.pause_ms[0],
+                c.pause_ms[1],
+                c.pause_ms[2]
+            )?;
+        }
         if let Some(dir) = &self.output {
             write!(f, "\n  output                 {}", dir.display())?;
         }

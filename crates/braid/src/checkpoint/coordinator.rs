@@ -1,0 +1,271 @@
+//! The reader's half of checkpointing: opening the store, choosing and fetching the
+//! checkpoint to restore, putting the output folder in the state that checkpoint
+//! describes, and timing barriers.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore};
+use super::{
+    epochs, fetch, manifest_name, output_number, read_manifest, Committed, Committer,
+    CommitterConfig, CommitterStart, Manifest, ShardRestore,
+};
+use crate::config::{CheckpointPlan, Plan};
+
+/// Opens the checkpoint store a job names: a folder, or `s3://bucket/prefix`.
+pub fn open_store(plan: &CheckpointPlan) -> anyhow::Result<Box<dyn CheckpointStore>> {
+    let store: Box<dyn CheckpointStore> = if plan.dir.starts_with("s3://") {
+        Box::new(super::s3::S3Store::open(&plan.dir)?)
+    } else {
+        Box::new(LocalStore::open(Path::new(&plan.dir))?)
+    };
+    Ok(match fault_after("checkpoint-put") {
+        Some(n) => Box::new(FaultyStore::new(store, n)),
+        None => store,
+    })
+}
+
+/// A description of the join's settings; a checkpoint restores only into the same.
+pub fn join_fingerprint(plan: &Plan) -> String {
+    let s = &plan.spec;
+    format!(
+        "{:?} join of {} and {} within [{}, {}] ms, lateness {} ms, {} shards",
+        s.kind,
+        plan.sources[0].name,
+        plan.sources[1].name,
+        s.lower_ms,
+        s.upper_ms,
+        s.allowed_lateness_ms,
+        plan.parallelism
+    )
+}
+
+/// The checkpoint a run resumes from.
+pub struct Restored {
+    pub manifest: Manifest,
+    pub shards: Vec<ShardRestore>,
+}
+
+/// Checkpointing of one run.
+pub struct Checkpointing {
+    pub committer: Committer,
+    pub restored: Option<Restored>,
+    pub interval: Duration,
+    pub next_epoch: u64,
+    pub last_barrier: Instant,
+    pub in_flight: bool,
+    pub committed: Vec<Committed>,
+}
+
+impl Checkpointing {
+    /// Opens the job's checkpoints and fetches the newest usable one (or none with
+    /// `reset`, after deleting them all).
+    pub fn open(
+        plan: &Plan,
+        config: &CheckpointPlan,
+        reset: bool,
+    ) -> anyhow::Result<Checkpointing> {
+        let store = open_store(config)?;
+        let all = epochs(store.as_ref())?;
+        if reset {
+            for name in store.list("")? {
+                store.delete(&name)?;
+            }
+            tracing::warn!(checkpoints = all.len(), store = %store.describe(), "--reset: deleted every checkpoint; starting fresh");
+        }
+        let fingerprint = join_fingerprint(plan);
+        let mut restored = None;
+        if !reset {
+            let staging = plan.state_dir.join("restore");
+            let mut problems = Vec::new();
+            for &epoch in &all {
+                match try_restore(store.as_ref(), epoch, plan, &fingerprint, &staging) {
+                    Ok(r) => {
+                        restored = Some(r);
+                        break;
+                    }
+                    Err(Unusable::Incompatible(e)) => return Err(e),
+                    Err(Unusable::Broken(e)) => {
+                        tracing::warn!(
+                            "checkpoint {epoch} is unusable, trying the one before: {e:#}"
+                        );
+                        problems.push(format!("checkpoint {epoch}: {e:#}"));
+                    }
+                }
+            }
+            if restored.is_none() && !all.is_empty() {
+                anyhow::bail!(
+                    "{} checkpoint(s) in {} and none is usable ({}); refusing to start from scratch: run with --reset to do so",
+                    all.len(),
+                    store.describe(),
+                    problems.join("; ")
+                );
+            }
+            if let Some(r) = &restored {
+                // Checkpoints newer than the one restored are broken; their outputs
+                // are removed below and they must not be mistaken for good ones.
+                for &epoch in all.iter().filter(|&&e| e > r.manifest.epoch) {
+                    store.delete(&manifest_name(epoch))?;
+                }
+                tracing::info!(epoch = r.manifest.epoch, store = %store.describe(), "restoring from checkpoint");
+            }
+        }
+        let start = restored
+            .as_ref()
+            .map(|r: &Restored| CommitterStart::from_manifest(&r.manifest))
+            .unwrap_or_default();
+        let next_epoch = if reset {
+            1
+        } else {
+            all.first().map_or(1, |e| e + 1)
+        };
+        let committer = Committer::start(
+            store,
+            CommitterConfig {
+                job: plan.name.clone(),
+                join: fingerprint,
+                shards: plan.parallelism,
+                keep: config.keep,
+            },
+            start,
+        )?;
+        Ok(Checkpointing {
+            committer,
+            restored,
+            interval: Duration::from_millis(config.interval_ms as u64),
+            next_epoch,
+            last_barrier: Instant::now(),
+            in_flight: false,
+            committed: Vec::new(),
+        })
+    }
+
+    /// Takes the result of the epoch in flight, if it is done; an error stops the job.
+    pub fn poll(&mut self) -> anyhow::Result<()> {
+        if self.in_flight {
+            if let Some(result) = self.committer.poll() {
+                self.record(result)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn wait(&mut self) -> anyhow::Result<()> {
+        if self.in_flight {
+            let result = self.committer.wait();
+            self.record(result)?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, result: anyhow::Result<Committed>) -> anyhow::Result<()> {
+        self.in_flight = false;
+        let committed = result.context("checkpoint failed; the job stops, and every committed checkpoint is intact (the next `braid run` resumes from the newest)")?;
+        tracing::info!(
+            epoch = committed.epoch,
+            pause_ms = committed.pause.as_millis() as u64,
+            duration_ms = committed.duration.as_millis() as u64,
+            state_bytes = committed.state_bytes,
+            uploaded_bytes = committed.uploaded_bytes,
+            "checkpoint committed"
+        );
+        self.committed.push(committed);
+        Ok(())
+    }
+
+    /// True when the next barrier is due.
+    pub fn due(&self) -> bool {
+        !self.in_flight && self.last_barrier.elapsed() >= self.interval
+    }
+
+    /// Claims the epoch of a barrier being sent.
+    pub fn begin(&mut self) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.in_flight = true;
+        self.last_barrier = Instant::now();
+        epoch
+    }
+}
+
+enum Unusable {
+    /// The checkpoint is fine but belongs to another job or join: never fall back.
+    Incompatible(anyhow::Error),
+    Broken(anyhow::Error),
+}
+
+fn try_restore(
+    store: &dyn CheckpointStore,
+    epoch: u64,
+    plan: &Plan,
+    fingerprint: &str,
+    staging: &Path,
+) -> Result<Restored, Unusable> {
+    let manifest = read_manifest(store, epoch).map_err(Unusable::Broken)?;
+    if manifest.join != fingerprint || manifest.job != plan.name {
+        return Err(Unusable::Incompatible(anyhow::anyhow!(
+            "checkpoint {epoch} in {} is of job `{}` ({}), but {} describes job `{}` ({}); restore the job file's settings, point [checkpoint] dir elsewhere, or run with --reset",
+            store.describe(),
+            manifest.job,
+            manifest.join,
+            plan.file.display(),
+            plan.name,
+            fingerprint
+        )));
+    }
+    let shards = fetch(store, &manifest, staging).map_err(Unusable::Broken)?;
+    Ok(Restored { manifest, shards })
+}
+
+/// Puts a files output folder in the state a checkpoint describes: its pending files
+/// published, files of every sink numbered from the checkpoint's `next_file` on removed
+/// (output after the cut, to be produced again), hidden leftovers removed. Without a
+/// checkpoint, the folder must hold no committed output.
+pub fn recover_output(dir: &Path, manifest: Option<&Manifest>) -> anyhow::Result<()> {
+    let folders = [dir.to_path_buf(), dir.join("_late"), dir.join("_dead")];
+    if let Some(m) = manifest {
+        super::publish(m)?;
+    }
+    for folder in &folders {
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let hidden = name.starts_with('.')
+                && (name.ends_with(".inprogress") || name.ends_with(".pending"));
+            if hidden {
+                remove(&entry.path())?;
+                continue;
+            }
+            if !name.ends_with(".ndjson") {
+                continue;
+            }
+            match manifest {
+                None => anyhow::bail!(
+                    "output folder {} already holds committed output ({name}) of an earlier run and no checkpoint to resume; remove it or set another [output] path",
+                    folder.display()
+                ),
+                Some(m) => {
+                    let after_cut = m.sinks.iter().any(|s| {
+                        s.dir == *folder
+                            && output_number(&name, &s.prefix).is_some_and(|n| n >= s.next_file)
+                    });
+                    if after_cut {
+                        tracing::warn!(file = %entry.path().display(), "removing output published after the restored checkpoint; it will be written again");
+                        remove(&entry.path())?;
+                    }
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))
+}
+
+fn remove(path: &PathBuf) -> anyhow::Result<()> {
+    std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+}

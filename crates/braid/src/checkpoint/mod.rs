@@ -1,0 +1,699 @@
+//! Consistent checkpoints and exactly-once output (SPEC §5, DESIGN "Checkpoints").
+//!
+//! Every `interval` the reader cuts its sources between two reads and sends a barrier
+//! for epoch `E` down every shard's channel, behind the events read before the cut. A
+//! shard that reaches the barrier closes its output file as *pending*, writes its join's
+//! in-memory state to bytes, hard-links the segment files spilled since the last
+//! barrier into a staging folder, hands all of it to the [`Committer`] and goes on with
+//! the next batch: that is the whole pause. The committer, a thread of its own, uploads
+//! the new files (incremental: a segment file is uploaded once, then referred to by
+//! name), syncs the pending outputs, writes the manifest (the commit point) and renames
+//! the pending outputs to their final names. At most one epoch is in flight.
+//!
+//! On restart the newest manifest that reads back whole and whose files match their
+//! checksums is restored; a broken one is reported and the previous one used. Output
+//! produced after the restored cut (pending, in progress, or published by a newer
+//! manifest that turned out broken) is removed: it will be produced again.
+
+pub mod coordinator;
+pub mod s3;
+pub mod store;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use braid_core::{SegmentId, Side, Watermark};
+use braid_io::{PendingFile, SourcePosition};
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::summary::SourceCounts;
+use store::{sync_dir, CheckpointStore};
+
+const MANIFEST_FORMAT: u32 = 1;
+const MANIFESTS: &str = "manifests";
+const FILES: &str = "files";
+/// Bytes read at a time when checksumming a file.
+const CHECKSUM_BUFFER_BYTES: usize = 1 << 20;
+
+/// A file in the checkpoint store, with its size and checksum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    pub name: String,
+    pub bytes: u64,
+    /// xxh3-64 of the content, hex.
+    pub xxh3: String,
+}
+
+/// One spilled segment of a shard and its file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub side: u8,
+    pub bucket: i64,
+    pub segment: u32,
+    pub file: FileRef,
+}
+
+impl SegmentRef {
+    pub fn id(&self) -> SegmentId {
+        SegmentId {
+            side: if self.side == 0 {
+                Side::Left
+            } else {
+                Side::Right
+            },
+            bucket: self.bucket,
+            segment: self.segment,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardState {
+    /// The join's in-memory state ([`braid_core::Join::snapshot`]).
+    pub image: FileRef,
+    pub segments: Vec<SegmentRef>,
+}
+
+/// Where a source stands at the cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceAt {
+    Files(SourcePosition),
+    /// Lines drawn from a generator (both streams).
+    Generator {
+        lines: u64,
+    },
+    /// Events of a benchmark's generator.
+    Events {
+        events: u64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceState {
+    pub name: String,
+    pub at: SourceAt,
+    /// Per partition: the largest event time delivered, and whether it is exhausted.
+    pub partitions: Vec<(Option<i64>, bool)>,
+    pub counts: SourceCounts,
+}
+
+/// A sink's file numbering: files numbered `next_file` and above come after the cut.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SinkState {
+    pub dir: PathBuf,
+    pub prefix: String,
+    pub next_file: u64,
+}
+
+/// What the reader contributes to a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReaderState {
+    pub sources: Vec<SourceState>,
+    /// The reader's watermark and the last one sent to the shards (`Watermark::raw`).
+    pub watermark: String,
+    pub sent: String,
+}
+
+/// The commit point of one checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub job: String,
+    /// The join's settings when the checkpoint was taken; a restore refuses others.
+    pub join: String,
+    pub epoch: u64,
+    pub created_unix_ms: u64,
+    /// The join's watermark in ms (`None` while it is still minus infinity).
+    pub watermark_ms: Option<i64>,
+    pub reader: ReaderState,
+    pub shards: Vec<ShardState>,
+    pub sinks: Vec<SinkState>,
+    /// Output files this checkpoint publishes.
+    pub pending: Vec<PendingFile>,
+}
+
+impl Manifest {
+    pub fn state_bytes(&self) -> u64 {
+        self.files().map(|f| f.bytes).sum()
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &FileRef> {
+        self.shards
+            .iter()
+            .flat_map(|s| std::iter::once(&s.image).chain(s.segments.iter().map(|g| &g.file)))
+    }
+
+    /// Manifest bytes: a header line with the body's length and checksum, then the
+    /// body. A torn or altered manifest fails [`Manifest::decode`].
+    pub fn encode(&self) -> Vec<u8> {
+        let body = serde_json::to_vec_pretty(self).expect("a manifest serialises");
+        let mut out = format!(
+            "BRAID-MANIFEST {MANIFEST_FORMAT} bytes={} xxh3={:016x}\n",
+            body.len(),
+            xxh3_64(&body)
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+        let newline = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("no header line (torn or not a manifest)")?;
+        let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| "header is not text")?;
+        let body = &bytes[newline + 1..];
+        let mut fields = header.split(' ');
+        if fields.next() != Some("BRAID-MANIFEST") {
+            return Err("not a braid manifest".into());
+        }
+        let format = fields.next().unwrap_or_default();
+        if format != MANIFEST_FORMAT.to_string() {
+            return Err(format!("manifest format {format} is not {MANIFEST_FORMAT}"));
+        }
+        let len = fields
+            .next()
+            .and_then(|f| f.strip_prefix("bytes="))
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or("header without bytes=")?;
+        let sum = fields
+            .next()
+            .and_then(|f| f.strip_prefix("xxh3="))
+            .ok_or("header without xxh3=")?;
+        if body.len() != len {
+            return Err(format!(
+                "body is {} bytes, header says {len} (torn write)",
+                body.len()
+            ));
+        }
+        if format!("{:016x}", xxh3_64(body)) != sum {
+            return Err("body checksum mismatch (corrupted)".into());
+        }
+        serde_json::from_slice(body).map_err(|e| format!("body: {e}"))
+    }
+}
+
+pub fn manifest_name(epoch: u64) -> String {
+    format!("{MANIFESTS}/{epoch:020}.manifest")
+}
+
+fn epoch_of(name: &str) -> Option<u64> {
+    name.strip_prefix(MANIFESTS)?
+        .strip_prefix('/')?
+        .strip_suffix(".manifest")?
+        .parse()
+        .ok()
+}
+
+/// The epochs of every manifest in the store, newest first.
+pub fn epochs(store: &dyn CheckpointStore) -> anyhow::Result<Vec<u64>> {
+    let mut epochs: Vec<u64> = store
+        .list(MANIFESTS)?
+        .iter()
+        .filter_map(|n| epoch_of(n))
+        .collect();
+    epochs.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(epochs)
+}
+
+pub fn read_manifest(store: &dyn CheckpointStore, epoch: u64) -> anyhow::Result<Manifest> {
+    let name = manifest_name(epoch);
+    let bytes = store.get_bytes(&name)?;
+    Manifest::decode(&bytes).map_err(|e| anyhow::anyhow!("{} in {}: {e}", name, store.describe()))
+}
+
+/// xxh3-64 and length of a local file.
+pub fn checksum_file(path: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Xxh3::new();
+    let mut buf = vec![0u8; CHECKSUM_BUFFER_BYTES];
+    let mut len = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            return Ok((hasher.digest(), len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A name prefix unique to this process, so that files of a run that crashed before its
+/// manifest committed are never confused with this run's.
+pub fn run_nonce() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut seed = nanos.to_le_bytes().to_vec();
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    format!("{:012x}", xxh3_64(&seed) >> 16)
+}
+
+/// What a shard hands over at a barrier.
+pub struct ShardSnapshot {
+    pub shard: usize,
+    pub epoch: u64,
+    pub image: Vec<u8>,
+    /// Every live segment, and the files of those spilled since the last barrier,
+    /// hard-linked into `staging`.
+    pub live: Vec<SegmentId>,
+    pub new_files: Vec<(SegmentId, PathBuf)>,
+    pub staging: PathBuf,
+    pub pending: Vec<PendingFile>,
+    pub sink: Option<SinkState>,
+    /// How long the shard stood still for the barrier.
+    pub pause: Duration,
+}
+
+/// What the reader hands over at a barrier.
+pub struct ReaderSnapshot {
+    pub epoch: u64,
+    pub state: ReaderState,
+    pub watermark_ms: Option<i64>,
+    pub pending: Vec<PendingFile>,
+    pub sinks: Vec<SinkState>,
+    pub pause: Duration,
+}
+
+pub enum Part {
+    Reader(ReaderSnapshot),
+    Shard(ShardSnapshot),
+}
+
+/// A committed checkpoint, as the committer reports it.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub epoch: u64,
+    /// The longest any shard (or the reader) stood still for the barrier.
+    pub pause: Duration,
+    /// From the barrier to the manifest's commit.
+    pub duration: Duration,
+    pub state_bytes: u64,
+    pub uploaded_bytes: u64,
+}
+
+/// What the committer starts from: the restored checkpoint's files and the manifests
+/// kept.
+#[derive(Default)]
+pub struct CommitterStart {
+    pub uploaded: HashMap<(usize, SegmentId), FileRef>,
+    pub kept: VecDeque<(u64, BTreeSet<String>)>,
+}
+
+impl CommitterStart {
+    pub fn from_manifest(manifest: &Manifest) -> CommitterStart {
+        let mut uploaded = HashMap::new();
+        for (shard, state) in manifest.shards.iter().enumerate() {
+            for segment in &state.segments {
+                uploaded.insert((shard, segment.id()), segment.file.clone());
+            }
+        }
+        let names = manifest.files().map(|f| f.name.clone()).collect();
+        CommitterStart {
+            uploaded,
+            kept: VecDeque::from([(manifest.epoch, names)]),
+        }
+    }
+}
+
+pub struct CommitterConfig {
+    pub job: String,
+    pub join: String,
+    pub shards: usize,
+    pub keep: usize,
+}
+
+/// The checkpoint coordinator's background half: assembles each epoch's parts,
+/// uploads, commits and publishes.
+pub struct Committer {
+    parts: Sender<Part>,
+    done: Receiver<anyhow::Result<Committed>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Committer {
+    pub fn start(
+        store: Box<dyn CheckpointStore>,
+        config: CommitterConfig,
+        start: CommitterStart,
+    ) -> anyhow::Result<Committer> {
+        // Parts of at most one epoch are in flight: the reader starts the next barrier
+        // only after the previous epoch's result.
+        let (parts, parts_rx) = crossbeam_channel::bounded(config.shards + 1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let handle = std::thread::Builder::new()
+            .name("braid-checkpoint".into())
+            .spawn(move || {
+                let mut state = CommitterState {
+                    store,
+                    config,
+                    nonce: run_nonce(),
+                    uploaded: start.uploaded,
+                    kept: start.kept,
+                };
+                loop {
+                    let result = state.next_epoch(&parts_rx);
+                    let stop = !matches!(result, Ok(Some(_)));
+                    match result {
+                        Ok(Some(c)) => {
+                            if done_tx.send(Ok(c)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = done_tx.send(Err(e));
+                        }
+                    }
+                    if stop {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Committer {
+            parts,
+            done,
+            handle: Some(handle),
+        })
+    }
+
+    /// Where the parts of a barrier go.
+    pub fn parts(&self) -> Sender<Part> {
+        self.parts.clone()
+    }
+
+    /// The result of the epoch in flight, if it is done.
+    pub fn poll(&self) -> Option<anyhow::Result<Committed>> {
+        self.done.try_recv().ok()
+    }
+
+    /// Waits for the result of the epoch in flight.
+    pub fn wait(&self) -> anyhow::Result<Committed> {
+        self.done
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))?
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        let (closed, _) = crossbeam_channel::bounded(1);
+        self.parts = closed;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct CommitterState {
+    store: Box<dyn CheckpointStore>,
+    config: CommitterConfig,
+    nonce: String,
+    uploaded: HashMap<(usize, SegmentId), FileRef>,
+    kept: VecDeque<(u64, BTreeSet<String>)>,
+}
+
+impl CommitterState {
+    /// Collects one epoch's parts and commits it; `None` when the senders hung up.
+    fn next_epoch(&mut self, parts: &Receiver<Part>) -> anyhow::Result<Option<Committed>> {
+        let mut reader = None;
+        let mut shards: Vec<Option<ShardSnapshot>> =
+            (0..self.config.shards).map(|_| None).collect();
+        let mut first = None;
+        while reader.is_none() || shards.iter().any(Option::is_none) {
+            let Ok(part) = parts.recv() else {
+                return Ok(None);
+            };
+            first.get_or_insert_with(Instant::now);
+            match part {
+                Part::Reader(r) => reader = Some(r),
+                Part::Shard(s) => {
+                    let i = s.shard;
+                    shards[i] = Some(s);
+                }
+            }
+        }
+        let reader = reader.expect("collected");
+        let shards: Vec<ShardSnapshot> =
+            shards.into_iter().map(|s| s.expect("collected")).collect();
+        for s in &shards {
+            anyhow::ensure!(
+                s.epoch == reader.epoch,
+                "shard {} sent epoch {} during epoch {}",
+                s.shard,
+                s.epoch,
+                reader.epoch
+            );
+        }
+        let started = first.expect("at least one part");
+        self.commit(reader, shards, started).map(Some)
+    }
+
+    fn put_checked_file(&self, name: String, path: &Path) -> anyhow::Result<FileRef> {
+        let (sum, bytes) = checksum_file(path)?;
+        self.store.put_file(&name, path)?;
+        Ok(FileRef {
+            name,
+            bytes,
+            xxh3: format!("{sum:016x}"),
+        })
+    }
+
+    fn commit(
+        &mut self,
+        reader: ReaderSnapshot,
+        shards: Vec<ShardSnapshot>,
+        started: Instant,
+    ) -> anyhow::Result<Committed> {
+        let epoch = reader.epoch;
+        let mut uploaded_bytes = 0;
+        let mut states = Vec::with_capacity(shards.len());
+        let mut pending = reader.pending.clone();
+        let mut sinks = reader.sinks.clone();
+        let mut pause = reader.pause;
+        for s in &shards {
+            pause = pause.max(s.pause);
+            for (id, path) in &s.new_files {
+                let name = format!(
+                    "{FILES}/shard-{}/{}-{}",
+                    s.shard,
+                    self.nonce,
+                    path.file_name().expect("a file name").to_string_lossy()
+                );
+                let file = self.put_checked_file(name, path)?;
+                uploaded_bytes += file.bytes;
+                self.uploaded.insert((s.shard, *id), file);
+            }
+            let image_name = format!("{FILES}/shard-{}/{}-e{epoch}.image", s.shard, self.nonce);
+            self.store.put_bytes(&image_name, &s.image)?;
+            uploaded_bytes += s.image.len() as u64;
+            let image = FileRef {
+                name: image_name,
+                bytes: s.image.len() as u64,
+                xxh3: format!("{:016x}", xxh3_64(&s.image)),
+            };
+            let mut segments = Vec::with_capacity(s.live.len());
+            for id in &s.live {
+                let file = self.uploaded.get(&(s.shard, *id)).with_context(|| {
+                    format!("shard {}: segment {id:?} has no uploaded file", s.shard)
+                })?;
+                segments.push(SegmentRef {
+                    side: id.side.index() as u8,
+                    bucket: id.bucket,
+                    segment: id.segment,
+                    file: file.clone(),
+                });
+            }
+            states.push(ShardState { image, segments });
+            pending.extend(s.pending.iter().cloned());
+            sinks.extend(s.sink.clone());
+        }
+        // Outputs must survive a crash before the manifest says they exist.
+        let mut dirs = BTreeSet::new();
+        for file in &pending {
+            file.sync()?;
+            if let Some(dir) = file.pending.parent() {
+                dirs.insert(dir.to_path_buf());
+            }
+        }
+        for dir in &dirs {
+            sync_dir(dir)?;
+        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            job: self.config.job.clone(),
+            join: self.config.join.clone(),
+            epoch,
+            created_unix_ms: now_unix_ms(),
+            watermark_ms: reader.watermark_ms,
+            reader: reader.state,
+            shards: states,
+            sinks,
+            pending,
+        };
+        self.store
+            .put_bytes(&manifest_name(epoch), &manifest.encode())?;
+        let committed = Committed {
+            epoch,
+            pause,
+            duration: started.elapsed() + pause,
+            state_bytes: manifest.state_bytes(),
+            uploaded_bytes,
+        };
+        publish(&manifest)?;
+        for s in &shards {
+            let _ = std::fs::remove_dir_all(&s.staging);
+        }
+        // Forget the files of segments that are gone; keep the newest manifests.
+        let live: BTreeSet<(usize, SegmentId)> = shards
+            .iter()
+            .flat_map(|s| s.live.iter().map(move |id| (s.shard, *id)))
+            .collect();
+        self.uploaded.retain(|k, _| live.contains(k));
+        self.kept
+            .push_back((epoch, manifest.files().map(|f| f.name.clone()).collect()));
+        while self.kept.len() > self.config.keep.max(1) {
+            let (old, _) = self.kept.pop_front().expect("longer than keep");
+            self.store.delete(&manifest_name(old))?;
+        }
+        self.collect_garbage()?;
+        Ok(committed)
+    }
+
+    /// Deletes every file no kept manifest refers to (older checkpoints' files, files
+    /// of runs that crashed before their manifest).
+    fn collect_garbage(&self) -> anyhow::Result<()> {
+        let referenced: BTreeSet<&String> = self.kept.iter().flat_map(|(_, n)| n).collect();
+        for name in self.store.list(FILES)? {
+            if !referenced.contains(&name) {
+                self.store.delete(&name)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renames a committed manifest's pending outputs to their final names (again after a
+/// crash: publishing is idempotent).
+pub fn publish(manifest: &Manifest) -> anyhow::Result<()> {
+    let mut dirs = BTreeSet::new();
+    for file in &manifest.pending {
+        file.publish()?;
+        if let Some(dir) = file.done.parent() {
+            dirs.insert(dir.to_path_buf());
+        }
+    }
+    for dir in &dirs {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// The watermark as written in manifests.
+pub fn watermark_text(w: Watermark) -> String {
+    w.raw().to_string()
+}
+
+pub fn parse_watermark(text: &str) -> anyhow::Result<Watermark> {
+    Ok(Watermark::from_raw(text.parse().with_context(|| {
+        format!("bad watermark {text:?} in a manifest")
+    })?))
+}
+
+/// A shard's state fetched from the store and verified, waiting in `dir` for the
+/// engine to move it into the shard's state folder.
+pub struct ShardRestore {
+    pub image: Vec<u8>,
+    pub dir: PathBuf,
+    pub segments: Vec<SegmentId>,
+}
+
+/// Fetches and verifies every file of `manifest` into `staging/shard-i/`, shards in
+/// parallel. Any missing file or checksum mismatch fails the whole restore.
+pub fn fetch(
+    store: &dyn CheckpointStore,
+    manifest: &Manifest,
+    staging: &Path,
+) -> anyhow::Result<Vec<ShardRestore>> {
+    let _ = std::fs::remove_dir_all(staging);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = manifest
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, shard)| {
+                let dir = staging.join(format!("shard-{i}"));
+                scope.spawn(move || fetch_shard(store, shard, dir))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a restore thread panicked"))?
+            })
+            .collect()
+    })
+}
+
+fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        bytes == file.bytes && format!("{sum:016x}") == file.xxh3,
+        "{} is corrupted: {bytes} bytes with checksum {sum:016x}, the manifest says {} bytes with {}",
+        file.name,
+        file.bytes,
+        file.xxh3
+    );
+    Ok(())
+}
+
+fn fetch_shard(
+    store: &dyn CheckpointStore,
+    shard: &ShardState,
+    dir: PathBuf,
+) -> anyhow::Result<ShardRestore> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let image = store.get_bytes(&shard.image.name)?;
+    verify(&shard.image, xxh3_64(&image), image.len() as u64)?;
+    let mut segments = Vec::with_capacity(shard.segments.len());
+    for segment in &shard.segments {
+        let id = segment.id();
+        let to = dir.join(braid_state::segment_file_name(id));
+        store.get_file(&segment.file.name, &to)?;
+        let (sum, bytes) = checksum_file(&to)?;
+        verify(&segment.file, sum, bytes)?;
+        segments.push(id);
+    }
+    Ok(ShardRestore {
+        image,
+        dir,
+        segments,
+    })
+}
+
+/// Output folders and their files named `PREFIX-NNNNNN.ndjson`: the number, if the
+/// name is one of `prefix`'s.
+pub fn output_number(name: &str, prefix: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?
+        .strip_prefix('-')?
+        .strip_suffix(".ndjson")?
+        .parse()
+        .ok()
+}

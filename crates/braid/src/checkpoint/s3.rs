@@ -1,0 +1,123 @@
+//! The checkpoint store on S3 (or any S3-compatible server) through `object_store`.
+//!
+//! `[checkpoint] dir = "s3://BUCKET/PREFIX"`. Credentials, region and endpoint come from
+//! the usual environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL` for a compatible server, `AWS_ALLOW_HTTP=true` for plain HTTP).
+//! A single PUT is atomic in S3, so the manifest needs nothing more; files are
+//! uploaded whole (segments are a few MiB, images at most the memory budget).
+
+use std::path::Path;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::store::CheckpointStore;
+
+pub struct S3Store {
+    url: String,
+    prefix: String,
+    store: AmazonS3,
+    /// One runtime for the blocking calls of the trait; the committer is one thread.
+    runtime: tokio::runtime::Runtime,
+}
+
+impl S3Store {
+    pub fn open(url: &str) -> anyhow::Result<S3Store> {
+        let rest = url.trim_start_matches("s3://");
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // `from_env` reads AWS_ENDPOINT; the AWS CLI's AWS_ENDPOINT_URL is honoured too.
+        if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true") {
+            builder = builder.with_allow_http(true);
+        }
+        let store = builder
+            .build()
+            .with_context(|| format!("cannot open checkpoint store {url}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the S3 client's runtime")?;
+        Ok(S3Store {
+            url: url.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            store,
+            runtime,
+        })
+    }
+
+    fn path(&self, name: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(name)
+        } else {
+            ObjectPath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+}
+
+impl CheckpointStore for S3Store {
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+
+    fn put_file(&self, name: &str, from: &Path) -> anyhow::Result<()> {
+        let bytes =
+            std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+        self.put_bytes(name, &bytes)
+    }
+
+    fn put_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let path = self.path(name);
+        let payload = PutPayload::from(bytes.to_vec());
+        self.runtime
+            .block_on(self.store.put(&path, payload))
+            .with_context(|| format!("cannot write {name} to {}", self.url))?;
+        Ok(())
+    }
+
+    fn get_file(&self, name: &str, to: &Path) -> anyhow::Result<()> {
+        let bytes = self.get_bytes(name)?;
+        std::fs::write(to, bytes).with_context(|| format!("cannot write {}", to.display()))
+    }
+
+    fn get_bytes(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        let path = self.path(name);
+        let bytes = self
+            .runtime
+            .block_on(async { self.store.get(&path).await?.bytes().await })
+            .with_context(|| format!("cannot read {name} from {}", self.url))?;
+        Ok(bytes.to_vec())
+    }
+
+    fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let root = self.path(prefix);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .runtime
+            .block_on(self.store.list(Some(&root)).try_collect())
+            .with_context(|| format!("cannot list {}", self.url))?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut names: Vec<String> = metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, name: &str) -> anyhow::Result<()> {
+        let path = self.path(name);
+        match self.runtime.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot delete {name} in {}", self.url)),
+        }
+    }
+}
