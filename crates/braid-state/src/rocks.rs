@@ -184,12 +184,28 @@ fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
                 "the folder is not empty and holds no braid state; choose another [state] dir",
             ));
         }
-        std::fs::remove_dir_all(dir).map_err(|e| failed("clear", dir, e))?;
+    }
+    // The marker is written first and never removed, so that a crash at any point of
+    // clearing the folder leaves it recognisable as braid's.
+    std::fs::create_dir_all(dir).map_err(|e| failed("create", dir, e))?;
+    std::fs::write(&marker, b"braid state\n").map_err(|e| failed("create", dir, e))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| failed("read", dir, e))? {
+        let entry = entry.map_err(|e| failed("read", dir, e))?;
+        if entry.file_name() == MARKER_FILE {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| failed("clear", &path, e))?;
     }
     for sub in ["ingest", "segments"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| failed("create", dir, e))?;
     }
-    std::fs::write(&marker, b"braid state\n").map_err(|e| failed("create", dir, e))
+    Ok(())
 }
 
 /// Appends the order-preserving prefix of a bucket, or of one of its segments.

@@ -277,7 +277,7 @@ impl Engine {
             self.send(shard)?;
         }
         self.senders.clear();
-        self.handles
+        std::mem::take(&mut self.handles)
             .into_iter()
             .enumerate()
             .map(|(i, h)| {
@@ -285,6 +285,18 @@ impl Engine {
                     .map_err(|_| anyhow::anyhow!("shard {i} panicked"))?
             })
             .collect()
+    }
+}
+
+impl Drop for Engine {
+    /// On an early return (an error elsewhere), stops the shards and waits for them:
+    /// a process that exits while shard threads are inside RocksDB can crash in its
+    /// teardown instead of reporting the error.
+    fn drop(&mut self) {
+        self.senders.clear();
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
 

@@ -45,6 +45,13 @@ enum Command {
     },
     /// Check a job file and print the resolved plan.
     Validate { job: PathBuf },
+    /// List a job's checkpoints: epoch, time, watermark, state size, source positions.
+    Checkpoints {
+        job: PathBuf,
+        /// Show one checkpoint in detail.
+        #[arg(long, value_name = "EPOCH")]
+        inspect: Option<u64>,
+    },
     /// Write a synthetic impressions/plays data set (NDJSON) and a job.toml for it.
     Generate(GenerateArgs),
     /// Measure throughput; prints one JSON line last.
@@ -145,6 +152,10 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
     match command {
         Command::Demo { dir, events } => braid::demo::demo(&dir, events, progress)?,
         Command::Validate { job } => print!("{}", braid::config::load(&job)?),
+        Command::Checkpoints { job, inspect } => {
+            let plan = braid::config::load(&job)?;
+            print!("{}", braid::checkpoint::list::describe(&plan, inspect)?);
+        }
         Command::Run { job, reset } => {
             let plan = braid::config::load(&job)?;
             let summary =

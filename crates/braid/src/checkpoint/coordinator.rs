@@ -162,7 +162,11 @@ impl Checkpointing {
 
     fn record(&mut self, result: anyhow::Result<Committed>) -> anyhow::Result<()> {
         self.in_flight = false;
-        let committed = result.context("checkpoint failed; the job stops, and every committed checkpoint is intact (the next `braid run` resumes from the newest)")?;
+        let committed = result.map_err(|e| {
+            anyhow::anyhow!(
+                "checkpoint failed: {e:#}. The job stops; every committed checkpoint is intact and the next `braid run` resumes from the newest"
+            )
+        })?;
         tracing::info!(
             epoch = committed.epoch,
             pause_ms = committed.pause.as_millis() as u64,
@@ -268,4 +272,81 @@ pub fn recover_output(dir: &Path, manifest: Option<&Manifest>) -> anyhow::Result
 
 fn remove(path: &PathBuf) -> anyhow::Result<()> {
     std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{ReaderState, SinkState};
+    use braid_io::PendingFile;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn recovery_publishes_the_checkpoint_and_removes_output_after_its_cut() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        for name in [
+            "part-0-000000.ndjson",
+            "part-0-000001.ndjson",
+            "part-0-000002.ndjson",
+            "part-0-000003.ndjson",
+            ".part-0-000004.ndjson.inprogress",
+            ".part-1-000000.ndjson.pending",
+            ".part-1-000001.ndjson.pending",
+            "notes.txt",
+        ] {
+            std::fs::write(out.join(name), name).unwrap();
+        }
+        let manifest = Manifest {
+            format: 1,
+            job: "j".into(),
+            join: "j".into(),
+            epoch: 7,
+            created_unix_ms: 0,
+            watermark_ms: None,
+            reader: ReaderState {
+                sources: Vec::new(),
+                watermark: "0".into(),
+                sent: "0".into(),
+            },
+            shards: Vec::new(),
+            sinks: vec![
+                SinkState {
+                    dir: out.clone(),
+                    prefix: "part-0".into(),
+                    next_file: 2,
+                },
+                SinkState {
+                    dir: out.clone(),
+                    prefix: "part-1".into(),
+                    next_file: 1,
+                },
+            ],
+            pending: vec![PendingFile {
+                pending: out.join(".part-1-000000.ndjson.pending"),
+                done: out.join("part-1-000000.ndjson"),
+            }],
+        };
+        recover_output(&out, Some(&manifest)).unwrap();
+        assert_eq!(
+            names(&out),
+            vec![
+                "notes.txt",
+                "part-0-000000.ndjson",
+                "part-0-000001.ndjson",
+                "part-1-000000.ndjson"
+            ]
+        );
+        let err = recover_output(&out, None).unwrap_err().to_string();
+        assert!(err.contains("already holds committed output"), "{err}");
+    }
 }

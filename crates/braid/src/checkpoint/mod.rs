@@ -16,10 +16,11 @@
 //! manifest that turned out broken) is removed: it will be produced again.
 
 pub mod coordinator;
+pub mod list;
 pub mod s3;
 pub mod store;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -309,12 +310,10 @@ pub struct Committed {
     pub uploaded_bytes: u64,
 }
 
-/// What the committer starts from: the restored checkpoint's files and the manifests
-/// kept.
+/// What the committer starts from: the restored checkpoint's files.
 #[derive(Default)]
 pub struct CommitterStart {
     pub uploaded: HashMap<(usize, SegmentId), FileRef>,
-    pub kept: VecDeque<(u64, BTreeSet<String>)>,
 }
 
 impl CommitterStart {
@@ -325,11 +324,7 @@ impl CommitterStart {
                 uploaded.insert((shard, segment.id()), segment.file.clone());
             }
         }
-        let names = manifest.files().map(|f| f.name.clone()).collect();
-        CommitterStart {
-            uploaded,
-            kept: VecDeque::from([(manifest.epoch, names)]),
-        }
+        CommitterStart { uploaded }
     }
 }
 
@@ -366,7 +361,7 @@ impl Committer {
                     config,
                     nonce: run_nonce(),
                     uploaded: start.uploaded,
-                    kept: start.kept,
+                    files_of: BTreeMap::new(),
                 };
                 loop {
                     let result = state.next_epoch(&parts_rx);
@@ -427,7 +422,8 @@ struct CommitterState {
     config: CommitterConfig,
     nonce: String,
     uploaded: HashMap<(usize, SegmentId), FileRef>,
-    kept: VecDeque<(u64, BTreeSet<String>)>,
+    /// The files of each manifest read or written, by epoch.
+    files_of: BTreeMap<u64, BTreeSet<String>>,
 }
 
 impl CommitterState {
@@ -550,6 +546,10 @@ impl CommitterState {
         };
         self.store
             .put_bytes(&manifest_name(epoch), &manifest.encode())?;
+        if store::fault_after("crash-after-manifest") == Some(epoch) {
+            // Fault injection: die between the commit point and the publishing renames.
+            std::process::abort();
+        }
         let committed = Committed {
             epoch,
             pause,
@@ -567,20 +567,33 @@ impl CommitterState {
             .flat_map(|s| s.live.iter().map(move |id| (s.shard, *id)))
             .collect();
         self.uploaded.retain(|k, _| live.contains(k));
-        self.kept
-            .push_back((epoch, manifest.files().map(|f| f.name.clone()).collect()));
-        while self.kept.len() > self.config.keep.max(1) {
-            let (old, _) = self.kept.pop_front().expect("longer than keep");
-            self.store.delete(&manifest_name(old))?;
-        }
+        self.files_of
+            .insert(epoch, manifest.files().map(|f| f.name.clone()).collect());
         self.collect_garbage()?;
         Ok(committed)
     }
 
-    /// Deletes every file no kept manifest refers to (older checkpoints' files, files
-    /// of runs that crashed before their manifest).
-    fn collect_garbage(&self) -> anyhow::Result<()> {
-        let referenced: BTreeSet<&String> = self.kept.iter().flat_map(|(_, n)| n).collect();
+    /// Keeps the newest `keep` manifests (of this run and earlier ones) and deletes the
+    /// older ones, then every file no kept manifest refers to (older checkpoints' files,
+    /// files of runs that crashed before their manifest).
+    fn collect_garbage(&mut self) -> anyhow::Result<()> {
+        let all = epochs(self.store.as_ref())?;
+        let keep = self.config.keep.max(1);
+        for &old in all.iter().skip(keep) {
+            self.store.delete(&manifest_name(old))?;
+            self.files_of.remove(&old);
+        }
+        let mut referenced: BTreeSet<String> = BTreeSet::new();
+        for &epoch in all.iter().take(keep) {
+            if !self.files_of.contains_key(&epoch) {
+                // A manifest of an earlier run; an unreadable one refers to nothing.
+                let names = read_manifest(self.store.as_ref(), epoch)
+                    .map(|m| m.files().map(|f| f.name.clone()).collect())
+                    .unwrap_or_default();
+                self.files_of.insert(epoch, names);
+            }
+            referenced.extend(self.files_of[&epoch].iter().cloned());
+        }
         for name in self.store.list(FILES)? {
             if !referenced.contains(&name) {
                 self.store.delete(&name)?;

@@ -159,7 +159,9 @@ impl CheckpointStore for LocalStore {
 
 /// Test hook: `BRAID_FAULTS=checkpoint-put:N` makes the checkpoint store's puts fail
 /// after N succeeded, as a full disk would; `state-write:N` does the same to the state
-/// store's segment writes. Documented in the README under "Fault injection".
+/// store's segment writes; `crash-after-manifest:E` aborts the process right after the
+/// manifest of epoch E is written, before its outputs are published. Documented in the
+/// README under "Fault injection".
 pub const FAULTS_ENV: &str = "BRAID_FAULTS";
 
 /// The number after `what:` in [`FAULTS_ENV`], if present.

@@ -254,3 +254,53 @@ pub fn reference_join(
     rows.sort();
     rows
 }
+
+/// Adds a `[checkpoint]` section to a job file written by [`write_job`].
+pub fn add_checkpoints(job: &Path, dir: &str, interval: &str) {
+    let mut text = std::fs::read_to_string(job).expect("read job");
+    text.push_str(&format!(
+        "\n[checkpoint]\ndir = \"{dir}\"\ninterval = \"{interval}\"\n"
+    ));
+    std::fs::write(job, text).expect("write job");
+}
+
+/// Every line of the committed files of `_late/` and `_dead/` in `out`, sorted.
+pub fn committed_side_lines(out: &Path) -> (Vec<String>, Vec<String>) {
+    (
+        committed_lines(&out.join("_late")),
+        committed_lines(&out.join("_dead")),
+    )
+}
+
+/// Whether `part` is a sub-multiset of `whole` (both sorted).
+pub fn is_sub_multiset(part: &[String], whole: &[String]) -> bool {
+    let mut i = 0;
+    for line in part {
+        while i < whole.len() && whole[i] < *line {
+            i += 1;
+        }
+        if i == whole.len() || whole[i] != *line {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// A small deterministic generator for test schedules (splitmix64).
+pub struct TestRng(pub u64);
+
+impl TestRng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+}
