@@ -171,10 +171,11 @@ impl<S: StateStore> Join<S> {
         &self.store
     }
 
-    /// Appends the join's in-memory state to `out` (see [`crate::snapshot`]): everything
-    /// but the cold segments' contents, which are the store's.
-    pub fn snapshot(&self, out: &mut Vec<u8>) {
-        let mut w = Writer(out);
+    /// Writes the join's in-memory state to `out` (see [`crate::snapshot`]): everything
+    /// but the cold segments' contents, which are the store's. Streaming it to a file
+    /// keeps a checkpoint from doubling the memory the hot state holds.
+    pub fn snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut w = Writer::new(out);
         w.magic();
         w.i128(self.watermark.raw());
         let c = &self.counts;
@@ -206,6 +207,7 @@ impl<S: StateStore> Join<S> {
             }
             side.ids.write(&mut w);
         }
+        w.finish()
     }
 
     /// Replaces the join's in-memory state with a [`snapshot`](Self::snapshot). The

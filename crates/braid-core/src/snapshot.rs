@@ -15,37 +15,54 @@ const MAGIC: &[u8; 8] = b"BRAIDJ01";
 #[error("join snapshot: {0}")]
 pub struct SnapshotError(pub String);
 
-/// Appends fixed-width little-endian values to a buffer.
-pub(crate) struct Writer<'a>(pub &'a mut Vec<u8>);
+/// Writes fixed-width little-endian values to a byte sink, keeping the first error (so
+/// that encoders need not check every value; [`Writer::finish`] reports it).
+pub(crate) struct Writer<'a> {
+    out: &'a mut dyn std::io::Write,
+    error: Option<std::io::Error>,
+}
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    pub fn new(out: &'a mut dyn std::io::Write) -> Writer<'a> {
+        Writer { out, error: None }
+    }
+    fn put(&mut self, bytes: &[u8]) {
+        if self.error.is_none() {
+            if let Err(e) = self.out.write_all(bytes) {
+                self.error = Some(e);
+            }
+        }
+    }
+    pub fn finish(self) -> std::io::Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
     pub fn magic(&mut self) {
-        self.0.extend_from_slice(MAGIC);
+        self.put(MAGIC);
     }
     pub fn u8(&mut self, v: u8) {
-        self.0.push(v);
+        self.put(&[v]);
     }
     pub fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub fn i64(&mut self, v: i64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub fn u128(&mut self, v: u128) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub fn i128(&mut self, v: i128) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub fn len(&mut self, v: usize) {
         self.u64(v as u64);
     }
     pub fn bytes(&mut self, v: &[u8]) {
         self.len(v.len());
-        self.0.extend_from_slice(v);
+        self.put(v);
     }
     pub fn words(&mut self, v: &[u64]) {
         self.len(v.len());
@@ -137,13 +154,14 @@ mod tests {
     #[test]
     fn values_round_trip_and_truncation_is_an_error() {
         let mut buf = Vec::new();
-        let mut w = Writer(&mut buf);
+        let mut w = Writer::new(&mut buf);
         w.magic();
         w.u32(7);
         w.i64(-3);
         w.u128(u128::MAX - 1);
         w.bytes(b"abc");
         w.words(&[1, 2]);
+        w.finish().unwrap();
         let mut r = Reader(&buf);
         r.magic().unwrap();
         assert_eq!(r.u32().unwrap(), 7);

@@ -133,7 +133,7 @@ pub fn run_join_restarting<S: StateStore>(
         batches += 1;
         if batches % restart_every.max(1) == 0 {
             let mut image = Vec::new();
-            join.snapshot(&mut image);
+            join.snapshot(&mut image).expect("a Vec takes every byte");
             join.load(&image).expect("a snapshot loads");
         }
     }

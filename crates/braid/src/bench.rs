@@ -14,9 +14,14 @@ use braid_core::{Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side,
 use braid_io::flink_peer;
 use serde_json::json;
 
-use crate::engine::{Engine, ShardReport};
+use crate::checkpoint::store::LocalStore;
+use crate::checkpoint::{
+    fetch, read_manifest, watermark_text, Committed, Committer, CommitterConfig, CommitterStart,
+    Part, ReaderSnapshot, ReaderState, SourceAt, SourceState,
+};
+use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::results::CountingResults;
-use crate::summary::peak_rss_bytes;
+use crate::summary::{peak_rss_bytes, quantile, SourceCounts};
 
 /// Events between two watermark advances in the flink-peer benchmark (Flink emits a
 /// watermark every 200 ms; this is about as often at the rates measured).
@@ -29,6 +34,73 @@ pub struct BenchOptions {
     pub memory_max_bytes: u64,
     pub parallelism: usize,
     pub state_dir: std::path::PathBuf,
+    /// Checkpoint this often (flink-peer), into `state_dir/../checkpoints`.
+    pub checkpoint_interval_ms: Option<i64>,
+}
+
+/// Checkpoints of the flink-peer benchmark: the same barriers and committer as
+/// `braid run`, with the event count as the source position.
+struct BenchCheckpoints {
+    committer: Committer,
+    interval: std::time::Duration,
+    last: Instant,
+    next_epoch: u64,
+    in_flight: bool,
+    committed: Vec<Committed>,
+}
+
+impl BenchCheckpoints {
+    fn barrier(
+        &mut self,
+        engine: &mut Engine,
+        events: u64,
+        watermark: Watermark,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        engine.barrier(epoch)?;
+        let state = ReaderState {
+            sources: vec![SourceState {
+                name: "flink-peer".into(),
+                at: SourceAt::Events { events },
+                partitions: Vec::new(),
+                counts: SourceCounts::default(),
+            }],
+            watermark: watermark_text(watermark),
+            sent: watermark_text(watermark),
+        };
+        self.committer
+            .parts()
+            .send(Part::Reader(ReaderSnapshot {
+                epoch,
+                state,
+                watermark_ms: Some(watermark.millis()),
+                pending: Vec::new(),
+                sinks: Vec::new(),
+                pause: started.elapsed(),
+            }))
+            .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))?;
+        self.in_flight = true;
+        self.last = Instant::now();
+        Ok(())
+    }
+
+    fn poll(&mut self, wait: bool) -> anyhow::Result<()> {
+        if !self.in_flight {
+            return Ok(());
+        }
+        let result = if wait {
+            Some(self.committer.wait())
+        } else {
+            self.committer.poll()
+        };
+        if let Some(r) = result {
+            self.committed.push(r?);
+            self.in_flight = false;
+        }
+        Ok(())
+    }
 }
 
 /// Runs the flink-peer workload; returns the JSON result line.
@@ -50,12 +122,40 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         upper_ms: flink_peer::WINDOW_MS,
         allowed_lateness_ms: 0,
     };
+    let checkpoint_dir = options.state_dir.with_file_name("checkpoints");
+    let mut checkpoints = match options.checkpoint_interval_ms {
+        Some(ms) => {
+            let _ = std::fs::remove_dir_all(&checkpoint_dir);
+            Some(BenchCheckpoints {
+                committer: Committer::start(
+                    Box::new(LocalStore::open(&checkpoint_dir)?),
+                    CommitterConfig {
+                        job: "bench".into(),
+                        join: "flink-peer".into(),
+                        shards: options.parallelism,
+                        keep: 3,
+                    },
+                    CommitterStart::default(),
+                )?,
+                interval: std::time::Duration::from_millis(ms as u64),
+                last: Instant::now(),
+                next_epoch: 1,
+                in_flight: false,
+                committed: Vec::new(),
+            })
+        }
+        None => None,
+    };
     let started = Instant::now();
-    let mut engine = Engine::start(
-        spec,
-        options.parallelism,
-        options.memory_max_bytes,
-        &options.state_dir,
+    let mut engine = Engine::start_with(
+        EngineConfig {
+            spec,
+            shards: options.parallelism,
+            memory_max_bytes: options.memory_max_bytes,
+            state_dir: &options.state_dir,
+            checkpoints: checkpoints.as_ref().map(|c| c.committer.parts()),
+            restore: Vec::new(),
+        },
         |_| Ok(CountingResults::default()),
     )?;
     let mut key = KeyWriter::default();
@@ -83,11 +183,61 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         if n % PEER_ADVANCE_EVENTS == PEER_ADVANCE_EVENTS - 1 {
             watermark = Watermark::at(EventTime(max_time - flink_peer::MAX_OUT_OF_ORDERNESS_MS));
             engine.advance(watermark)?;
+            if let Some(c) = checkpoints.as_mut() {
+                c.poll(false)?;
+                if !c.in_flight && c.last.elapsed() >= c.interval {
+                    c.barrier(&mut engine, n + 1, watermark)?;
+                }
+            }
         }
+    }
+    // With checkpoints: one more of the whole window's state, then a timed restore of it.
+    let mut restore = None;
+    if let Some(c) = checkpoints.as_mut() {
+        c.poll(true)?;
+        c.barrier(&mut engine, options.events, watermark)?;
+        c.poll(true)?;
+        restore = Some(time_restore(
+            &checkpoint_dir,
+            c.committed.last().expect("just committed").epoch,
+            spec,
+            options,
+        )?);
     }
     engine.advance(Watermark::MAX)?;
     let reports = engine.finish()?;
-    let seconds = started.elapsed().as_secs_f64();
+    // The restore is timed apart; the run's throughput excludes it.
+    let seconds = started.elapsed().as_secs_f64()
+        - restore.as_ref().map_or(0.0, |r: &RestoreTiming| r.seconds);
+    let checkpoint_json = checkpoints.as_ref().map(|c| {
+        // The last checkpoint (for the restore) is taken after the stream; report the
+        // periodic ones.
+        let periodic = &c.committed[..c.committed.len() - 1];
+        let mut pauses: Vec<f64> = periodic
+            .iter()
+            .map(|k| k.pause.as_secs_f64() * 1e3)
+            .collect();
+        pauses.sort_by(f64::total_cmp);
+        let mut durations: Vec<f64> = periodic
+            .iter()
+            .map(|k| k.duration.as_secs_f64() * 1e3)
+            .collect();
+        durations.sort_by(f64::total_cmp);
+        let r = restore.as_ref().expect("timed with checkpoints");
+        json!({
+            "interval_ms": c.interval.as_millis() as u64,
+            "taken": periodic.len(),
+            "pause_ms_p50": quantile(&pauses, 0.5),
+            "pause_ms_p99": quantile(&pauses, 0.99),
+            "pause_ms_max": quantile(&pauses, 1.0),
+            "duration_ms_p50": quantile(&durations, 0.5),
+            "state_mb_last_periodic": mb(periodic.last().map_or(0, |k| k.state_bytes)),
+            "restore_state_mb": mb(r.state_bytes),
+            "restore_files": r.files,
+            "restore_seconds": round2(r.seconds),
+            "restore_fetch_seconds": round2(r.fetch_seconds),
+        })
+    });
     let results: u64 = reports.iter().map(|r| r.counts.pairs).sum();
     let spilled: u64 = reports.iter().map(|r| r.counts.spilled_events).sum();
     let spilled_segments: u64 = reports.iter().map(|r| r.counts.spilled_segments).sum();
@@ -118,7 +268,51 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         "events_per_s": (options.events as f64 / seconds).round(),
         "seconds": round2(seconds),
         "peak_rss_mb": mb(peak_rss_bytes()),
+        "checkpoints": checkpoint_json,
     }))
+}
+
+struct RestoreTiming {
+    seconds: f64,
+    fetch_seconds: f64,
+    state_bytes: u64,
+    files: usize,
+}
+
+/// Restores checkpoint `epoch` into fresh state, as `braid run` does after a crash:
+/// fetch and verify every file, ingest the segments, load the join images.
+fn time_restore(
+    checkpoint_dir: &Path,
+    epoch: u64,
+    spec: JoinSpec,
+    options: &BenchOptions,
+) -> anyhow::Result<RestoreTiming> {
+    let store = LocalStore::open(checkpoint_dir)?;
+    let state_dir = options.state_dir.with_file_name("restored");
+    let started = Instant::now();
+    let manifest = read_manifest(&store, epoch)?;
+    let shards = fetch(&store, &manifest, &state_dir.join("restore"))?;
+    let fetch_seconds = started.elapsed().as_secs_f64();
+    let engine = Engine::start_with(
+        EngineConfig {
+            spec,
+            shards: options.parallelism,
+            memory_max_bytes: options.memory_max_bytes,
+            state_dir: &state_dir,
+            checkpoints: None,
+            restore: shards,
+        },
+        |_| Ok(CountingResults::default()),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    engine.finish()?;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(RestoreTiming {
+        seconds,
+        fetch_seconds,
+        state_bytes: manifest.state_bytes(),
+        files: manifest.files().count(),
+    })
 }
 
 /// Generates a data set of `events` lines under `dir` (untimed), then times a run over it.

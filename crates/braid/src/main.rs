@@ -110,6 +110,10 @@ struct BenchArgs {
     /// Scratch folder for state (and the files workload's data).
     #[arg(long, default_value = ".braid/bench")]
     dir: PathBuf,
+    /// flink-peer: take checkpoints this often (e.g. 10s) into DIR/checkpoints, and at
+    /// the end time a restore of the last one into fresh state.
+    #[arg(long)]
+    checkpoint_interval: Option<String>,
 }
 
 /// Errors that are the user's to fix in what they wrote (exit 2).
@@ -234,6 +238,13 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .parallelism
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
         state_dir: args.dir.join("state"),
+        checkpoint_interval_ms: args
+            .checkpoint_interval
+            .as_deref()
+            .map(|i| {
+                parse_duration_ms(i).map_err(|e| UsageError(format!("--checkpoint-interval: {e}")))
+            })
+            .transpose()?,
     };
     let line = match args.workload {
         Workload::FlinkPeer => braid::bench::flink_peer(&options)?,

@@ -271,7 +271,8 @@ pub fn run_nonce() -> String {
 pub struct ShardSnapshot {
     pub shard: usize,
     pub epoch: u64,
-    pub image: Vec<u8>,
+    /// The join's image, written into `staging`.
+    pub image: PathBuf,
     /// Every live segment, and the files of those spilled since the last barrier,
     /// hard-linked into `staging`.
     pub live: Vec<SegmentId>,
@@ -462,7 +463,12 @@ impl CommitterState {
         self.commit(reader, shards, started).map(Some)
     }
 
+    /// Syncs a local file (a link in the store must be durable too), checksums it and
+    /// stores it.
     fn put_checked_file(&self, name: String, path: &Path) -> anyhow::Result<FileRef> {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync {}", path.display()))?;
         let (sum, bytes) = checksum_file(path)?;
         self.store.put_file(&name, path)?;
         Ok(FileRef {
@@ -498,13 +504,8 @@ impl CommitterState {
                 self.uploaded.insert((s.shard, *id), file);
             }
             let image_name = format!("{FILES}/shard-{}/{}-e{epoch}.image", s.shard, self.nonce);
-            self.store.put_bytes(&image_name, &s.image)?;
-            uploaded_bytes += s.image.len() as u64;
-            let image = FileRef {
-                name: image_name,
-                bytes: s.image.len() as u64,
-                xxh3: format!("{:016x}", xxh3_64(&s.image)),
-            };
+            let image = self.put_checked_file(image_name, &s.image)?;
+            uploaded_bytes += image.bytes;
             let mut segments = Vec::with_capacity(s.live.len());
             for id in &s.live {
                 let file = self.uploaded.get(&(s.shard, *id)).with_context(|| {
