@@ -131,7 +131,8 @@ pub fn run_join_restarting<S: StateStore>(
         join.advance(marks.current(), &mut sink)?;
         next = end;
         batches += 1;
-        if batches % restart_every.max(1) == 0 {
+        if batches == restart_every {
+            batches = 0;
             let mut image = Vec::new();
             join.snapshot(&mut image).expect("a Vec takes every byte");
             join.load(&image).expect("a snapshot loads");

@@ -10,7 +10,7 @@ use anyhow::Context;
 use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore};
 use super::{
     epochs, fetch, manifest_name, output_number, read_manifest, Committed, Committer,
-    CommitterConfig, CommitterStart, Manifest, ShardRestore,
+    CommitterConfig, CommitterStart, Manifest, ShardRestore, FILES, MANIFESTS,
 };
 use crate::config::{CheckpointPlan, Plan};
 
@@ -70,8 +70,11 @@ impl Checkpointing {
         let store = open_store(config)?;
         let all = epochs(store.as_ref())?;
         if reset {
-            for name in store.list("")? {
-                store.delete(&name)?;
+            // Only what braid wrote: the folder or bucket may hold other things.
+            for prefix in [MANIFESTS, FILES] {
+                for name in store.list(prefix)? {
+                    store.delete(&name)?;
+                }
             }
             tracing::warn!(checkpoints = all.len(), store = %store.describe(), "--reset: deleted every checkpoint; starting fresh");
         }

@@ -36,8 +36,11 @@ use crate::summary::SourceCounts;
 use store::{sync_dir, CheckpointStore};
 
 const MANIFEST_FORMAT: u32 = 1;
-const MANIFESTS: &str = "manifests";
-const FILES: &str = "files";
+/// The store's two folders; braid touches nothing else in it.
+pub const MANIFESTS: &str = "manifests";
+pub const FILES: &str = "files";
+/// Segment files uploaded at once by the committer.
+const UPLOADS_IN_FLIGHT: usize = 8;
 /// Bytes read at a time when checksumming a file.
 const CHECKSUM_BUFFER_BYTES: usize = 1 << 20;
 
@@ -463,6 +466,56 @@ impl CommitterState {
         self.commit(reader, shards, started).map(Some)
     }
 
+    /// Uploads segment files, [`UPLOADS_IN_FLIGHT`] at a time (an object store takes
+    /// one request per file, and a checkpoint can hold hundreds of new ones).
+    fn upload_all(
+        &self,
+        files: &[(usize, SegmentId, &Path)],
+    ) -> anyhow::Result<Vec<(usize, SegmentId, FileRef)>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = std::sync::Mutex::new(Vec::with_capacity(files.len()));
+        let failed = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..UPLOADS_IN_FLIGHT.min(files.len()) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(shard, id, path)) = files.get(i) else {
+                        return;
+                    };
+                    let name = format!(
+                        "{FILES}/shard-{shard}/{}-{}",
+                        self.nonce,
+                        path.file_name().expect("a file name").to_string_lossy()
+                    );
+                    match self.put_checked_file(name, path) {
+                        Ok(file) => results
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((shard, id, file)),
+                        Err(e) => {
+                            failed
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .get_or_insert(e);
+                            // Let the other uploads run dry: nothing more starts.
+                            next.store(files.len(), std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            return Err(e);
+        }
+        Ok(results
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// Syncs a local file (a link in the store must be durable too), checksums it and
     /// stores it.
     fn put_checked_file(&self, name: String, path: &Path) -> anyhow::Result<FileRef> {
@@ -490,19 +543,20 @@ impl CommitterState {
         let mut pending = reader.pending.clone();
         let mut sinks = reader.sinks.clone();
         let mut pause = reader.pause;
+        let new_files: Vec<(usize, SegmentId, &Path)> = shards
+            .iter()
+            .flat_map(|s| {
+                s.new_files
+                    .iter()
+                    .map(|(id, p)| (s.shard, *id, p.as_path()))
+            })
+            .collect();
+        for (shard, id, file) in self.upload_all(&new_files)? {
+            uploaded_bytes += file.bytes;
+            self.uploaded.insert((shard, id), file);
+        }
         for s in &shards {
             pause = pause.max(s.pause);
-            for (id, path) in &s.new_files {
-                let name = format!(
-                    "{FILES}/shard-{}/{}-{}",
-                    s.shard,
-                    self.nonce,
-                    path.file_name().expect("a file name").to_string_lossy()
-                );
-                let file = self.put_checked_file(name, path)?;
-                uploaded_bytes += file.bytes;
-                self.uploaded.insert((s.shard, *id), file);
-            }
             let image_name = format!("{FILES}/shard-{}/{}-e{epoch}.image", s.shard, self.nonce);
             let image = self.put_checked_file(image_name, &s.image)?;
             uploaded_bytes += image.bytes;
@@ -587,10 +641,18 @@ impl CommitterState {
         let mut referenced: BTreeSet<String> = BTreeSet::new();
         for &epoch in all.iter().take(keep) {
             if !self.files_of.contains_key(&epoch) {
-                // A manifest of an earlier run; an unreadable one refers to nothing.
-                let names = read_manifest(self.store.as_ref(), epoch)
-                    .map(|m| m.files().map(|f| f.name.clone()).collect())
-                    .unwrap_or_default();
+                // A manifest of an earlier run. One that does not decode refers to
+                // nothing; one that cannot be read now (a network error) might, so no
+                // file is deleted this time.
+                let names = match self.store.get_bytes(&manifest_name(epoch)) {
+                    Ok(bytes) => Manifest::decode(&bytes)
+                        .map(|m| m.files().map(|f| f.name.clone()).collect())
+                        .unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!("not deleting old checkpoint files this time: {e:#}");
+                        return Ok(());
+                    }
+                };
                 self.files_of.insert(epoch, names);
             }
             referenced.extend(self.files_of[&epoch].iter().cloned());

@@ -28,15 +28,9 @@ impl S3Store {
     pub fn open(url: &str) -> anyhow::Result<S3Store> {
         let rest = url.trim_start_matches("s3://");
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-        // `from_env` reads AWS_ENDPOINT; the AWS CLI's AWS_ENDPOINT_URL is honoured too.
-        if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
-            builder = builder.with_endpoint(endpoint);
-        }
-        if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true") {
-            builder = builder.with_allow_http(true);
-        }
-        let store = builder
+        // `from_env` reads the AWS_* variables, AWS_ENDPOINT_URL and AWS_ALLOW_HTTP too.
+        let store = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
             .build()
             .with_context(|| format!("cannot open checkpoint store {url}"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -60,6 +54,16 @@ impl S3Store {
     }
 }
 
+impl S3Store {
+    fn put(&self, name: &str, payload: PutPayload) -> anyhow::Result<()> {
+        let path = self.path(name);
+        self.runtime
+            .block_on(self.store.put(&path, payload))
+            .with_context(|| format!("cannot write {name} to {}", self.url))?;
+        Ok(())
+    }
+}
+
 impl CheckpointStore for S3Store {
     fn describe(&self) -> String {
         self.url.clone()
@@ -68,16 +72,11 @@ impl CheckpointStore for S3Store {
     fn put_file(&self, name: &str, from: &Path) -> anyhow::Result<()> {
         let bytes =
             std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
-        self.put_bytes(name, &bytes)
+        self.put(name, PutPayload::from(bytes))
     }
 
     fn put_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        let path = self.path(name);
-        let payload = PutPayload::from(bytes.to_vec());
-        self.runtime
-            .block_on(self.store.put(&path, payload))
-            .with_context(|| format!("cannot write {name} to {}", self.url))?;
-        Ok(())
+        self.put(name, PutPayload::from(bytes.to_vec()))
     }
 
     fn get_file(&self, name: &str, to: &Path) -> anyhow::Result<()> {
