@@ -273,37 +273,80 @@ impl HotSegment {
         }
     }
 
-    /// Writes the segment's events in order, with its number and marks.
+    /// Writes the segment as it is in memory: arena chunks, slots, index, marks. Loading
+    /// it back is then copies and one map insert per key, not a push per event.
     pub fn write(&self, w: &mut Writer<'_>) {
         w.u32(self.number);
-        w.len(self.slots.len());
-        let mut hashes = vec![0u64; self.slots.len()];
-        for (&hash, &head) in &self.index {
-            let mut next = head;
-            while next != NO_SLOT {
-                hashes[next as usize] = hash;
-                next = self.slots[next as usize].next;
-            }
+        w.i64(self.time_min);
+        w.i64(self.time_max);
+        w.len(self.chunks.len());
+        for chunk in &self.chunks {
+            w.bytes(chunk);
         }
-        for (slot, hash) in self.slots.iter().zip(hashes) {
+        w.len(self.slots.len());
+        for slot in &self.slots {
             w.i64(slot.time);
+            w.u32(slot.chunk);
+            w.u32(slot.offset);
+            w.u32(slot.key_len);
+            w.u32(slot.payload_len);
+            w.u32(slot.next);
+        }
+        w.len(self.index.len());
+        for (&hash, &head) in &self.index {
             w.u64(hash);
-            w.bytes(self.key(slot));
-            w.bytes(self.payload(slot));
+            w.u32(head);
         }
         self.marks.write(w);
     }
 
-    /// Reads what [`write`](Self::write) wrote: the same events at the same ordinals.
+    /// Reads what [`write`](Self::write) wrote, checking that every slot points into
+    /// the arena and every chain into the slots.
     pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<HotSegment, SnapshotError> {
         let mut hot = HotSegment::new(r.u32()?);
+        hot.time_min = r.i64()?;
+        hot.time_max = r.i64()?;
+        let chunks = r.len()?;
+        for _ in 0..chunks {
+            let bytes = r.bytes()?;
+            let mut chunk = pool.take(bytes.len().max(CHUNK_BYTES_MIN));
+            chunk.extend_from_slice(bytes);
+            hot.chunk_bytes += chunk.capacity();
+            hot.chunks.push(chunk);
+        }
         let len = r.len()?;
+        let number = hot.number;
+        let bad = |what: &str| SnapshotError(format!("hot segment {number}: {what}"));
+        hot.slots.reserve_exact(len);
         for _ in 0..len {
-            let time = r.i64()?;
+            let slot = Slot {
+                time: r.i64()?,
+                chunk: r.u32()?,
+                offset: r.u32()?,
+                key_len: r.u32()?,
+                payload_len: r.u32()?,
+                next: r.u32()?,
+            };
+            let end =
+                u64::from(slot.offset) + u64::from(slot.key_len) + u64::from(slot.payload_len);
+            let fits = hot
+                .chunks
+                .get(slot.chunk as usize)
+                .is_some_and(|c| end <= c.len() as u64);
+            if !fits || (slot.next != NO_SLOT && slot.next as usize >= len) {
+                return Err(bad("a slot points outside the segment"));
+            }
+            hot.slots.push(slot);
+        }
+        let keys = r.len()?;
+        hot.index.reserve(keys);
+        for _ in 0..keys {
             let hash = r.u64()?;
-            let key = r.bytes()?;
-            let payload = r.bytes()?;
-            hot.push(hash, key, time, payload, false, pool);
+            let head = r.u32()?;
+            if head as usize >= len {
+                return Err(bad("an index entry points outside the slots"));
+            }
+            hot.index.insert(hash, head);
         }
         hot.marks = Marks::read(r, len)?;
         Ok(hot)

@@ -193,6 +193,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     }
     // With checkpoints: one more of the whole window's state, then a timed restore of it.
     let mut restore = None;
+    let rss_before_restore = peak_rss_bytes();
     if let Some(c) = checkpoints.as_mut() {
         c.poll(true)?;
         c.barrier(&mut engine, options.events, watermark)?;
@@ -232,6 +233,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             "pause_ms_max": quantile(&pauses, 1.0),
             "duration_ms_p50": quantile(&durations, 0.5),
             "state_mb_last_periodic": mb(periodic.last().map_or(0, |k| k.state_bytes)),
+            "peak_rss_mb_before_restore": mb(rss_before_restore),
             "restore_state_mb": mb(r.state_bytes),
             "restore_files": r.files,
             "restore_seconds": round2(r.seconds),

@@ -148,29 +148,29 @@ impl Engine {
         // Never more batches than the queues and the open ones hold, so it never blocks.
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
-        for (i, restored) in restore.into_iter().enumerate() {
-            let dir = state_dir.join(format!("shard-{i}"));
-            let mut store = RocksStore::create(&dir, &tuning)?;
-            let mut checkpointed = BTreeSet::new();
-            let image = match restored {
-                Some(r) => {
-                    for &id in &r.segments {
-                        let from = r.dir.join(braid_state::segment_file_name(id));
-                        std::fs::rename(&from, store.segment_path(id)).with_context(|| {
-                            format!("cannot move restored {} into the state", from.display())
-                        })?;
-                    }
-                    store.ingest_segments(&r.segments)?;
-                    checkpointed.extend(r.segments.iter().copied());
-                    Some(r.image)
-                }
-                None => None,
-            };
-            let mut join = Join::new(spec, store, per_shard);
-            if let Some(image) = image {
-                join.load(&image)
-                    .with_context(|| format!("cannot restore shard {i}"))?;
-            }
+        // Each shard's state is built (and restored) on a thread of its own, in parallel:
+        // loading a join image rebuilds every hot segment's index.
+        let built: Vec<anyhow::Result<(Join<RocksStore>, BTreeSet<SegmentId>)>> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = restore
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, restored)| {
+                        let dir = state_dir.join(format!("shard-{i}"));
+                        let tuning = &tuning;
+                        scope.spawn(move || build_shard(i, &dir, tuning, spec, per_shard, restored))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("a shard panicked while starting"))?
+                    })
+                    .collect()
+            });
+        for (i, built) in built.into_iter().enumerate() {
+            let (join, checkpointed) = built?;
             let sink = make_sink(i)?;
             let (tx, rx) = bounded(SHARD_QUEUE_BATCHES);
             senders.push(tx);
@@ -178,7 +178,7 @@ impl Engine {
             let shard = Shard {
                 index: i,
                 join,
-                staging: dir.join("staging"),
+                staging: state_dir.join(format!("shard-{i}")).join("staging"),
                 checkpoints: checkpoints.clone(),
                 checkpointed,
             };
@@ -300,6 +300,34 @@ impl Drop for Engine {
             let _ = handle.join();
         }
     }
+}
+
+/// Opens shard `i`'s store in `dir` and its join, restored from a checkpoint if given;
+/// returns them with the segments the checkpoint already holds.
+fn build_shard(
+    i: usize,
+    dir: &Path,
+    tuning: &RocksOptions,
+    spec: JoinSpec,
+    memory_max_bytes: usize,
+    restored: Option<ShardRestore>,
+) -> anyhow::Result<(Join<RocksStore>, BTreeSet<SegmentId>)> {
+    let mut store = RocksStore::create(dir, tuning)?;
+    let mut checkpointed = BTreeSet::new();
+    let Some(r) = restored else {
+        return Ok((Join::new(spec, store, memory_max_bytes), checkpointed));
+    };
+    for &id in &r.segments {
+        let from = r.dir.join(braid_state::segment_file_name(id));
+        std::fs::rename(&from, store.segment_path(id))
+            .with_context(|| format!("cannot move restored {} into the state", from.display()))?;
+    }
+    store.ingest_segments(&r.segments)?;
+    checkpointed.extend(r.segments.iter().copied());
+    let mut join = Join::new(spec, store, memory_max_bytes);
+    join.load(&r.image)
+        .with_context(|| format!("cannot restore shard {i}"))?;
+    Ok((join, checkpointed))
 }
 
 /// One shard's join and its checkpointing.
