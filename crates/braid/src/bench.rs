@@ -21,7 +21,7 @@ use crate::checkpoint::{
 };
 use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::results::CountingResults;
-use crate::summary::{peak_rss_bytes, quantile, SourceCounts};
+use crate::summary::{peak_rss_bytes, CheckpointCounts, SourceCounts};
 
 /// Events between two watermark advances in the flink-peer benchmark (Flink emits a
 /// watermark every 200 ms; this is about as often at the rates measured).
@@ -213,26 +213,16 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let checkpoint_json = checkpoints.as_ref().map(|c| {
         // The last checkpoint (for the restore) is taken after the stream; report the
         // periodic ones.
-        let periodic = &c.committed[..c.committed.len() - 1];
-        let mut pauses: Vec<f64> = periodic
-            .iter()
-            .map(|k| k.pause.as_secs_f64() * 1e3)
-            .collect();
-        pauses.sort_by(f64::total_cmp);
-        let mut durations: Vec<f64> = periodic
-            .iter()
-            .map(|k| k.duration.as_secs_f64() * 1e3)
-            .collect();
-        durations.sort_by(f64::total_cmp);
+        let periodic = CheckpointCounts::new(None, None, &c.committed[..c.committed.len() - 1]);
         let r = restore.as_ref().expect("timed with checkpoints");
         json!({
             "interval_ms": c.interval.as_millis() as u64,
-            "taken": periodic.len(),
-            "pause_ms_p50": quantile(&pauses, 0.5),
-            "pause_ms_p99": quantile(&pauses, 0.99),
-            "pause_ms_max": quantile(&pauses, 1.0),
-            "duration_ms_p50": quantile(&durations, 0.5),
-            "state_mb_last_periodic": mb(periodic.last().map_or(0, |k| k.state_bytes)),
+            "taken": periodic.taken,
+            "pause_ms_p50": periodic.pause_ms[0],
+            "pause_ms_p99": periodic.pause_ms[1],
+            "pause_ms_max": periodic.pause_ms[2],
+            "duration_ms_p50": periodic.duration_ms_median,
+            "state_mb_last_periodic": mb(periodic.last_state_bytes),
             "peak_rss_mb_before_restore": mb(rss_before_restore),
             "restore_state_mb": mb(r.state_bytes),
             "restore_files": r.files,

@@ -123,9 +123,8 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
         println!("\na joined record:\n{sample}");
     }
     println!(
-        "\nthe job: {}; to run it again, remove {} first (braid run never mixes new output with old)",
-        job.display(),
-        dir.join("out").display()
+        "\nthe job: {job}\n  braid checkpoints {job}   lists its checkpoints\n  braid run {job}           resumes from the last one (the input is done: nothing to add)",
+        job = job.display(),
     );
     Ok(())
 }

@@ -274,6 +274,9 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         }
     };
     let _ = std::fs::remove_dir_all(plan.state_dir.join("restore"));
+    let restore_ms = manifest
+        .as_ref()
+        .map(|_| started.elapsed().as_secs_f64() * 1e3);
     tracing::info!(
         job = %plan.name,
         shards = plan.parallelism,
@@ -321,6 +324,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     if let Some(c) = &checkpointing {
         summary.checkpoints = Some(crate::summary::CheckpointCounts::new(
             manifest.as_ref().map(|m| m.epoch),
+            restore_ms,
             &c.committed,
         ));
     }

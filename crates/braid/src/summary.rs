@@ -39,6 +39,8 @@ pub struct Summary {
 pub struct CheckpointCounts {
     /// The epoch this run resumed from.
     pub restored_from: Option<u64>,
+    /// Time from start until the restored state was ready (fetch, verify, load).
+    pub restore_ms: Option<f64>,
     pub taken: usize,
     /// How long the pipeline stood still for a barrier: median, 99th percentile, max.
     pub pause_ms: [f64; 3],
@@ -48,7 +50,11 @@ pub struct CheckpointCounts {
 }
 
 impl CheckpointCounts {
-    pub fn new(restored_from: Option<u64>, committed: &[Committed]) -> CheckpointCounts {
+    pub fn new(
+        restored_from: Option<u64>,
+        restore_ms: Option<f64>,
+        committed: &[Committed],
+    ) -> CheckpointCounts {
         let mut pauses: Vec<f64> = committed
             .iter()
             .map(|c| c.pause.as_secs_f64() * 1e3)
@@ -61,6 +67,7 @@ impl CheckpointCounts {
         durations.sort_by(f64::total_cmp);
         CheckpointCounts {
             restored_from,
+            restore_ms,
             taken: committed.len(),
             pause_ms: [
                 quantile(&pauses, 0.5),
@@ -75,6 +82,7 @@ impl CheckpointCounts {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "restored_from_epoch": self.restored_from,
+            "restore_ms": self.restore_ms,
             "taken": self.taken,
             "pause_ms_p50": self.pause_ms[0],
             "pause_ms_p99": self.pause_ms[1],
@@ -270,9 +278,10 @@ impl fmt::Display for Summary {
                 f,
                 "\n  checkpoints            {} taken{}, pause p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
                 c.taken,
-                c.restored_from
-                    .map(|e| format!(" (resumed from {e})"))
-                    .unwrap_or_default(),
+                match (c.restored_from, c.restore_ms) {
+                    (Some(e), Some(ms)) => format!(" (resumed from {e}, restored in {ms:.0} ms)"),
+                    _ => String::new(),
+                },
                 c.pause_ms[0],
                 c.pause_ms[1],
                 c.pause_ms[2]
