@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use crate::bloom::Bloom;
 use crate::snapshot::{Reader, SnapshotError, Writer};
@@ -141,18 +142,37 @@ impl Marks {
     }
 }
 
-/// An in-memory segment: an arena of key and payload bytes, slots, and a hash index.
+/// The events of a hot segment: an arena of key and payload bytes, slots, and a hash
+/// index. Shared (read-only) with a checkpoint's image once the segment is sealed.
 #[derive(Default)]
-pub(crate) struct HotSegment {
-    /// Unique within the bucket, kept when the segment is spilled.
-    pub number: u32,
+pub(crate) struct HotData {
     chunks: Vec<Vec<u8>>,
     chunk_bytes: usize,
     slots: Vec<Slot>,
     index: HashMap<u64, u32, IdentityBuild>,
+}
+
+/// An in-memory segment: its events, their matched marks and their time range.
+#[derive(Default)]
+pub(crate) struct HotSegment {
+    /// Unique within the bucket, kept when the segment is spilled.
+    pub number: u32,
+    data: Arc<HotData>,
     pub marks: Marks,
     pub time_min: i64,
     pub time_max: i64,
+    /// Sealed by a checkpoint: its events are shared with the checkpoint's image, which
+    /// is written while the shard goes on, so no more events go in.
+    pub sealed: bool,
+}
+
+/// A hot segment as a checkpoint sees it: its events shared, its marks copied.
+pub(crate) struct HotImage {
+    number: u32,
+    data: Arc<HotData>,
+    marks: Marks,
+    time_min: i64,
+    time_max: i64,
 }
 
 impl HotSegment {
@@ -164,22 +184,36 @@ impl HotSegment {
     }
 
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.data.slots.len()
     }
 
     /// Bytes of memory this segment holds, by capacity.
     pub fn memory_bytes(&self) -> usize {
-        self.chunk_bytes
-            + self.slots.capacity() * SLOT_BYTES
-            + self.index.capacity() * INDEX_ENTRY_BYTES
+        let d = &self.data;
+        d.chunk_bytes
+            + d.slots.capacity() * SLOT_BYTES
+            + d.index.capacity() * INDEX_ENTRY_BYTES
             + self.marks.bytes()
     }
 
     /// Bytes of content (used, not reserved): what a spill would move to disk.
     pub fn content_bytes(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum::<usize>()
-            + self.slots.len() * SLOT_BYTES
-            + self.index.len() * INDEX_ENTRY_BYTES
+        let d = &self.data;
+        d.chunks.iter().map(Vec::len).sum::<usize>()
+            + d.slots.len() * SLOT_BYTES
+            + d.index.len() * INDEX_ENTRY_BYTES
+    }
+
+    /// Seals the segment and shares its events with a checkpoint image.
+    pub fn image(&mut self) -> HotImage {
+        self.sealed = true;
+        HotImage {
+            number: self.number,
+            data: Arc::clone(&self.data),
+            marks: self.marks.clone(),
+            time_min: self.time_min,
+            time_max: self.time_max,
+        }
     }
 
     /// Appends an event; returns its ordinal in the segment.
@@ -192,32 +226,33 @@ impl HotSegment {
         matched: bool,
         pool: &mut ChunkPool,
     ) -> usize {
+        debug_assert!(!self.sealed, "a sealed segment takes no more events");
+        let d = Arc::get_mut(&mut self.data).expect("only sealed segments are shared");
         let need = key.len() + payload.len();
-        if self
-            .chunks
+        if d.chunks
             .last()
             .is_none_or(|c| c.capacity() - c.len() < need)
         {
-            let size = (self
+            let size = (d
                 .chunks
                 .last()
                 .map_or(CHUNK_BYTES_MIN, |c| c.capacity() * 2))
             .min(CHUNK_BYTES_MAX)
             .max(need);
             let chunk = pool.take(size);
-            self.chunk_bytes += chunk.capacity();
-            self.chunks.push(chunk);
+            d.chunk_bytes += chunk.capacity();
+            d.chunks.push(chunk);
         }
-        let chunk_index = self.chunks.len() - 1;
-        let chunk = &mut self.chunks[chunk_index];
+        let chunk_index = d.chunks.len() - 1;
+        let chunk = &mut d.chunks[chunk_index];
         let offset = chunk.len();
         chunk.extend_from_slice(key);
         chunk.extend_from_slice(payload);
-        let ordinal = self.slots.len();
+        let ordinal = d.slots.len();
         let ordinal_u32 =
             u32::try_from(ordinal).expect("segments are bounded far below 2^32 events");
-        let head = self.index.entry(key_hash).or_insert(NO_SLOT);
-        self.slots.push(Slot {
+        let head = d.index.entry(key_hash).or_insert(NO_SLOT);
+        d.slots.push(Slot {
             time,
             chunk: u32::try_from(chunk_index).expect("segments are bounded far below 2^32 chunks"),
             offset: u32::try_from(offset).expect("chunks are at most a line long"),
@@ -240,16 +275,6 @@ impl HotSegment {
         ordinal
     }
 
-    fn key(&self, slot: &Slot) -> &[u8] {
-        let start = slot.offset as usize;
-        &self.chunks[slot.chunk as usize][start..start + slot.key_len as usize]
-    }
-
-    fn payload(&self, slot: &Slot) -> &[u8] {
-        let start = (slot.offset + slot.key_len) as usize;
-        &self.chunks[slot.chunk as usize][start..start + slot.payload_len as usize]
-    }
-
     /// Calls `hit` with (ordinal, payload) of every event with this key and a time in
     /// `[lo, hi]`.
     pub fn probe(
@@ -263,49 +288,24 @@ impl HotSegment {
         if hi < self.time_min || lo > self.time_max {
             return;
         }
-        let mut next = self.index.get(&key_hash).copied().unwrap_or(NO_SLOT);
+        let d = &*self.data;
+        let mut next = d.index.get(&key_hash).copied().unwrap_or(NO_SLOT);
         while next != NO_SLOT {
-            let slot = &self.slots[next as usize];
-            if slot.time >= lo && slot.time <= hi && self.key(slot) == key {
-                hit(next as usize, self.payload(slot));
+            let slot = &d.slots[next as usize];
+            if slot.time >= lo && slot.time <= hi && d.key(slot) == key {
+                hit(next as usize, d.payload(slot));
             }
             next = slot.next;
         }
     }
 
-    /// Writes the segment as it is in memory: arena chunks, slots, index, marks. Loading
-    /// it back is then copies and one map insert per key, not a push per event.
-    pub fn write(&self, w: &mut Writer<'_>) {
-        w.u32(self.number);
-        w.i64(self.time_min);
-        w.i64(self.time_max);
-        w.len(self.chunks.len());
-        for chunk in &self.chunks {
-            w.bytes(chunk);
-        }
-        w.len(self.slots.len());
-        for slot in &self.slots {
-            w.i64(slot.time);
-            w.u32(slot.chunk);
-            w.u32(slot.offset);
-            w.u32(slot.key_len);
-            w.u32(slot.payload_len);
-            w.u32(slot.next);
-        }
-        w.len(self.index.len());
-        for (&hash, &head) in &self.index {
-            w.u64(hash);
-            w.u32(head);
-        }
-        self.marks.write(w);
-    }
-
-    /// Reads what [`write`](Self::write) wrote, checking that every slot points into
-    /// the arena and every chain into the slots.
+    /// Reads what [`HotImage::write`] wrote, checking that every slot points into the
+    /// arena and every chain into the slots.
     pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<HotSegment, SnapshotError> {
-        let mut hot = HotSegment::new(r.u32()?);
-        hot.time_min = r.i64()?;
-        hot.time_max = r.i64()?;
+        let number = r.u32()?;
+        let time_min = r.i64()?;
+        let time_max = r.i64()?;
+        let mut hot = HotData::default();
         let chunks = r.len()?;
         for _ in 0..chunks {
             let bytes = r.bytes()?;
@@ -315,7 +315,6 @@ impl HotSegment {
             hot.chunks.push(chunk);
         }
         let len = r.len()?;
-        let number = hot.number;
         let bad = |what: &str| SnapshotError(format!("hot segment {number}: {what}"));
         hot.slots.reserve_exact(len);
         for _ in 0..len {
@@ -348,22 +347,35 @@ impl HotSegment {
             }
             hot.index.insert(hash, head);
         }
-        hot.marks = Marks::read(r, len)?;
-        Ok(hot)
+        Ok(HotSegment {
+            number,
+            data: Arc::new(hot),
+            marks: Marks::read(r, len)?,
+            time_min,
+            time_max,
+            sealed: false,
+        })
     }
 
-    /// Gives the segment's arena chunks back to the pool.
+    /// Gives the segment's arena chunks back to the pool; those a checkpoint image still
+    /// shares are freed when the image is written.
     pub fn release_chunks(&mut self, pool: &mut ChunkPool) {
-        for chunk in self.chunks.drain(..) {
-            pool.give(chunk);
+        match Arc::get_mut(&mut self.data) {
+            Some(d) => {
+                for chunk in d.chunks.drain(..) {
+                    pool.give(chunk);
+                }
+                d.chunk_bytes = 0;
+            }
+            None => self.data = Arc::default(),
         }
-        self.chunk_bytes = 0;
     }
 
     /// Calls `visit` with (matched, payload) of every event.
     pub fn for_each(&self, mut visit: impl FnMut(bool, &[u8])) {
-        for (i, slot) in self.slots.iter().enumerate() {
-            visit(self.marks.get(i), self.payload(slot));
+        let d = &*self.data;
+        for (i, slot) in d.slots.iter().enumerate() {
+            visit(self.marks.get(i), d.payload(slot));
         }
     }
 
@@ -371,20 +383,21 @@ impl HotSegment {
     /// whose value lists the key's events (see [`decode_events`]). Also builds the key
     /// filter. `values` is scratch space the entries point into.
     pub fn freeze<'a>(&'a self, values: &'a mut Vec<u8>) -> (Vec<SegmentEntry<'a>>, Bloom) {
-        let mut bloom = Bloom::new(self.index.len());
+        let d = &*self.data;
+        let mut bloom = Bloom::new(d.index.len());
         // (key, start and end of its value in `values`)
-        let mut groups: Vec<(&[u8], usize, usize)> = Vec::with_capacity(self.index.len());
+        let mut groups: Vec<(&[u8], usize, usize)> = Vec::with_capacity(d.index.len());
         values.clear();
         let mut chain_keys: Vec<&[u8]> = Vec::new();
-        for (&hash, &head) in &self.index {
+        for (&hash, &head) in &d.index {
             bloom.insert(hash);
             // A chain holds the events of one key hash: usually one key, more only on a
             // 64-bit hash collision, which is handled by grouping on the key bytes.
             chain_keys.clear();
             let mut next = head;
             while next != NO_SLOT {
-                let slot = &self.slots[next as usize];
-                let key = self.key(slot);
+                let slot = &d.slots[next as usize];
+                let key = d.key(slot);
                 if !chain_keys.contains(&key) {
                     chain_keys.push(key);
                 }
@@ -394,9 +407,9 @@ impl HotSegment {
                 let start = values.len();
                 let mut next = head;
                 while next != NO_SLOT {
-                    let slot = &self.slots[next as usize];
-                    if self.key(slot) == key {
-                        encode_event(values, next, slot.time, self.payload(slot));
+                    let slot = &d.slots[next as usize];
+                    if d.key(slot) == key {
+                        encode_event(values, next, slot.time, d.payload(slot));
                     }
                     next = slot.next;
                 }
@@ -416,11 +429,54 @@ impl HotSegment {
     }
 }
 
+impl HotData {
+    fn key(&self, slot: &Slot) -> &[u8] {
+        let start = slot.offset as usize;
+        &self.chunks[slot.chunk as usize][start..start + slot.key_len as usize]
+    }
+
+    fn payload(&self, slot: &Slot) -> &[u8] {
+        let start = (slot.offset + slot.key_len) as usize;
+        &self.chunks[slot.chunk as usize][start..start + slot.payload_len as usize]
+    }
+}
+
+impl HotImage {
+    /// Writes the segment as it is in memory: arena chunks, slots, index, marks. Loading
+    /// it back ([`HotSegment::read`]) is then copies and one map insert per key.
+    pub fn write(&self, w: &mut Writer<'_>) {
+        let d = &*self.data;
+        w.u32(self.number);
+        w.i64(self.time_min);
+        w.i64(self.time_max);
+        w.len(d.chunks.len());
+        for chunk in &d.chunks {
+            w.bytes(chunk);
+        }
+        w.len(d.slots.len());
+        for slot in &d.slots {
+            w.i64(slot.time);
+            w.u32(slot.chunk);
+            w.u32(slot.offset);
+            w.u32(slot.key_len);
+            w.u32(slot.payload_len);
+            w.u32(slot.next);
+        }
+        w.len(d.index.len());
+        for (&hash, &head) in &d.index {
+            w.u64(hash);
+            w.u32(head);
+        }
+        self.marks.write(w);
+    }
+}
+
 /// A segment in the cold tier: what stays in memory is its filter and matched marks.
 pub(crate) struct ColdSegment {
     pub number: u32,
     pub len: usize,
-    pub bloom: Bloom,
+    /// Shared with checkpoint images, which never change it.
+    pub bloom: Arc<Bloom>,
     pub marks: Marks,
     pub time_min: i64,
     pub time_max: i64,
@@ -429,6 +485,18 @@ pub(crate) struct ColdSegment {
 impl ColdSegment {
     pub fn memory_bytes(&self) -> usize {
         self.bloom.bytes() + self.marks.bytes() + std::mem::size_of::<ColdSegment>()
+    }
+
+    /// The segment as a checkpoint sees it: its filter shared, its marks copied.
+    pub fn image(&self) -> ColdSegment {
+        ColdSegment {
+            number: self.number,
+            len: self.len,
+            bloom: Arc::clone(&self.bloom),
+            marks: self.marks.clone(),
+            time_min: self.time_min,
+            time_max: self.time_max,
+        }
     }
 
     pub fn write(&self, w: &mut Writer<'_>) {
@@ -445,7 +513,7 @@ impl ColdSegment {
         let len = r.u64()? as usize;
         let time_min = r.i64()?;
         let time_max = r.i64()?;
-        let bloom = Bloom::read(r)?;
+        let bloom = Arc::new(Bloom::read(r)?);
         let marks = Marks::read(r, len)?;
         Ok(ColdSegment {
             number,
@@ -494,22 +562,55 @@ pub(crate) struct Bucket {
     pub next_segment_number: u32,
 }
 
-impl Bucket {
+/// A bucket as a checkpoint sees it, written after the barrier by another thread.
+pub(crate) struct BucketImage {
+    next_segment_number: u32,
+    hot: Vec<HotImage>,
+    cold: Vec<ColdSegment>,
+    /// The segments in the bucket's order: hot (true) or cold, by position in its list.
+    order: Vec<bool>,
+}
+
+impl BucketImage {
     pub fn write(&self, w: &mut Writer<'_>) {
         w.u32(self.next_segment_number);
-        w.len(self.segments.len());
-        for segment in &self.segments {
+        w.len(self.order.len());
+        let (mut hot, mut cold) = (self.hot.iter(), self.cold.iter());
+        for &is_hot in &self.order {
+            if is_hot {
+                w.u8(0);
+                hot.next().expect("one per hot entry").write(w);
+            } else {
+                w.u8(1);
+                cold.next().expect("one per cold entry").write(w);
+            }
+        }
+    }
+}
+
+impl Bucket {
+    /// Seals the bucket's hot segments and shares them with a checkpoint image: the
+    /// pause of a checkpoint is this, not the writing of the events.
+    pub fn image(&mut self) -> BucketImage {
+        let mut image = BucketImage {
+            next_segment_number: self.next_segment_number,
+            hot: Vec::new(),
+            cold: Vec::new(),
+            order: Vec::with_capacity(self.segments.len()),
+        };
+        for segment in &mut self.segments {
             match segment {
                 Segment::Hot(hot) => {
-                    w.u8(0);
-                    hot.write(w);
+                    image.hot.push(hot.image());
+                    image.order.push(true);
                 }
                 Segment::Cold(cold) => {
-                    w.u8(1);
-                    cold.write(w);
+                    image.cold.push(cold.image());
+                    image.order.push(false);
                 }
             }
         }
+        image
     }
 
     pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<Bucket, SnapshotError> {

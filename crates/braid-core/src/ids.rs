@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::bucket::IdentityBuild;
 use crate::snapshot::{Reader, SnapshotError, Writer};
@@ -25,8 +26,12 @@ impl Hash for IdKey {
     }
 }
 
+/// Cloning is cheap: parts are shared until written (copy on write), so that a
+/// checkpoint's copy costs nothing at the barrier and a part is copied only when the
+/// shard changes it while the image is still being written.
+#[derive(Clone)]
 pub(crate) struct IdSet {
-    parts: Vec<HashMap<IdKey, i64, IdentityBuild>>,
+    parts: Vec<Arc<HashMap<IdKey, i64, IdentityBuild>>>,
     /// Entries the parts have room for, kept current so that memory is O(1) to read.
     capacity: usize,
 }
@@ -34,7 +39,7 @@ pub(crate) struct IdSet {
 impl Default for IdSet {
     fn default() -> IdSet {
         IdSet {
-            parts: (0..ID_PARTS).map(|_| HashMap::default()).collect(),
+            parts: (0..ID_PARTS).map(|_| Arc::default()).collect(),
             capacity: 0,
         }
     }
@@ -44,7 +49,7 @@ impl IdSet {
     /// Remembers `id` as held by `bucket`; false if it was already remembered.
     pub fn insert(&mut self, id: u128, bucket: i64) -> bool {
         let key = IdKey(id as u64, (id >> 64) as u64);
-        let part = &mut self.parts[(key.1 >> 58) as usize % ID_PARTS];
+        let part = Arc::make_mut(&mut self.parts[(key.1 >> 58) as usize % ID_PARTS]);
         let before = part.capacity();
         let inserted = match part.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => false,
@@ -60,17 +65,17 @@ impl IdSet {
     /// Forgets the ids of every bucket up to and including `last`.
     pub fn forget_up_to(&mut self, last: i64) {
         for part in &mut self.parts {
-            if !part.is_empty() {
-                part.retain(|_, bucket| *bucket > last);
+            if part.values().any(|&bucket| bucket <= last) {
+                Arc::make_mut(part).retain(|_, bucket| *bucket > last);
             }
         }
-        self.capacity = self.parts.iter().map(HashMap::capacity).sum();
+        self.capacity = self.parts.iter().map(|p| p.capacity()).sum();
     }
 
     pub fn write(&self, w: &mut Writer<'_>) {
-        w.len(self.parts.iter().map(HashMap::len).sum());
+        w.len(self.parts.iter().map(|p| p.len()).sum());
         for part in &self.parts {
-            for (key, bucket) in part {
+            for (key, bucket) in part.iter() {
                 w.u128(u128::from(key.0) | (u128::from(key.1) << 64));
                 w.i64(*bucket);
             }
@@ -110,7 +115,7 @@ mod tests {
         ids.forget_up_to(1);
         assert!(ids.insert(7, 3), "forgotten with its bucket");
         assert!(!ids.insert(7 << 64, 3), "bucket 2 is still retained");
-        let counted: usize = ids.parts.iter().map(HashMap::capacity).sum();
+        let counted: usize = ids.parts.iter().map(|p| p.capacity()).sum();
         assert_eq!(ids.memory_bytes(), counted * ID_ENTRY_BYTES);
     }
 }

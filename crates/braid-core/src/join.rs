@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment};
+use crate::bucket::{
+    decode_events, Bucket, BucketImage, ChunkPool, ColdSegment, HotSegment, Segment,
+};
 use crate::ids::IdSet;
 use crate::snapshot::{Reader, SnapshotError, Writer};
 use crate::spec::{JoinSpec, Side};
@@ -96,6 +98,53 @@ struct SideState {
     ids: IdSet,
 }
 
+/// A join's state at a checkpoint barrier, sharing its hot segments with the join;
+/// written with [`write`](Self::write) and read back with [`Join::load`].
+pub struct JoinImage {
+    watermark: Watermark,
+    counts: JoinCounts,
+    /// Per side: its buckets, and its ids.
+    sides: Vec<(Vec<(i64, BucketImage)>, IdSet)>,
+}
+
+impl JoinImage {
+    pub fn write(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut w = Writer::new(out);
+        w.magic();
+        w.i128(self.watermark.raw());
+        let c = &self.counts;
+        for v in [
+            c.pairs,
+            c.spilled_segments,
+            c.spilled_events,
+            c.cold_reads,
+            c.cold_reads_found,
+        ] {
+            w.u64(v);
+        }
+        for i in 0..2 {
+            for v in [
+                c.matched[i],
+                c.unmatched_emitted[i],
+                c.unmatched_expired[i],
+                c.duplicates[i],
+                c.retained[i],
+            ] {
+                w.u64(v);
+            }
+        }
+        for (buckets, ids) in &self.sides {
+            w.len(buckets.len());
+            for (id, bucket) in buckets {
+                w.i64(*id);
+                bucket.write(&mut w);
+            }
+            ids.write(&mut w);
+        }
+        w.finish()
+    }
+}
+
 /// The two-way interval join of one shard.
 pub struct Join<S> {
     spec: JoinSpec,
@@ -171,43 +220,27 @@ impl<S: StateStore> Join<S> {
         &self.store
     }
 
-    /// Writes the join's in-memory state to `out` (see [`crate::snapshot`]): everything
-    /// but the cold segments' contents, which are the store's. Streaming it to a file
-    /// keeps a checkpoint from doubling the memory the hot state holds.
-    pub fn snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let mut w = Writer::new(out);
-        w.magic();
-        w.i128(self.watermark.raw());
-        let c = &self.counts;
-        for v in [
-            c.pairs,
-            c.spilled_segments,
-            c.spilled_events,
-            c.cold_reads,
-            c.cold_reads_found,
-        ] {
-            w.u64(v);
+    /// The join's in-memory state at this moment, as a checkpoint keeps it (see
+    /// [`crate::snapshot`]): everything but the cold segments' contents, which are the
+    /// store's. It costs the shard little: hot segments are sealed and shared with the
+    /// image (new events go to new segments), marks are copied, the id sets are shared
+    /// copy-on-write. The image is written later, on another thread, with
+    /// [`JoinImage::write`].
+    pub fn snapshot(&mut self) -> JoinImage {
+        let mut sides = Vec::with_capacity(2);
+        for side in &mut self.sides {
+            let buckets = side
+                .buckets
+                .iter_mut()
+                .map(|(&id, bucket)| (id, bucket.image()))
+                .collect();
+            sides.push((buckets, side.ids.clone()));
         }
-        for i in 0..2 {
-            for v in [
-                c.matched[i],
-                c.unmatched_emitted[i],
-                c.unmatched_expired[i],
-                c.duplicates[i],
-                c.retained[i],
-            ] {
-                w.u64(v);
-            }
+        JoinImage {
+            watermark: self.watermark,
+            counts: self.counts,
+            sides,
         }
-        for side in &self.sides {
-            w.len(side.buckets.len());
-            for (&id, bucket) in &side.buckets {
-                w.i64(id);
-                bucket.write(&mut w);
-            }
-            side.ids.write(&mut w);
-        }
-        w.finish()
     }
 
     /// Replaces the join's in-memory state with a [`snapshot`](Self::snapshot). The
@@ -488,7 +521,7 @@ impl<S: StateStore> Join<S> {
     fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) -> (SegmentId, usize) {
         let own = event.side.index();
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
-        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.memory_bytes() < self.segment_bytes_max);
+        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if !h.sealed && h.memory_bytes() < self.segment_bytes_max);
         if !open {
             let number = bucket.next_segment_number;
             bucket.next_segment_number += 1;
@@ -570,7 +603,7 @@ impl<S: StateStore> Join<S> {
         let cold = ColdSegment {
             number,
             len: hot.len(),
-            bloom,
+            bloom: std::sync::Arc::new(bloom),
             marks: std::mem::take(&mut hot.marks),
             time_min: hot.time_min,
             time_max: hot.time_max,

@@ -20,7 +20,7 @@ mod watermarks;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-pub use join::{Event, Join, JoinCounts, JoinSink};
+pub use join::{Event, Join, JoinCounts, JoinImage, JoinSink};
 pub use key::{hash_id, KeyPart, KeyWriter};
 pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};

@@ -76,8 +76,11 @@ pub fn run_join<S: StateStore>(
     )
 }
 
-/// [`run_join`], replacing the join's in-memory state with a snapshot of itself after
-/// every `restart_every` batches, as a restore from a checkpoint does.
+/// [`run_join`] with a checkpoint every `restart_every` batches. Every other checkpoint
+/// replaces the join's in-memory state with its image, as a restore does; the others
+/// let the join go on while the image is outstanding, as a checkpoint being written in
+/// the background does, and check that the image written a batch later is byte for
+/// byte the one written at the barrier.
 pub fn run_join_restarting<S: StateStore>(
     join: &mut Join<S>,
     events: &[TestEvent],
@@ -87,6 +90,8 @@ pub fn run_join_restarting<S: StateStore>(
     restart_every: usize,
 ) -> Result<Outcome, StoreError> {
     let mut batches = 0usize;
+    let mut checkpoints = 0usize;
+    let mut outstanding: Option<(crate::JoinImage, Vec<u8>)> = None;
     let mut marks = Watermarks::new(&[1, 1], max_out_of_orderness_ms, u64::MAX, 0);
     let mut sink = RowSink::default();
     let mut late = Vec::new();
@@ -130,12 +135,23 @@ pub fn run_join_restarting<S: StateStore>(
         join.on_batch(&batch, &mut sink)?;
         join.advance(marks.current(), &mut sink)?;
         next = end;
+        if let Some((image, at_barrier)) = outstanding.take() {
+            let mut later = Vec::new();
+            image.write(&mut later).expect("a Vec takes every byte");
+            assert!(later == at_barrier, "an image changed after its barrier");
+        }
         batches += 1;
         if batches == restart_every {
             batches = 0;
-            let mut image = Vec::new();
-            join.snapshot(&mut image).expect("a Vec takes every byte");
-            join.load(&image).expect("a snapshot loads");
+            checkpoints += 1;
+            let image = join.snapshot();
+            let mut bytes = Vec::new();
+            image.write(&mut bytes).expect("a Vec takes every byte");
+            if checkpoints % 2 == 1 {
+                join.load(&bytes).expect("a snapshot loads");
+            } else {
+                outstanding = Some((image, bytes));
+            }
         }
     }
     join.advance(Watermark::MAX, &mut sink)?;

@@ -27,8 +27,6 @@ pub const KEY_GROUPS: u64 = 4_096;
 pub const BATCH_EVENTS_MAX: usize = 2_048;
 /// Batches queued per shard before the reader waits.
 pub const SHARD_QUEUE_BATCHES: usize = 8;
-/// Write buffer of a join image at a barrier.
-const IMAGE_BUFFER_BYTES: usize = 1 << 20;
 
 /// Where a shard's results go; errors are kept and checked after each batch.
 pub trait ResultSink: JoinSink + Send + 'static {
@@ -342,7 +340,8 @@ struct Shard {
 
 impl Shard {
     /// Hands the shard's state at a barrier to the committer: the pause of the pipeline
-    /// is this function (an in-memory copy of the hot state and a few hard links).
+    /// is this function (sealing the hot segments into an image that shares them, and a
+    /// few hard links); the committer writes the image.
     fn barrier(&mut self, epoch: u64, sink: &mut impl ResultSink) -> anyhow::Result<()> {
         let started = Instant::now();
         let (pending, sink_state) = sink.barrier()?;
@@ -352,17 +351,7 @@ impl Shard {
         let staging = self.staging.join(format!("{epoch}"));
         std::fs::create_dir_all(&staging)
             .with_context(|| format!("cannot create {}", staging.display()))?;
-        let image = staging.join("join.image");
-        let mut file = std::io::BufWriter::with_capacity(
-            IMAGE_BUFFER_BYTES,
-            std::fs::File::create(&image)
-                .with_context(|| format!("cannot create {}", image.display()))?,
-        );
-        self.join
-            .snapshot(&mut file)
-            .and_then(|()| std::io::Write::flush(&mut file))
-            .with_context(|| format!("cannot write {}", image.display()))?;
-        drop(file);
+        let image = self.join.snapshot();
         let files = self.join.store().segment_files();
         let mut new_files = Vec::new();
         for (id, path) in files {

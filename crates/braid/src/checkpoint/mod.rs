@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use braid_core::{SegmentId, Side, Watermark};
+use braid_core::{JoinImage, SegmentId, Side, Watermark};
 use braid_io::{PendingFile, SourcePosition};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,8 @@ const MANIFEST_FORMAT: u32 = 1;
 /// The store's two folders; braid touches nothing else in it.
 pub const MANIFESTS: &str = "manifests";
 pub const FILES: &str = "files";
+/// Write buffer of a join image.
+const IMAGE_BUFFER_BYTES: usize = 1 << 20;
 /// Segment files uploaded at once by the committer.
 const UPLOADS_IN_FLIGHT: usize = 8;
 /// Bytes read at a time when checksumming a file.
@@ -274,8 +276,8 @@ pub fn run_nonce() -> String {
 pub struct ShardSnapshot {
     pub shard: usize,
     pub epoch: u64,
-    /// The join's image, written into `staging`.
-    pub image: PathBuf,
+    /// The join's state at the barrier, written by the committer into `staging`.
+    pub image: JoinImage,
     /// Every live segment, and the files of those spilled since the last barrier,
     /// hard-linked into `staging`.
     pub live: Vec<SegmentId>,
@@ -543,6 +545,7 @@ impl CommitterState {
         let mut pending = reader.pending.clone();
         let mut sinks = reader.sinks.clone();
         let mut pause = reader.pause;
+        let images = write_images(&shards)?;
         let new_files: Vec<(usize, SegmentId, &Path)> = shards
             .iter()
             .flat_map(|s| {
@@ -555,10 +558,10 @@ impl CommitterState {
             uploaded_bytes += file.bytes;
             self.uploaded.insert((shard, id), file);
         }
-        for s in &shards {
+        for (s, image_path) in shards.iter().zip(&images) {
             pause = pause.max(s.pause);
             let image_name = format!("{FILES}/shard-{}/{}-e{epoch}.image", s.shard, self.nonce);
-            let image = self.put_checked_file(image_name, &s.image)?;
+            let image = self.put_checked_file(image_name, image_path)?;
             uploaded_bytes += image.bytes;
             let mut segments = Vec::with_capacity(s.live.len());
             for id in &s.live {
@@ -664,6 +667,36 @@ impl CommitterState {
         }
         Ok(())
     }
+}
+
+/// Writes each shard's join image into its staging folder, one thread per shard;
+/// returns the files.
+fn write_images(shards: &[ShardSnapshot]) -> anyhow::Result<Vec<PathBuf>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .iter()
+            .map(|s| {
+                scope.spawn(move || {
+                    let path = s.staging.join("join.image");
+                    let file = std::fs::File::create(&path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut out = std::io::BufWriter::with_capacity(IMAGE_BUFFER_BYTES, file);
+                    s.image
+                        .write(&mut out)
+                        .and_then(|()| std::io::Write::flush(&mut out))
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    Ok(path)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("an image writer panicked"))?
+            })
+            .collect()
+    })
 }
 
 /// Renames a committed manifest's pending outputs to their final names (again after a
