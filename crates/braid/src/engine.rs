@@ -367,7 +367,7 @@ impl Shard {
         let snapshot = ShardSnapshot {
             shard: self.index,
             epoch,
-            image,
+            image: Some(image),
             live,
             new_files,
             staging,

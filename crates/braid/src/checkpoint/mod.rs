@@ -276,8 +276,9 @@ pub fn run_nonce() -> String {
 pub struct ShardSnapshot {
     pub shard: usize,
     pub epoch: u64,
-    /// The join's state at the barrier, written by the committer into `staging`.
-    pub image: JoinImage,
+    /// The join's state at the barrier, written by the committer into `staging` and
+    /// dropped as soon as it is written (it holds sealed segments' memory).
+    pub image: Option<JoinImage>,
     /// Every live segment, and the files of those spilled since the last barrier,
     /// hard-linked into `staging`.
     pub live: Vec<SegmentId>,
@@ -536,7 +537,7 @@ impl CommitterState {
     fn commit(
         &mut self,
         reader: ReaderSnapshot,
-        shards: Vec<ShardSnapshot>,
+        mut shards: Vec<ShardSnapshot>,
         started: Instant,
     ) -> anyhow::Result<Committed> {
         let epoch = reader.epoch;
@@ -545,7 +546,7 @@ impl CommitterState {
         let mut pending = reader.pending.clone();
         let mut sinks = reader.sinks.clone();
         let mut pause = reader.pause;
-        let images = write_images(&shards)?;
+        let images = write_images(&mut shards)?;
         let new_files: Vec<(usize, SegmentId, &Path)> = shards
             .iter()
             .flat_map(|s| {
@@ -671,17 +672,18 @@ impl CommitterState {
 
 /// Writes each shard's join image into its staging folder, one thread per shard;
 /// returns the files.
-fn write_images(shards: &[ShardSnapshot]) -> anyhow::Result<Vec<PathBuf>> {
+fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<PathBuf>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
-            .iter()
+            .iter_mut()
             .map(|s| {
+                let image = s.image.take().expect("each image is written once");
+                let path = s.staging.join("join.image");
                 scope.spawn(move || {
-                    let path = s.staging.join("join.image");
                     let file = std::fs::File::create(&path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     let mut out = std::io::BufWriter::with_capacity(IMAGE_BUFFER_BYTES, file);
-                    s.image
+                    image
                         .write(&mut out)
                         .and_then(|()| std::io::Write::flush(&mut out))
                         .with_context(|| format!("cannot write {}", path.display()))?;
