@@ -326,9 +326,17 @@ pub fn files(options: &BenchOptions, dir: &Path) -> anyhow::Result<serde_json::V
     // The run is a child process so that its peak resident memory is the run's alone,
     // not the generator's.
     let text = std::fs::read_to_string(&job)?;
+    // The job's checkpoints: as `--checkpoint-interval` says, or none.
+    let (body, _) = text
+        .split_once("[checkpoint]")
+        .context("the take-rate job has a [checkpoint] section")?;
+    let checkpoint = match options.checkpoint_interval_ms {
+        Some(ms) => format!("[checkpoint]\ndir = \".braid/checkpoints\"\ninterval = \"{ms}ms\"\n"),
+        None => String::new(),
+    };
     std::fs::write(
         &job,
-        format!("parallelism = {}\n{text}", options.parallelism),
+        format!("parallelism = {}\n{body}{checkpoint}", options.parallelism),
     )?;
     let braid = std::env::current_exe().context("cannot find the braid binary")?;
     let status = std::process::Command::new(braid)

@@ -321,6 +321,9 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         Output::Stdout => None,
     };
     let mut summary = Summary::new(plan, counts, &reports, started.elapsed(), committed);
+    summary.resumed_input = manifest
+        .as_ref()
+        .map_or(0, |m| m.reader.sources.iter().map(|s| s.counts.input).sum());
     if let Some(c) = &checkpointing {
         summary.checkpoints = Some(crate::summary::CheckpointCounts::new(
             manifest.as_ref().map(|m| m.epoch),

@@ -32,6 +32,8 @@ pub struct Summary {
     pub peak_rss_bytes: u64,
     pub output: Option<PathBuf>,
     pub checkpoints: Option<CheckpointCounts>,
+    /// Records read by earlier runs, up to the checkpoint this run resumed from.
+    pub resumed_input: u64,
 }
 
 /// What checkpointing did in one run.
@@ -127,6 +129,7 @@ impl Summary {
             peak_rss_bytes: peak_rss_bytes(),
             output,
             checkpoints: None,
+            resumed_input: 0,
         }
     }
 
@@ -184,6 +187,7 @@ impl Summary {
             "right": side(1),
             "accounted": self.check().is_ok(),
             "seconds": self.seconds,
+            "read_before_resume": self.resumed_input,
             "peak_state_bytes": self.peak_state_bytes,
             "spilled_segments": j.spilled_segments,
             "spilled_events": j.spilled_events,
@@ -193,8 +197,9 @@ impl Summary {
         })
     }
 
+    /// Records read by this run, per second of it.
     pub fn events_per_s(&self) -> f64 {
-        self.input() as f64 / self.seconds.max(1e-9)
+        (self.input() - self.resumed_input) as f64 / self.seconds.max(1e-9)
     }
 }
 
@@ -211,9 +216,17 @@ pub fn peak_rss_bytes() -> u64 {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let j = &self.join;
+        let resumed = if self.resumed_input > 0 {
+            format!(
+                " ({} read by earlier runs up to the checkpoint resumed)",
+                self.resumed_input
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "job `{}`: {} records in {:.2} s ({:.0} records/s)",
+            "job `{}`: {} records{resumed}; {:.2} s, {:.0} records/s",
             self.name,
             self.input(),
             self.seconds,
