@@ -152,18 +152,29 @@ pub(crate) struct HotData {
     index: HashMap<u64, u32, IdentityBuild>,
 }
 
+/// A hot segment's events: owned while it takes events; once a checkpoint seals it,
+/// shared with the checkpoint's image (written while the shard goes on), so no more
+/// events go in.
+enum Events {
+    Open(HotData),
+    Sealed(Arc<HotData>),
+}
+
+impl Default for Events {
+    fn default() -> Events {
+        Events::Open(HotData::default())
+    }
+}
+
 /// An in-memory segment: its events, their matched marks and their time range.
 #[derive(Default)]
 pub(crate) struct HotSegment {
     /// Unique within the bucket, kept when the segment is spilled.
     pub number: u32,
-    data: Arc<HotData>,
+    events: Events,
     pub marks: Marks,
     pub time_min: i64,
     pub time_max: i64,
-    /// Sealed by a checkpoint: its events are shared with the checkpoint's image, which
-    /// is written while the shard goes on, so no more events go in.
-    pub sealed: bool,
 }
 
 /// A hot segment as a checkpoint sees it: its events shared, its marks copied.
@@ -183,13 +194,25 @@ impl HotSegment {
         }
     }
 
+    fn data(&self) -> &HotData {
+        match &self.events {
+            Events::Open(d) => d,
+            Events::Sealed(d) => d,
+        }
+    }
+
+    /// False once a checkpoint has sealed the segment.
+    pub fn is_open(&self) -> bool {
+        matches!(self.events, Events::Open(_))
+    }
+
     pub fn len(&self) -> usize {
-        self.data.slots.len()
+        self.data().slots.len()
     }
 
     /// Bytes of memory this segment holds, by capacity.
     pub fn memory_bytes(&self) -> usize {
-        let d = &self.data;
+        let d = self.data();
         d.chunk_bytes
             + d.slots.capacity() * SLOT_BYTES
             + d.index.capacity() * INDEX_ENTRY_BYTES
@@ -198,7 +221,7 @@ impl HotSegment {
 
     /// Bytes of content (used, not reserved): what a spill would move to disk.
     pub fn content_bytes(&self) -> usize {
-        let d = &self.data;
+        let d = self.data();
         d.chunks.iter().map(Vec::len).sum::<usize>()
             + d.slots.len() * SLOT_BYTES
             + d.index.len() * INDEX_ENTRY_BYTES
@@ -206,10 +229,14 @@ impl HotSegment {
 
     /// Seals the segment and shares its events with a checkpoint image.
     pub fn image(&mut self) -> HotImage {
-        self.sealed = true;
+        let data = match std::mem::take(&mut self.events) {
+            Events::Open(d) => Arc::new(d),
+            Events::Sealed(d) => d,
+        };
+        self.events = Events::Sealed(Arc::clone(&data));
         HotImage {
             number: self.number,
-            data: Arc::clone(&self.data),
+            data,
             marks: self.marks.clone(),
             time_min: self.time_min,
             time_max: self.time_max,
@@ -226,8 +253,9 @@ impl HotSegment {
         matched: bool,
         pool: &mut ChunkPool,
     ) -> usize {
-        debug_assert!(!self.sealed, "a sealed segment takes no more events");
-        let d = Arc::get_mut(&mut self.data).expect("only sealed segments are shared");
+        let Events::Open(d) = &mut self.events else {
+            panic!("a sealed segment takes no more events")
+        };
         let need = key.len() + payload.len();
         if d.chunks
             .last()
@@ -288,7 +316,7 @@ impl HotSegment {
         if hi < self.time_min || lo > self.time_max {
             return;
         }
-        let d = &*self.data;
+        let d = self.data();
         let mut next = d.index.get(&key_hash).copied().unwrap_or(NO_SLOT);
         while next != NO_SLOT {
             let slot = &d.slots[next as usize];
@@ -349,31 +377,28 @@ impl HotSegment {
         }
         Ok(HotSegment {
             number,
-            data: Arc::new(hot),
+            events: Events::Open(hot),
             marks: Marks::read(r, len)?,
             time_min,
             time_max,
-            sealed: false,
         })
     }
 
     /// Gives the segment's arena chunks back to the pool; those a checkpoint image still
     /// shares are freed when the image is written.
     pub fn release_chunks(&mut self, pool: &mut ChunkPool) {
-        match Arc::get_mut(&mut self.data) {
-            Some(d) => {
-                for chunk in d.chunks.drain(..) {
-                    pool.give(chunk);
-                }
-                d.chunk_bytes = 0;
-            }
-            None => self.data = Arc::default(),
+        let owned = match std::mem::take(&mut self.events) {
+            Events::Open(d) => Some(d),
+            Events::Sealed(d) => Arc::into_inner(d),
+        };
+        for chunk in owned.into_iter().flat_map(|d| d.chunks) {
+            pool.give(chunk);
         }
     }
 
     /// Calls `visit` with (matched, payload) of every event.
     pub fn for_each(&self, mut visit: impl FnMut(bool, &[u8])) {
-        let d = &*self.data;
+        let d = self.data();
         for (i, slot) in d.slots.iter().enumerate() {
             visit(self.marks.get(i), d.payload(slot));
         }
@@ -383,7 +408,7 @@ impl HotSegment {
     /// whose value lists the key's events (see [`decode_events`]). Also builds the key
     /// filter. `values` is scratch space the entries point into.
     pub fn freeze<'a>(&'a self, values: &'a mut Vec<u8>) -> (Vec<SegmentEntry<'a>>, Bloom) {
-        let d = &*self.data;
+        let d = self.data();
         let mut bloom = Bloom::new(d.index.len());
         // (key, start and end of its value in `values`)
         let mut groups: Vec<(&[u8], usize, usize)> = Vec::with_capacity(d.index.len());

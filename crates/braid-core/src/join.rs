@@ -296,29 +296,6 @@ impl<S: StateStore> Join<S> {
         Ok(())
     }
 
-    /// The cold segments the state refers to: what the store must hold.
-    pub fn cold_segments(&self) -> Vec<SegmentId> {
-        let mut out = Vec::new();
-        for side in Side::BOTH {
-            for (&bucket, state) in &self.sides[side.index()].buckets {
-                for segment in &state.segments {
-                    if let Segment::Cold(cold) = segment {
-                        out.push(SegmentId {
-                            side,
-                            bucket,
-                            segment: cold.number,
-                        });
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    pub fn watermark(&self) -> Watermark {
-        self.watermark
-    }
-
     /// Memory the state holds: segments, filters, marks and remembered ids.
     pub fn memory_bytes(&self) -> usize {
         self.segments_bytes
@@ -521,7 +498,7 @@ impl<S: StateStore> Join<S> {
     fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) -> (SegmentId, usize) {
         let own = event.side.index();
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
-        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if !h.sealed && h.memory_bytes() < self.segment_bytes_max);
+        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.memory_bytes() < self.segment_bytes_max);
         if !open {
             let number = bucket.next_segment_number;
             bucket.next_segment_number += 1;
