@@ -21,6 +21,18 @@ pub struct SinkError {
     pub error: std::io::Error,
 }
 
+/// Turns an I/O error of `operation` on `path` into a [`SinkError`].
+fn failed<'p>(
+    operation: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(std::io::Error) -> SinkError + 'p {
+    move |error| SinkError {
+        operation,
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
 /// A closed output file awaiting its checkpoint: hidden under `pending` until renamed
 /// to `done`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,11 +46,7 @@ impl PendingFile {
     pub fn sync(&self) -> Result<(), SinkError> {
         File::open(&self.pending)
             .and_then(|f| f.sync_all())
-            .map_err(|error| SinkError {
-                operation: "sync",
-                path: self.pending.clone(),
-                error,
-            })
+            .map_err(failed("sync", &self.pending))
     }
 
     /// Renames the file to its final name. Publishing again (after a crash between the
@@ -47,11 +55,7 @@ impl PendingFile {
         if !self.pending.exists() && self.done.exists() {
             return Ok(());
         }
-        std::fs::rename(&self.pending, &self.done).map_err(|error| SinkError {
-            operation: "rename",
-            path: self.pending.clone(),
-            error,
-        })
+        std::fs::rename(&self.pending, &self.done).map_err(failed("rename", &self.pending))
     }
 }
 
@@ -120,31 +124,44 @@ impl FileSink {
 
     /// Flushes the open file and renames it to its pending name.
     fn close_pending(&mut self) -> Result<(), SinkError> {
-        let Some((writer, path, _)) = self.open.take() else {
+        let Some((_, path)) = self.close_open()? else {
             return Ok(());
         };
-        writer.into_inner().map_err(|e| SinkError {
-            operation: "write",
-            path: path.clone(),
-            error: e.into_error(),
-        })?;
         let file = PendingFile {
-            pending: self.dir.join(format!(
-                ".{}-{:06}.ndjson.pending",
-                self.prefix, self.next_file
-            )),
-            done: self
+            pending: self
                 .dir
-                .join(format!("{}-{:06}.ndjson", self.prefix, self.next_file)),
+                .join(format!(".{}.pending", self.file_name(self.next_file))),
+            done: self.dir.join(self.file_name(self.next_file)),
         };
-        std::fs::rename(&path, &file.pending).map_err(|error| SinkError {
-            operation: "rename",
-            path: path.clone(),
-            error,
-        })?;
+        std::fs::rename(&path, &file.pending).map_err(failed("rename", &path))?;
         self.next_file += 1;
         self.pending.push(file);
         Ok(())
+    }
+
+    /// Flushes and closes the open in-progress file, if any; returns it and its path.
+    fn close_open(&mut self) -> Result<Option<(File, PathBuf)>, SinkError> {
+        let Some((writer, path, _)) = self.open.take() else {
+            return Ok(None);
+        };
+        match writer.into_inner() {
+            Ok(file) => Ok(Some((file, path))),
+            Err(e) => Err(failed("write", &path)(e.into_error())),
+        }
+    }
+
+    /// The final name of file number `n`.
+    fn file_name(&self, n: u64) -> String {
+        format!("{}-{n:06}.ndjson", self.prefix)
+    }
+
+    /// The number of a final file name of a sink with `prefix` (see `file_name`).
+    pub fn file_number(name: &str, prefix: &str) -> Option<u64> {
+        name.strip_prefix(prefix)?
+            .strip_prefix('-')?
+            .strip_suffix(".ndjson")?
+            .parse()
+            .ok()
     }
 
     /// Appends one record and a newline.
@@ -155,36 +172,19 @@ impl FileSink {
     /// Appends the concatenation of `parts` and a newline.
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), SinkError> {
         if self.open.is_none() {
-            std::fs::create_dir_all(&self.dir).map_err(|error| SinkError {
-                operation: "create",
-                path: self.dir.clone(),
-                error,
-            })?;
-            let path = self.dir.join(format!(
-                ".{}-{:06}.ndjson.inprogress",
-                self.prefix, self.next_file
-            ));
-            let file = File::create(&path).map_err(|error| SinkError {
-                operation: "create",
-                path: path.clone(),
-                error,
-            })?;
+            std::fs::create_dir_all(&self.dir).map_err(failed("create", &self.dir))?;
+            let path = self
+                .dir
+                .join(format!(".{}.inprogress", self.file_name(self.next_file)));
+            let file = File::create(&path).map_err(failed("create", &path))?;
             self.open = Some((BufWriter::with_capacity(WRITE_BUFFER_BYTES, file), path, 0));
         }
         let (writer, path, bytes) = self.open.as_mut().expect("opened above");
         for part in parts {
-            writer.write_all(part).map_err(|error| SinkError {
-                operation: "write",
-                path: path.clone(),
-                error,
-            })?;
+            writer.write_all(part).map_err(failed("write", path))?;
             *bytes += part.len() as u64;
         }
-        writer.write_all(b"\n").map_err(|error| SinkError {
-            operation: "write",
-            path: path.clone(),
-            error,
-        })?;
+        writer.write_all(b"\n").map_err(failed("write", path))?;
         *bytes += 1;
         if *bytes >= self.roll_bytes {
             if self.two_phase {
@@ -202,27 +202,12 @@ impl FileSink {
             !self.two_phase,
             "two-phase sinks commit through checkpoints"
         );
-        let Some((writer, path, _)) = self.open.take() else {
+        let Some((file, path)) = self.close_open()? else {
             return Ok(());
         };
-        let file = writer.into_inner().map_err(|e| SinkError {
-            operation: "write",
-            path: path.clone(),
-            error: e.into_error(),
-        })?;
-        file.sync_all().map_err(|error| SinkError {
-            operation: "sync",
-            path: path.clone(),
-            error,
-        })?;
-        let done = self
-            .dir
-            .join(format!("{}-{:06}.ndjson", self.prefix, self.next_file));
-        std::fs::rename(&path, &done).map_err(|error| SinkError {
-            operation: "rename",
-            path: path.clone(),
-            error,
-        })?;
+        file.sync_all().map_err(failed("sync", &path))?;
+        let done = self.dir.join(self.file_name(self.next_file));
+        std::fs::rename(&path, &done).map_err(failed("rename", &path))?;
         self.next_file += 1;
         self.committed.push(done);
         Ok(())

@@ -14,10 +14,11 @@ use braid_core::{Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side,
 use braid_io::flink_peer;
 use serde_json::json;
 
+use crate::checkpoint::coordinator::Checkpointing;
 use crate::checkpoint::store::LocalStore;
 use crate::checkpoint::{
-    fetch, read_manifest, watermark_text, Committed, Committer, CommitterConfig, CommitterStart,
-    Part, ReaderSnapshot, ReaderState, SourceAt, SourceState,
+    fetch, read_manifest, watermark_text, Committer, CommitterConfig, CommitterStart, Part,
+    ReaderSnapshot, ReaderState, SourceAt, SourceState,
 };
 use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::results::CountingResults;
@@ -38,69 +39,39 @@ pub struct BenchOptions {
     pub checkpoint_interval_ms: Option<i64>,
 }
 
-/// Checkpoints of the flink-peer benchmark: the same barriers and committer as
-/// `braid run`, with the event count as the source position.
-struct BenchCheckpoints {
-    committer: Committer,
-    interval: std::time::Duration,
-    last: Instant,
-    next_epoch: u64,
-    in_flight: bool,
-    committed: Vec<Committed>,
-}
-
-impl BenchCheckpoints {
-    fn barrier(
-        &mut self,
-        engine: &mut Engine,
-        events: u64,
-        watermark: Watermark,
-    ) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let epoch = self.next_epoch;
-        self.next_epoch += 1;
-        engine.barrier(epoch)?;
-        let state = ReaderState {
-            sources: vec![SourceState {
-                name: "flink-peer".into(),
-                at: SourceAt::Events { events },
-                partitions: Vec::new(),
-                counts: SourceCounts::default(),
-            }],
-            watermark: watermark_text(watermark),
-            sent: watermark_text(watermark),
-        };
-        self.committer
-            .parts()
-            .send(Part::Reader(ReaderSnapshot {
-                epoch,
-                state,
-                watermark_ms: Some(watermark.millis()),
-                pending: Vec::new(),
-                sinks: Vec::new(),
-                pause: started.elapsed(),
-            }))
-            .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))?;
-        self.in_flight = true;
-        self.last = Instant::now();
-        Ok(())
-    }
-
-    fn poll(&mut self, wait: bool) -> anyhow::Result<()> {
-        if !self.in_flight {
-            return Ok(());
-        }
-        let result = if wait {
-            Some(self.committer.wait())
-        } else {
-            self.committer.poll()
-        };
-        if let Some(r) = result {
-            self.committed.push(r?);
-            self.in_flight = false;
-        }
-        Ok(())
-    }
+/// Sends a barrier and the flink-peer benchmark's part of the checkpoint: the event
+/// count as the source position.
+fn bench_barrier(
+    checkpoints: &mut Checkpointing,
+    engine: &mut Engine,
+    events: u64,
+    watermark: Watermark,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let epoch = checkpoints.begin();
+    engine.barrier(epoch)?;
+    let state = ReaderState {
+        sources: vec![SourceState {
+            name: "flink-peer".into(),
+            at: SourceAt::Events { events },
+            partitions: Vec::new(),
+            counts: SourceCounts::default(),
+        }],
+        watermark: watermark_text(watermark),
+        sent: watermark_text(watermark),
+    };
+    checkpoints
+        .committer
+        .parts()
+        .send(Part::Reader(ReaderSnapshot {
+            epoch,
+            state,
+            watermark_ms: Some(watermark.millis()),
+            pending: Vec::new(),
+            sinks: Vec::new(),
+            pause: started.elapsed(),
+        }))
+        .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))
 }
 
 /// Runs the flink-peer workload; returns the JSON result line.
@@ -126,8 +97,8 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut checkpoints = match options.checkpoint_interval_ms {
         Some(ms) => {
             let _ = std::fs::remove_dir_all(&checkpoint_dir);
-            Some(BenchCheckpoints {
-                committer: Committer::start(
+            Some(Checkpointing::new(
+                Committer::start(
                     Box::new(LocalStore::open(&checkpoint_dir)?),
                     CommitterConfig {
                         job: "bench".into(),
@@ -137,12 +108,8 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
                     },
                     CommitterStart::default(),
                 )?,
-                interval: std::time::Duration::from_millis(ms as u64),
-                last: Instant::now(),
-                next_epoch: 1,
-                in_flight: false,
-                committed: Vec::new(),
-            })
+                std::time::Duration::from_millis(ms as u64),
+            ))
         }
         None => None,
     };
@@ -184,9 +151,9 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             watermark = Watermark::at(EventTime(max_time - flink_peer::MAX_OUT_OF_ORDERNESS_MS));
             engine.advance(watermark)?;
             if let Some(c) = checkpoints.as_mut() {
-                c.poll(false)?;
-                if !c.in_flight && c.last.elapsed() >= c.interval {
-                    c.barrier(&mut engine, n + 1, watermark)?;
+                c.poll()?;
+                if c.due() {
+                    bench_barrier(c, &mut engine, n + 1, watermark)?;
                 }
             }
         }
@@ -195,9 +162,9 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut restore = None;
     let rss_before_restore = peak_rss_bytes();
     if let Some(c) = checkpoints.as_mut() {
-        c.poll(true)?;
-        c.barrier(&mut engine, options.events, watermark)?;
-        c.poll(true)?;
+        c.wait()?;
+        bench_barrier(c, &mut engine, options.events, watermark)?;
+        c.wait()?;
         restore = Some(time_restore(
             &checkpoint_dir,
             c.committed.last().expect("just committed").epoch,

@@ -177,11 +177,7 @@ impl SideOutput {
         if let SideOutput::Files { late, dead } = self {
             for sink in [late, dead] {
                 pending.extend(sink.barrier()?);
-                sinks.push(SinkState {
-                    dir: sink.dir().to_path_buf(),
-                    prefix: sink.prefix().to_string(),
-                    next_file: sink.next_file(),
-                });
+                sinks.push(SinkState::of(sink));
             }
         }
         Ok((pending, sinks))

@@ -219,26 +219,19 @@ impl Engine {
 
     /// Sends every queued event, then the new watermark, to every shard.
     pub fn advance(&mut self, watermark: Watermark) -> anyhow::Result<()> {
-        for shard in 0..self.senders.len() {
-            self.send(shard)?;
-            if self.senders[shard]
-                .send(ShardMessage::Advance(watermark))
-                .is_err()
-            {
-                return Err(self.shard_failure(shard));
-            }
-        }
-        Ok(())
+        self.broadcast(|| ShardMessage::Advance(watermark))
     }
 
     /// Sends every queued event, then the barrier of `epoch`, to every shard.
     pub fn barrier(&mut self, epoch: u64) -> anyhow::Result<()> {
+        self.broadcast(|| ShardMessage::Barrier(epoch))
+    }
+
+    /// Sends every queued event, then `message()`, to every shard.
+    fn broadcast(&mut self, message: impl Fn() -> ShardMessage) -> anyhow::Result<()> {
         for shard in 0..self.senders.len() {
             self.send(shard)?;
-            if self.senders[shard]
-                .send(ShardMessage::Barrier(epoch))
-                .is_err()
-            {
+            if self.senders[shard].send(message()).is_err() {
                 return Err(self.shard_failure(shard));
             }
         }

@@ -65,12 +65,7 @@ impl LineOut for FileSink {
     }
     fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
         let pending = FileSink::barrier(self)?;
-        let state = SinkState {
-            dir: self.dir().to_path_buf(),
-            prefix: self.prefix().to_string(),
-            next_file: self.next_file(),
-        };
-        Ok((pending, Some(state)))
+        Ok((pending, Some(SinkState::of(self))))
     }
     fn finish(&mut self) -> anyhow::Result<()> {
         if self.is_two_phase() {

@@ -77,13 +77,22 @@ impl Job {
     /// checkpoints whose outputs are published.
     fn stop_part_way(&self) {
         let out = self.run(Some("checkpoint-put:400"));
-        assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+        assert_stopped(&out, &["No space left on device"]);
         assert!(
             self.manifests().len() >= 2,
             "the run committed {} checkpoints before the fault",
             self.manifests().len()
         );
         assert!(!committed_lines(&self.dir.path().join("out")).is_empty());
+    }
+}
+
+/// Asserts a clean stop: exit 1, and stderr naming every one of `causes`.
+fn assert_stopped(out: &Output, causes: &[&str]) {
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(out));
+    let err = stderr(out);
+    for cause in causes {
+        assert!(err.contains(cause), "stderr lacks `{cause}`: {err}");
     }
 }
 
@@ -106,10 +115,7 @@ fn manifest_files(manifest: &Path) -> Vec<String> {
 fn a_full_disk_under_checkpoints_stops_cleanly_and_the_next_run_recovers() {
     let job = Job::new(301);
     let out = job.run(Some("checkpoint-put:300"));
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains("checkpoint"), "{err}");
+    assert_stopped(&out, &["No space left on device", "checkpoint"]);
     assert!(
         !job.manifests().is_empty(),
         "earlier checkpoints are intact"
@@ -125,10 +131,7 @@ fn a_full_disk_under_checkpoints_stops_cleanly_and_the_next_run_recovers() {
 fn a_full_disk_under_state_stops_cleanly_and_the_next_run_recovers() {
     let job = Job::new(302);
     let out = job.run(Some("state-write:200"));
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains("write segment"), "{err}");
+    assert_stopped(&out, &["No space left on device", "write segment"]);
     job.finish_and_check();
 }
 
@@ -202,12 +205,7 @@ fn without_a_usable_checkpoint_braid_refuses_to_start_over_unless_reset() {
         std::fs::write(&manifest, b"garbage").expect("break");
     }
     let out = job.run(None);
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert!(
-        err.contains("none is usable") && err.contains("--reset"),
-        "{err}"
-    );
+    assert_stopped(&out, &["none is usable", "--reset"]);
     // --reset starts over; the earlier output must be cleared by the user first.
     let refused = braid(&[
         "run",
@@ -215,8 +213,7 @@ fn without_a_usable_checkpoint_braid_refuses_to_start_over_unless_reset() {
         "--reset",
         job.job.to_str().expect("utf-8"),
     ]);
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(stderr(&refused).contains("already holds committed output"));
+    assert_stopped(&refused, &["already holds committed output"]);
     std::fs::remove_dir_all(job.dir.path().join("out")).expect("clear output");
     let fresh = braid(&[
         "run",

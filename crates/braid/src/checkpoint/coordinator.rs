@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use braid_io::FileSink;
 
 use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore};
 use super::{
-    epochs, fetch, manifest_name, output_number, read_manifest, Committed, Committer,
-    CommitterConfig, CommitterStart, Manifest, ShardRestore, FILES, MANIFESTS,
+    epochs, fetch, manifest_name, read_manifest, Committed, Committer, CommitterConfig,
+    CommitterStart, Manifest, ShardRestore, FILES, MANIFESTS,
 };
 use crate::config::{CheckpointPlan, Plan};
 
@@ -134,15 +135,24 @@ impl Checkpointing {
             },
             start,
         )?;
-        Ok(Checkpointing {
+        let mut checkpointing =
+            Checkpointing::new(committer, Duration::from_millis(config.interval_ms as u64));
+        checkpointing.restored = restored;
+        checkpointing.next_epoch = next_epoch;
+        Ok(checkpointing)
+    }
+
+    /// Checkpointing from epoch 1 with nothing restored (benchmarks).
+    pub fn new(committer: Committer, interval: Duration) -> Checkpointing {
+        Checkpointing {
             committer,
-            restored,
-            interval: Duration::from_millis(config.interval_ms as u64),
-            next_epoch,
+            restored: None,
+            interval,
+            next_epoch: 1,
             last_barrier: Instant::now(),
             in_flight: false,
             committed: Vec::new(),
-        })
+        }
     }
 
     /// Takes the result of the epoch in flight, if it is done; an error stops the job.
@@ -259,7 +269,7 @@ pub fn recover_output(dir: &Path, manifest: Option<&Manifest>) -> anyhow::Result
                 Some(m) => {
                     let after_cut = m.sinks.iter().any(|s| {
                         s.dir == *folder
-                            && output_number(&name, &s.prefix).is_some_and(|n| n >= s.next_file)
+                            && FileSink::file_number(&name, &s.prefix).is_some_and(|n| n >= s.next_file)
                     });
                     if after_cut {
                         tracing::warn!(file = %entry.path().display(), "removing output published after the restored checkpoint; it will be written again");

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use braid_core::{JoinImage, SegmentId, Side, Watermark};
-use braid_io::{PendingFile, SourcePosition};
+use braid_io::{FileSink, PendingFile, SourcePosition};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -115,6 +115,16 @@ pub struct SinkState {
     pub dir: PathBuf,
     pub prefix: String,
     pub next_file: u64,
+}
+
+impl SinkState {
+    pub fn of(sink: &FileSink) -> SinkState {
+        SinkState {
+            dir: sink.dir().to_path_buf(),
+            prefix: sink.prefix().to_string(),
+            next_file: sink.next_file(),
+        }
+    }
 }
 
 /// What the reader contributes to a checkpoint.
@@ -797,14 +807,4 @@ fn fetch_shard(
         dir,
         segments,
     })
-}
-
-/// Output folders and their files named `PREFIX-NNNNNN.ndjson`: the number, if the
-/// name is one of `prefix`'s.
-pub fn output_number(name: &str, prefix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?
-        .strip_prefix('-')?
-        .strip_suffix(".ndjson")?
-        .parse()
-        .ok()
 }
