@@ -9,6 +9,10 @@ use braid::bench::BenchOptions;
 use braid::config::JobError;
 use braid::units::{parse_duration_ms, parse_size_bytes};
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 #[derive(Parser)]
 #[command(
@@ -124,16 +128,21 @@ struct UsageError(String);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        _ => LevelFilter::DEBUG,
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG")
-                .unwrap_or_else(|_| level.into()),
+    // `BRAID_LOG=debug` or `BRAID_LOG=braid=debug,warn`: a level, or levels per target.
+    let filter = std::env::var("BRAID_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(level));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(filter),
         )
         .init();
     let progress = !cli.quiet && std::io::stderr().is_terminal();

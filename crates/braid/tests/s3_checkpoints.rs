@@ -7,8 +7,7 @@
 //! output must equal an independent reference join exactly.
 //!
 //! moto comes from `BRAID_MOTO_SERVER` (a `moto_server` executable), else from
-//! `target/moto-venv` (made by `.ci/install-moto`), which the test creates itself when
-//! it is missing. The seed (`BRAID_SEED` replays one) and moto's port are printed.
+//! `target/moto-venv`, which `cargo xtask test` and `cargo xtask setup` install. The seed (`BRAID_SEED` replays one) and moto's port are printed.
 
 mod common;
 
@@ -23,7 +22,6 @@ use common::{
     assert_success, committed_lines, generate, reference_events, reference_join, summary, write_job,
 };
 
-const MOTO_VERSION: &str = "5.2.5";
 const BUCKET: &str = "braid-checkpoints";
 /// Keys under the bucket; the job's `[checkpoint] dir` is `s3://BUCKET/PREFIX`.
 const PREFIX: &str = "job";
@@ -183,8 +181,8 @@ fn workspace() -> PathBuf {
         .expect("the workspace folder")
 }
 
-/// The `moto_server` to run: `BRAID_MOTO_SERVER`, else the workspace's venv, installed
-/// first if missing.
+/// The `moto_server` to run: `BRAID_MOTO_SERVER`, else the workspace's venv, which
+/// `cargo xtask test` (or `cargo xtask setup`) installs.
 fn moto_server() -> PathBuf {
     if let Some(exe) = std::env::var_os("BRAID_MOTO_SERVER") {
         let exe = PathBuf::from(exe);
@@ -195,69 +193,15 @@ fn moto_server() -> PathBuf {
         );
         return exe;
     }
-    let venv = workspace().join("target/moto-venv");
-    let exe = venv.join("bin/moto_server");
-    install_moto(&venv, !exe.is_file());
+    let exe = workspace().join("target/moto-venv/bin/moto_server");
     assert!(
         exe.is_file(),
-        "{} is missing after the install; remove {} and run .ci/install-moto",
-        exe.display(),
-        venv.display()
+        "{} is missing: moto, the S3 server of this test, is installed by `cargo xtask \
+         setup` (or `cargo xtask test`); or set BRAID_MOTO_SERVER to a moto_server executable",
+        exe.display()
     );
     exe
 }
-
-/// Creates `venv` with moto in it unless it has `moto_server`, under `flock` on
-/// `target/moto-venv.lock` so that two test binaries never install at once: the second
-/// waits and finds the first one's venv. The lock is taken even when `moto_server` is
-/// there (`missing` false), since it appears before the install is done. The same steps
-/// as `.ci/install-moto`, which also installs python3 itself.
-fn install_moto(venv: &Path, missing: bool) {
-    if missing {
-        let python = Command::new("python3").arg("--version").output();
-        assert!(
-            python.is_ok_and(|o| o.status.success()),
-            "python3 is missing: moto (the S3 server of this test) is installed with it. \
-             Install python3 and python3-venv (apt-get install python3 python3-venv, or run \
-             .ci/install-moto), or set BRAID_MOTO_SERVER to a moto_server executable"
-        );
-        println!(
-            "installing moto[server]=={MOTO_VERSION} into {} (about half a minute)",
-            venv.display()
-        );
-    }
-    let lock = venv.with_extension("lock");
-    let started = Instant::now();
-    let status = Command::new("flock")
-        .arg(&lock)
-        .args(["sh", "-euc", INSTALL_SCRIPT, "sh"])
-        .arg(venv)
-        .arg(MOTO_VERSION)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run flock (from util-linux): {e}"));
-    assert!(
-        status.success(),
-        "installing moto into {} failed ({status}); is python3-venv installed? \
-         (apt-get install python3-venv, or run .ci/install-moto)",
-        venv.display()
-    );
-    if missing {
-        println!(
-            "moto installed (or waited for) in {:.0} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
-}
-
-/// Run by `sh` with the venv's path and moto's version; a no-op if another process
-/// installed moto while this one waited for the lock.
-const INSTALL_SCRIPT: &str = r#"
-if [ -x "$1/bin/moto_server" ]; then exit 0; fi
-echo "python3 -m venv $1" >&2
-python3 -m venv "$1"
-echo "$1/bin/pip install moto[server]==$2" >&2
-"$1/bin/pip" install --quiet "moto[server]==$2"
-"#;
 
 /// `BRAID_SEED`, or one from the clock.
 fn seed() -> u64 {

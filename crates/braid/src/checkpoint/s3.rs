@@ -26,10 +26,18 @@ pub struct S3Store {
 
 impl S3Store {
     pub fn open(url: &str) -> anyhow::Result<S3Store> {
+        // `from_env` reads the AWS_* variables, AWS_ENDPOINT_URL and AWS_ALLOW_HTTP too.
+        S3Store::open_with(url, AmazonS3Builder::from_env())
+    }
+
+    fn open_with(url: &str, builder: AmazonS3Builder) -> anyhow::Result<S3Store> {
         let rest = url.trim_start_matches("s3://");
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        // `from_env` reads the AWS_* variables, AWS_ENDPOINT_URL and AWS_ALLOW_HTTP too.
-        let store = AmazonS3Builder::from_env()
+        // The HTTP client is reqwest with rustls on `ring`, not aws-lc (Cargo.toml says
+        // why): the provider must be the process's default before the client is built.
+        // Err means one is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = builder
             .with_bucket_name(bucket)
             .build()
             .with_context(|| format!("cannot open checkpoint store {url}"))?;
@@ -118,5 +126,43 @@ impl CheckpointStore for S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot delete {name} in {}", self.url)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    use object_store::RetryConfig;
+
+    use super::*;
+
+    /// S3 over HTTPS without aws-lc: the client builds with rustls on `ring` and opens
+    /// a TLS handshake (a ClientHello record reaches the server, which then hangs up).
+    #[test]
+    fn https_endpoint_gets_a_tls_client_hello() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = listener.local_addr().expect("its address").port();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("the client connects");
+            let mut head = [0u8; 3];
+            stream.read_exact(&mut head).expect("the client writes");
+            head
+        });
+        let builder = AmazonS3Builder::new()
+            .with_endpoint(format!("https://127.0.0.1:{port}"))
+            .with_region("us-east-1")
+            .with_access_key_id("braid-test")
+            .with_secret_access_key("braid-test")
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                ..RetryConfig::default()
+            });
+        let store = S3Store::open_with("s3://bucket/prefix", builder).expect("the store opens");
+        assert!(store.put_bytes("probe", b"x").is_err(), "the server hung up");
+        let head = server.join().expect("the server thread");
+        // A TLS record: content type 22 (handshake), protocol version 3.x.
+        assert_eq!(head[..2], [0x16, 0x03], "not a TLS ClientHello: {head:?}");
     }
 }
