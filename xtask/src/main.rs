@@ -159,7 +159,7 @@ fn apt_install(missing: &[&Package]) -> Result<(), String> {
         let mut argv: Vec<&str> = prefix.clone();
         argv.extend(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
         argv.extend(args);
-        run(Command::new(argv[0]).args(&argv[1..]))
+        run_quietly(Command::new(argv[0]).args(&argv[1..]))
     };
     apt(&["update", "-qq"])?;
     apt(&[&["install", "-y", "-qq"][..], &packages].concat())?;
@@ -232,6 +232,23 @@ fn run(command: &mut Command) -> Result<(), String> {
     } else {
         Err(format!("{shown} failed ({status})"))
     }
+}
+
+/// Runs a command whose output matters only when it fails (apt-get's progress).
+fn run_quietly(command: &mut Command) -> Result<(), String> {
+    let shown = format!("{command:?}");
+    let out = command
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{shown} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
 fn output(program: &str, args: &[&str]) -> Option<String> {

@@ -160,7 +160,10 @@ mod tests {
                 ..RetryConfig::default()
             });
         let store = S3Store::open_with("s3://bucket/prefix", builder).expect("the store opens");
-        assert!(store.put_bytes("probe", b"x").is_err(), "the server hung up");
+        assert!(
+            store.put_bytes("probe", b"x").is_err(),
+            "the server hung up"
+        );
         let head = server.join().expect("the server thread");
         // A TLS record: content type 22 (handshake), protocol version 3.x.
         assert_eq!(head[..2], [0x16, 0x03], "not a TLS ClientHello: {head:?}");
