@@ -20,6 +20,11 @@ const CHUNK_BYTES_MAX: usize = 1 << 20;
 /// Memory of one slot and one index entry (key hash, head slot, control byte, at 7/8 load).
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 const INDEX_ENTRY_BYTES: usize = 16;
+/// Bytes of a length, a slot and an index entry in an image (see [`HotImage::write`]):
+/// the least a counted item can take, which bounds what a count can ask for.
+const LEN_IMAGE_BYTES: u64 = 8;
+const SLOT_IMAGE_BYTES: u64 = 8 + 5 * 4;
+const INDEX_ENTRY_IMAGE_BYTES: u64 = 8 + 4;
 
 /// Key and id hashes are already xxh3 output: the maps use them as they are.
 #[derive(Default)]
@@ -128,17 +133,18 @@ impl Marks {
     fn write(&self, w: &mut Writer<'_>) {
         w.words(&self.0);
     }
+    /// Reads the marks of `len` events. Marks grow with every event pushed, so there is
+    /// exactly one word per 64 events: any other count is a corrupted image (and a
+    /// corrupted `len` is caught here before it sizes anything).
     fn read(r: &mut Reader<'_>, len: usize) -> Result<Marks, SnapshotError> {
         let words = r.words()?;
-        if words.len() > len.div_ceil(64) {
+        if words.len() != len.div_ceil(64) {
             return Err(SnapshotError(format!(
                 "{} mark words for {len} events",
                 words.len()
             )));
         }
-        let mut marks = Marks(words);
-        marks.reserve_for(len);
-        Ok(marks)
+        Ok(Marks(words))
     }
 }
 
@@ -334,15 +340,16 @@ impl HotSegment {
         let time_min = r.i64()?;
         let time_max = r.i64()?;
         let mut hot = HotData::default();
-        let chunks = r.len()?;
+        let chunks = r.count(LEN_IMAGE_BYTES)?;
         for _ in 0..chunks {
-            let bytes = r.bytes()?;
-            let mut chunk = pool.take(bytes.len().max(CHUNK_BYTES_MIN));
-            chunk.extend_from_slice(bytes);
+            // Read straight into the arena chunk: a load holds no copy of the image.
+            let bytes = r.len()?;
+            let mut chunk = pool.take(bytes.max(CHUNK_BYTES_MIN));
+            r.append(&mut chunk, bytes)?;
             hot.chunk_bytes += chunk.capacity();
             hot.chunks.push(chunk);
         }
-        let len = r.len()?;
+        let len = r.count(SLOT_IMAGE_BYTES)?;
         let bad = |what: &str| SnapshotError(format!("hot segment {number}: {what}"));
         hot.slots.reserve_exact(len);
         for _ in 0..len {
@@ -365,7 +372,7 @@ impl HotSegment {
             }
             hot.slots.push(slot);
         }
-        let keys = r.len()?;
+        let keys = r.count(INDEX_ENTRY_IMAGE_BYTES)?;
         hot.index.reserve(keys);
         for _ in 0..keys {
             let hash = r.u64()?;
@@ -577,7 +584,19 @@ impl Segment {
             Segment::Cold(c) => c.memory_bytes(),
         }
     }
+
+    /// Reads one segment of a [`BucketImage`], hot or cold.
+    pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<Segment, SnapshotError> {
+        match r.u8()? {
+            0 => Ok(Segment::Hot(HotSegment::read(r, pool)?)),
+            1 => Ok(Segment::Cold(ColdSegment::read(r)?)),
+            other => Err(SnapshotError(format!("bad segment tag {other}"))),
+        }
+    }
 }
+
+/// The least bytes a segment takes in an image: a tag, a number and two times.
+const SEGMENT_IMAGE_BYTES_MIN: u64 = 1 + 4 + 2 * 8;
 
 /// All state of one side whose event times fall in `[id * width, (id + 1) * width)`.
 #[derive(Default)]
@@ -638,21 +657,18 @@ impl Bucket {
         image
     }
 
-    pub fn read(r: &mut Reader<'_>, pool: &mut ChunkPool) -> Result<Bucket, SnapshotError> {
+    /// Reads what [`BucketImage::write`] writes before the segments: an empty bucket,
+    /// with room for the number of segments that follow (read them with
+    /// [`Segment::read`]). A load takes segments one at a time, so that the memory
+    /// budget can be enforced between two.
+    pub fn read_header(r: &mut Reader<'_>) -> Result<(Bucket, usize), SnapshotError> {
         let next_segment_number = r.u32()?;
-        let count = r.len()?;
-        let mut segments = Vec::with_capacity(count);
-        for _ in 0..count {
-            segments.push(match r.u8()? {
-                0 => Segment::Hot(HotSegment::read(r, pool)?),
-                1 => Segment::Cold(ColdSegment::read(r)?),
-                other => return Err(SnapshotError(format!("bad segment tag {other}"))),
-            });
-        }
-        Ok(Bucket {
-            segments,
+        let count = r.count(SEGMENT_IMAGE_BYTES_MIN)?;
+        let bucket = Bucket {
+            segments: Vec::with_capacity(count),
             next_segment_number,
-        })
+        };
+        Ok((bucket, count))
     }
 
     pub fn segment_mut(&mut self, number: u32) -> Option<&mut Segment> {

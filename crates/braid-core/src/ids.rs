@@ -15,6 +15,8 @@ use crate::snapshot::{Reader, SnapshotError, Writer};
 const ID_PARTS: usize = 64;
 /// Memory of one entry: 16-byte id hash, 8-byte bucket, a control byte.
 const ID_ENTRY_BYTES: usize = 25;
+/// Bytes of one entry in an image: the id hash and the bucket.
+const ID_IMAGE_BYTES: u64 = 16 + 8;
 
 /// An id hash, split in two words so that it aligns to 8 bytes, not 16.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -84,7 +86,7 @@ impl IdSet {
 
     pub fn read(r: &mut Reader<'_>) -> Result<IdSet, SnapshotError> {
         let mut ids = IdSet::default();
-        for _ in 0..r.len()? {
+        for _ in 0..r.count(ID_IMAGE_BYTES)? {
             let id = r.u128()?;
             let bucket = r.i64()?;
             if !ids.insert(id, bucket) {

@@ -7,7 +7,10 @@
 //! files of the store, checkpointed beside the image.
 //!
 //! The encoding is little-endian and versioned by a magic header; integrity is the
-//! caller's job (the checkpoint store keeps a checksum of every file).
+//! caller's job (the checkpoint store keeps a checksum of every file). Images are
+//! written and read as streams: neither side ever holds one whole in memory.
+
+use std::io::{BufReader, ErrorKind, Read};
 
 const MAGIC: &[u8; 8] = b"BRAIDJ01";
 
@@ -72,26 +75,58 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Reads what [`Writer`] wrote; every read is bounds-checked.
-pub(crate) struct Reader<'a>(pub &'a [u8]);
+/// Bytes a [`Reader`] reads from its input at a time. A restore reads every shard's
+/// image at once, so this is what each one holds beyond the state it rebuilds.
+pub(crate) const READ_BUFFER_BYTES: usize = 1 << 20;
+
+/// Reads what [`Writer`] wrote from a stream (a file, typically), through a buffer of
+/// [`READ_BUFFER_BYTES`], so that decoding never holds the image whole. The image's
+/// length is given up front and every read is checked against what is left of it: a
+/// truncated image, or a corrupted length or count, is an error before anything is
+/// allocated for it.
+pub(crate) struct Reader<'a> {
+    input: BufReader<&'a mut dyn Read>,
+    /// Bytes of the image not read yet.
+    left: u64,
+}
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
-        if self.0.len() < n {
+    /// Reads an image of `bytes` bytes from `input`.
+    pub fn new(input: &'a mut dyn Read, bytes: u64) -> Reader<'a> {
+        let capacity =
+            usize::try_from(bytes).map_or(READ_BUFFER_BYTES, |b| b.min(READ_BUFFER_BYTES));
+        Reader {
+            input: BufReader::with_capacity(capacity, input),
+            left: bytes,
+        }
+    }
+
+    /// Fills `out` with the next bytes of the image.
+    fn fill(&mut self, out: &mut [u8]) -> Result<(), SnapshotError> {
+        let n = out.len() as u64;
+        if self.left < n {
             return Err(SnapshotError(format!(
                 "truncated: {n} more bytes expected, {} left",
-                self.0.len()
+                self.left
             )));
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        self.input.read_exact(out).map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => SnapshotError(format!(
+                "truncated: the input ended {} bytes before the image's stated length",
+                self.left
+            )),
+            _ => SnapshotError(format!("cannot read the image: {e}")),
+        })?;
+        self.left -= n;
+        Ok(())
     }
     fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
-        Ok(self.take(N)?.try_into().expect("took N bytes"))
+        let mut bytes = [0; N];
+        self.fill(&mut bytes)?;
+        Ok(bytes)
     }
     pub fn magic(&mut self) -> Result<(), SnapshotError> {
-        if self.take(MAGIC.len())? != MAGIC {
+        if &self.array::<8>()? != MAGIC {
             return Err(SnapshotError(
                 "not a braid join snapshot (bad header)".into(),
             ));
@@ -99,7 +134,7 @@ impl<'a> Reader<'a> {
         Ok(())
     }
     pub fn u8(&mut self) -> Result<u8, SnapshotError> {
-        Ok(self.take(1)?[0])
+        Ok(self.array::<1>()?[0])
     }
     pub fn u32(&mut self) -> Result<u32, SnapshotError> {
         Ok(u32::from_le_bytes(self.array()?))
@@ -116,33 +151,52 @@ impl<'a> Reader<'a> {
     pub fn i128(&mut self) -> Result<i128, SnapshotError> {
         Ok(i128::from_le_bytes(self.array()?))
     }
-    /// A length, refused when it exceeds what is left (each counted item is ≥ 1 byte).
-    pub fn len(&mut self) -> Result<usize, SnapshotError> {
+    /// A count of items that take at least `item_bytes` each in the image, refused when
+    /// they cannot fit in what is left: a corrupted count never sizes an allocation.
+    pub fn count(&mut self, item_bytes: u64) -> Result<usize, SnapshotError> {
         let n = self.u64()?;
-        if n > self.0.len() as u64 {
+        if n.saturating_mul(item_bytes.max(1)) > self.left {
             return Err(SnapshotError(format!(
-                "length {n} exceeds the {} bytes left",
-                self.0.len()
+                "{n} items of at least {item_bytes} bytes exceed the {} bytes left",
+                self.left
             )));
         }
-        Ok(n as usize)
+        usize::try_from(n).map_err(|_| SnapshotError(format!("count {n} is too large")))
     }
-    pub fn bytes(&mut self) -> Result<&'a [u8], SnapshotError> {
-        let n = self.len()?;
-        self.take(n)
+    /// A length in bytes, refused when it exceeds what is left.
+    pub fn len(&mut self) -> Result<usize, SnapshotError> {
+        self.count(1)
+    }
+    /// Appends the next `n` bytes to `out` (whose capacity the caller has chosen).
+    pub fn append(&mut self, out: &mut Vec<u8>, n: usize) -> Result<(), SnapshotError> {
+        let start = out.len();
+        out.resize(start + n, 0);
+        self.fill(&mut out[start..])
     }
     pub fn words(&mut self) -> Result<Vec<u64>, SnapshotError> {
-        let n = self.len()?;
-        (0..n).map(|_| self.u64()).collect()
+        let n = self.count(8)?;
+        let mut words = Vec::with_capacity(n);
+        for _ in 0..n {
+            words.push(self.u64()?);
+        }
+        Ok(words)
     }
-    pub fn end(&self) -> Result<(), SnapshotError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(SnapshotError(format!(
+    /// Checks that the image ended where its decoding did, and that the input holds
+    /// nothing past the stated length.
+    pub fn end(&mut self) -> Result<(), SnapshotError> {
+        if self.left > 0 {
+            return Err(SnapshotError(format!(
                 "{} unexpected bytes after the end",
-                self.0.len()
-            )))
+                self.left
+            )));
+        }
+        let mut probe = [0u8; 1];
+        match self.input.read(&mut probe) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(SnapshotError(
+                "the input holds more than the image's stated length".into(),
+            )),
+            Err(e) => Err(SnapshotError(format!("cannot read the image: {e}"))),
         }
     }
 }
@@ -151,8 +205,23 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn values_round_trip_and_truncation_is_an_error() {
+    /// An input that hands out at most `step` bytes per read, so that values straddle
+    /// the reader's refills.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.step).min(self.bytes.len());
+            out[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    fn sample() -> Vec<u8> {
         let mut buf = Vec::new();
         let mut w = Writer::new(&mut buf);
         w.magic();
@@ -162,20 +231,98 @@ mod tests {
         w.bytes(b"abc");
         w.words(&[1, 2]);
         w.finish().unwrap();
-        let mut r = Reader(&buf);
-        r.magic().unwrap();
-        assert_eq!(r.u32().unwrap(), 7);
-        assert_eq!(r.i64().unwrap(), -3);
-        assert_eq!(r.u128().unwrap(), u128::MAX - 1);
-        assert_eq!(r.bytes().unwrap(), b"abc");
-        assert_eq!(r.words().unwrap(), vec![1, 2]);
-        r.end().unwrap();
-        let mut short = Reader(&buf[..buf.len() - 3]);
-        short.magic().unwrap();
-        short.u32().unwrap();
-        short.i64().unwrap();
-        short.u128().unwrap();
-        short.bytes().unwrap();
-        assert!(short.words().is_err());
+        buf
+    }
+
+    /// Decodes `sample()`'s values from `input`, stated to be `bytes` long.
+    fn decode(input: &mut dyn Read, bytes: u64) -> Result<(), SnapshotError> {
+        let mut r = Reader::new(input, bytes);
+        r.magic()?;
+        assert_eq!(r.u32()?, 7);
+        assert_eq!(r.i64()?, -3);
+        assert_eq!(r.u128()?, u128::MAX - 1);
+        let mut abc = Vec::new();
+        let n = r.len()?;
+        r.append(&mut abc, n)?;
+        assert_eq!(abc, b"abc");
+        assert_eq!(r.words()?, vec![1, 2]);
+        r.end()
+    }
+
+    #[test]
+    fn values_round_trip_through_a_stream_in_any_pieces() {
+        let buf = sample();
+        for step in [1, 3, 8, 1 << 20] {
+            let mut input = Trickle { bytes: &buf, step };
+            decode(&mut input, buf.len() as u64).unwrap();
+        }
+    }
+
+    #[test]
+    fn truncation_is_an_error_that_says_so() {
+        let buf = sample();
+        for cut in 0..buf.len() {
+            // The image is shorter than its stated length: the input runs dry.
+            let mut input = &buf[..cut];
+            let err = decode(&mut input, buf.len() as u64)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("truncated"), "cut at {cut}: {err}");
+            // The stated length itself is short (a file cut by a crash).
+            let mut input = &buf[..cut];
+            let err = decode(&mut input, cut as u64).unwrap_err().to_string();
+            assert!(
+                err.contains("truncated") || err.contains("exceed"),
+                "cut at {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn corruption_is_an_error_before_anything_is_allocated() {
+        let mut buf = sample();
+        let mut bad = buf.clone();
+        bad[0] ^= 1;
+        let err = decode(&mut &bad[..], bad.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad header"), "{err}");
+        // The byte string's length, turned huge: refused, not allocated.
+        let at = 8 + 4 + 8 + 16;
+        bad = buf.clone();
+        bad[at + 7] = 0x40;
+        let err = decode(&mut &bad[..], bad.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceed the"), "{err}");
+        // The word count, larger than the words that follow.
+        bad = buf.clone();
+        bad[at + 8 + 3] = 3;
+        let err = decode(&mut &bad[..], bad.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("items of at least 8 bytes"), "{err}");
+        // Bytes beyond the end, in the stated length or only in the input.
+        buf.push(0);
+        let err = decode(&mut &buf[..], buf.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1 unexpected bytes after the end"), "{err}");
+        let err = decode(&mut &buf[..], buf.len() as u64 - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than the image's stated length"), "{err}");
+    }
+
+    #[test]
+    fn read_errors_are_reported() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk on fire"))
+            }
+        }
+        let err = decode(&mut Broken, 100).unwrap_err().to_string();
+        assert!(err.contains("cannot read the image: disk on fire"), "{err}");
     }
 }

@@ -158,25 +158,30 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             }
         }
     }
-    // With checkpoints: one more of the whole window's state, then a timed restore of it.
-    let mut restore = None;
-    let rss_before_restore = peak_rss_bytes();
+    // With checkpoints: one more of the whole window's state, for the restore below.
     if let Some(c) = checkpoints.as_mut() {
         c.wait()?;
         bench_barrier(c, &mut engine, options.events, watermark)?;
         c.wait()?;
-        restore = Some(time_restore(
+    }
+    engine.advance(Watermark::MAX)?;
+    let reports = engine.finish()?;
+    let seconds = started.elapsed().as_secs_f64();
+    // The restore runs after the run's shards have ended (their joins, chunk pools and
+    // stores are gone), as `braid run` restores into a fresh process after a crash.
+    // Restoring while they were alive measured the run's peak plus a second state.
+    let rss_before_restore = peak_rss_bytes();
+    let restore = match &checkpoints {
+        Some(c) => Some(time_restore(
             &checkpoint_dir,
             c.committed.last().expect("just committed").epoch,
             spec,
             options,
-        )?);
-    }
-    engine.advance(Watermark::MAX)?;
-    let reports = engine.finish()?;
-    // The restore is timed apart; the run's throughput excludes it.
-    let seconds = started.elapsed().as_secs_f64()
-        - restore.as_ref().map_or(0.0, |r: &RestoreTiming| r.seconds);
+        )?),
+        None => None,
+    };
+    // `time_restore` may have reset the peak to time the restore's own.
+    let peak_rss = rss_before_restore.max(peak_rss_bytes());
     let checkpoint_json = checkpoints.as_ref().map(|c| {
         // The last checkpoint (for the restore) is taken after the stream; report the
         // periodic ones.
@@ -191,6 +196,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             "duration_ms_p50": periodic.duration_ms_median,
             "state_mb_last_periodic": mb(periodic.last_state_bytes),
             "peak_rss_mb_before_restore": mb(rss_before_restore),
+            "peak_rss_mb_restore": r.peak_rss_bytes.map(mb),
             "restore_state_mb": mb(r.state_bytes),
             "restore_files": r.files,
             "restore_seconds": round2(r.seconds),
@@ -226,7 +232,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         "results": results,
         "events_per_s": (options.events as f64 / seconds).round(),
         "seconds": round2(seconds),
-        "peak_rss_mb": mb(peak_rss_bytes()),
+        "peak_rss_mb": mb(peak_rss),
         "checkpoints": checkpoint_json,
     }))
 }
@@ -236,6 +242,16 @@ struct RestoreTiming {
     fetch_seconds: f64,
     state_bytes: u64,
     files: usize,
+    /// The process's peak resident memory during the restore alone, where it can be
+    /// measured apart (see [`reset_peak_rss`]).
+    peak_rss_bytes: Option<u64>,
+}
+
+/// Resets the process's peak resident memory (`VmHWM`) to what it holds now, so that
+/// the peak of what follows can be read apart (Linux: `/proc/self/clear_refs`). False
+/// where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Restores checkpoint `epoch` into fresh state, as `braid run` does after a crash:
@@ -248,6 +264,7 @@ fn time_restore(
 ) -> anyhow::Result<RestoreTiming> {
     let store = LocalStore::open(checkpoint_dir)?;
     let state_dir = options.state_dir.with_file_name("restored");
+    let apart = reset_peak_rss();
     let started = Instant::now();
     let manifest = read_manifest(&store, epoch)?;
     let shards = fetch(&store, &manifest, &state_dir.join("restore"))?;
@@ -264,6 +281,7 @@ fn time_restore(
         |_| Ok(CountingResults::default()),
     )?;
     let seconds = started.elapsed().as_secs_f64();
+    let peak = apart.then(peak_rss_bytes);
     engine.finish()?;
     let _ = std::fs::remove_dir_all(&state_dir);
     Ok(RestoreTiming {
@@ -271,6 +289,7 @@ fn time_restore(
         fetch_seconds,
         state_bytes: manifest.state_bytes(),
         files: manifest.files().count(),
+        peak_rss_bytes: peak,
     })
 }
 

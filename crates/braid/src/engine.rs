@@ -147,7 +147,10 @@ impl Engine {
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
         // Each shard's state is built (and restored) on a thread of its own, in parallel:
-        // loading a join image rebuilds every hot segment's index.
+        // loading a join image rebuilds every hot segment's index. Together they stay
+        // within the budget: a load streams its image from a file and keeps its shard's
+        // share of the budget as it goes, so parallel loads hold at most the budget plus
+        // a read buffer and a segment per shard.
         let built: Vec<anyhow::Result<(Join<RocksStore>, BTreeSet<SegmentId>)>> =
             std::thread::scope(|scope| {
                 let handles: Vec<_> = restore
@@ -316,9 +319,22 @@ fn build_shard(
     store.ingest_segments(&r.segments)?;
     checkpointed.extend(r.segments.iter().copied());
     let mut join = Join::new(spec, store, memory_max_bytes);
-    join.load(&r.image)
-        .with_context(|| format!("cannot restore shard {i}"))?;
+    load_image(&mut join, &r.image).with_context(|| {
+        format!(
+            "cannot restore shard {i} from its join image {}, which matched its checksum (an image written by another braid version does not load; `braid run --reset` starts from scratch)",
+            r.image.display()
+        )
+    })?;
     Ok((join, checkpointed))
+}
+
+/// Loads a join image from its file, streaming: the load holds the state it rebuilds
+/// and a read buffer, never the image (see [`Join::load_from`]).
+fn load_image(join: &mut Join<RocksStore>, path: &Path) -> anyhow::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let bytes = file.metadata()?.len();
+    join.load_from(&mut file, bytes)?;
+    Ok(())
 }
 
 /// One shard's join and its checkpointing.

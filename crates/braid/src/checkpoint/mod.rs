@@ -741,7 +741,9 @@ pub fn parse_watermark(text: &str) -> anyhow::Result<Watermark> {
 /// A shard's state fetched from the store and verified, waiting in `dir` for the
 /// engine to move it into the shard's state folder.
 pub struct ShardRestore {
-    pub image: Vec<u8>,
+    /// The join image's file in `dir`. It stays on disk: the engine streams it into the
+    /// join, so a restore never holds an image in memory.
+    pub image: PathBuf,
     pub dir: PathBuf,
     pub segments: Vec<SegmentId>,
 }
@@ -785,22 +787,28 @@ fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fetches a shard's join image and segment files into `dir` as files (streamed by the
+/// store: linked or copied from a folder, downloaded in pieces from S3) and checks each
+/// against the manifest, reading it back through a buffer of `CHECKSUM_BUFFER_BYTES`:
+/// nothing is ever held whole in memory.
 fn fetch_shard(
     store: &dyn CheckpointStore,
     shard: &ShardState,
     dir: PathBuf,
 ) -> anyhow::Result<ShardRestore> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let image = store.get_bytes(&shard.image.name)?;
-    verify(&shard.image, xxh3_64(&image), image.len() as u64)?;
-    let mut segments = Vec::with_capacity(shard.segments.len());
-    for segment in &shard.segments {
-        let id = segment.id();
-        let to = dir.join(braid_state::segment_file_name(id));
-        store.get_file(&segment.file.name, &to)?;
+    let image = dir.join("join.image");
+    let segments: Vec<SegmentId> = shard.segments.iter().map(SegmentRef::id).collect();
+    let files = std::iter::once((&shard.image, image.clone())).chain(
+        shard
+            .segments
+            .iter()
+            .map(|s| (&s.file, dir.join(braid_state::segment_file_name(s.id())))),
+    );
+    for (file, to) in files {
+        store.get_file(&file.name, &to)?;
         let (sum, bytes) = checksum_file(&to)?;
-        verify(&segment.file, sum, bytes)?;
-        segments.push(id);
+        verify(file, sum, bytes)?;
     }
     Ok(ShardRestore {
         image,

@@ -6,6 +6,7 @@
 //! A single PUT is atomic in S3, so the manifest needs nothing more; files are
 //! uploaded whole (segments are a few MiB, images at most the memory budget).
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -15,6 +16,9 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::store::CheckpointStore;
+
+/// Write buffer of a download: the pieces of an HTTP body are small.
+const DOWNLOAD_BUFFER_BYTES: usize = 1 << 20;
 
 pub struct S3Store {
     url: String,
@@ -87,9 +91,28 @@ impl CheckpointStore for S3Store {
         self.put(name, PutPayload::from(bytes.to_vec()))
     }
 
+    /// Streams the object into the file as its pieces arrive: a restore downloads
+    /// images as large as a shard's state, and never holds one whole.
     fn get_file(&self, name: &str, to: &Path) -> anyhow::Result<()> {
-        let bytes = self.get_bytes(name)?;
-        std::fs::write(to, bytes).with_context(|| format!("cannot write {}", to.display()))
+        let path = self.path(name);
+        let file =
+            std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(DOWNLOAD_BUFFER_BYTES, file);
+        let read = || format!("cannot read {name} from {}", self.url);
+        let write = || format!("cannot write {}", to.display());
+        self.runtime.block_on(async {
+            let mut pieces = self
+                .store
+                .get(&path)
+                .await
+                .with_context(read)?
+                .into_stream();
+            while let Some(piece) = pieces.try_next().await.with_context(read)? {
+                out.write_all(&piece).with_context(write)?;
+            }
+            anyhow::Ok(())
+        })?;
+        out.flush().with_context(write)
     }
 
     fn get_bytes(&self, name: &str) -> anyhow::Result<Vec<u8>> {
