@@ -15,6 +15,7 @@ mod snapshot;
 mod spec;
 mod store;
 mod time;
+mod time_guard;
 mod watermarks;
 
 #[cfg(any(test, feature = "testkit"))]
@@ -26,4 +27,7 @@ pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};
 pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
 pub use time::{EventTime, Watermark};
+pub use time_guard::{
+    Arrival, Candidate, Held, Rejected, TimeGuard, TimeGuardConfig, TimeGuardState, Verdict,
+};
 pub use watermarks::{PartitionId, Watermarks};

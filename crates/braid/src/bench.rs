@@ -55,6 +55,7 @@ fn bench_barrier(
             name: "flink-peer".into(),
             at: SourceAt::Events { events },
             partitions: Vec::new(),
+            guards: Vec::new(),
             counts: SourceCounts::default(),
         }],
         watermark: watermark_text(watermark),

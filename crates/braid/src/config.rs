@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use braid_core::{JoinKind, JoinSpec};
+use braid_core::{JoinKind, JoinSpec, TimeGuardConfig};
 use braid_io::takerate::{Stream, TakeRateConfig};
 use braid_io::Schema;
 use serde::Deserialize;
@@ -16,6 +16,12 @@ pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
 const MEMORY_MAX_DEFAULT: &str = "512MiB";
 const MEMORY_MAX_MIN_BYTES: u64 = 64 << 10;
 const IDLE_TIMEOUT_DEFAULT: &str = "30s";
+/// Later events of a partition that must agree with a time before it moves the
+/// watermark (README "Times far ahead").
+const CORROBORATE_DEFAULT: u32 = 32;
+/// Events further ahead of their partition's corroborated time are held until the
+/// stream follows them, and dead letters if it does not.
+const MAX_TIME_JUMP_DEFAULT: &str = "1h";
 /// Completed checkpoints kept when the job file does not say (Flink keeps 1; a few give
 /// a fallback when the newest turns out broken).
 const CHECKPOINTS_KEPT_DEFAULT: usize = 3;
@@ -73,6 +79,8 @@ struct TimeFile {
     max_out_of_orderness: Option<String>,
     allowed_lateness: Option<String>,
     idle_timeout: Option<String>,
+    corroborate: Option<u32>,
+    max_time_jump: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +160,8 @@ pub struct Plan {
     pub spec: JoinSpec,
     pub max_out_of_orderness_ms: i64,
     pub idle_timeout_ms: u64,
+    /// The guard of every source partition's watermark against uncorroborated times.
+    pub time_guard: TimeGuardConfig,
     pub output: Output,
     pub state_dir: PathBuf,
     pub memory_max_bytes: u64,
@@ -212,6 +222,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         }
     }
     let spec = join_spec(&raw.join, allowed_lateness_ms)?;
+    let time_guard = time_guard(&raw.time, max_out_of_orderness_ms + allowed_lateness_ms)?;
     let mut names = Vec::new();
     for (i, s) in raw.sources.iter().enumerate() {
         if names.contains(&s.name.as_str()) {
@@ -309,11 +320,38 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         spec,
         max_out_of_orderness_ms,
         idle_timeout_ms: idle_timeout_ms as u64,
+        time_guard,
         output,
         state_dir,
         memory_max_bytes,
         checkpoint,
         parallelism,
+    })
+}
+
+/// `[time] corroborate` (0 turns the guard off) and `max_time_jump` (`"off"` holds
+/// nothing back); the slack is what lateness tolerates.
+fn time_guard(time: &TimeFile, slack_ms: i64) -> Result<TimeGuardConfig, String> {
+    let confirm_events = time.corroborate.unwrap_or(CORROBORATE_DEFAULT);
+    if confirm_events == 0 {
+        return Ok(TimeGuardConfig::OFF);
+    }
+    let max_jump_ms = match time
+        .max_time_jump
+        .as_deref()
+        .unwrap_or(MAX_TIME_JUMP_DEFAULT)
+    {
+        "off" => None,
+        text => match parse_duration_ms(text) {
+            Ok(ms) if ms > 0 => Some(ms),
+            Ok(_) => return Err("[time] max_time_jump: must be positive, or \"off\"".into()),
+            Err(e) => return Err(format!("[time] max_time_jump: {e}, or \"off\"")),
+        },
+    };
+    Ok(TimeGuardConfig {
+        confirm_events,
+        slack_ms,
+        max_jump_ms,
     })
 }
 
@@ -503,6 +541,19 @@ impl fmt::Display for Plan {
             "  time: max out of orderness {} ms, allowed lateness {} ms, idle timeout {} ms",
             self.max_out_of_orderness_ms, s.allowed_lateness_ms, self.idle_timeout_ms
         )?;
+        let g = &self.time_guard;
+        match (g.enabled(), g.max_jump_ms) {
+            (false, _) => writeln!(f, "  times ahead: not guarded (corroborate = 0)")?,
+            (true, jump) => writeln!(
+                f,
+                "  times ahead: a time moves the watermark once {} later events agree with it; {}",
+                g.confirm_events,
+                match jump {
+                    Some(ms) => format!("events more than {ms} ms ahead are held until then"),
+                    None => "none is held (max_time_jump = \"off\")".to_string(),
+                }
+            )?,
+        }
         match &self.output {
             Output::Files(dir) => writeln!(f, "  output: files in {}", dir.display())?,
             Output::Stdout => writeln!(f, "  output: stdout")?,

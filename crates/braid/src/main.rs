@@ -92,6 +92,9 @@ struct GenerateArgs {
     max_out_of_orderness: String,
     #[arg(long, default_value_t = 250_000)]
     lines_per_file: u64,
+    /// Event time of the first impression, RFC 3339.
+    #[arg(long, default_value = "2023-11-14T22:13:20Z")]
+    start: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -191,6 +194,12 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let usage = |e: String| UsageError(e);
     let disorder = parse_duration_ms(&args.max_out_of_orderness)
         .map_err(|e| usage(format!("--max-out-of-orderness: {e}")))?;
+    let start_ms = braid_io::parse_rfc3339_ms(&args.start).map_err(|e| {
+        usage(format!(
+            "--start: `{}` is not an RFC 3339 time ({e}), e.g. 2023-11-14T22:13:20Z",
+            args.start
+        ))
+    })?;
     for (flag, rate) in [
         ("--play-rate", args.play_rate),
         ("--duplicate-rate", args.duplicate_rate),
@@ -218,6 +227,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         duplicate_rate: args.duplicate_rate,
         malformed_rate: args.malformed_rate,
         max_out_of_orderness_ms: disorder,
+        start_ms,
         ..Default::default()
     };
     let (job, counts) = braid::demo::write_take_rate(

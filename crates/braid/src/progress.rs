@@ -43,7 +43,7 @@ impl Progress {
         let mark = if watermark.is_infinite() {
             watermark.to_string()
         } else {
-            braid_io::takerate::format_rfc3339_ms(watermark.millis())
+            braid_io::format_rfc3339_ms(watermark.millis())
         };
         bar.set_message(format!("{records} records, {rate:.0}/s, watermark {mark}"));
         bar.tick();

@@ -19,6 +19,10 @@ pub struct SourceCounts {
     pub input: u64,
     pub late: u64,
     pub dead: u64,
+    /// Of the dead letters: events whose time was far ahead and not followed by their
+    /// stream (README "Times far ahead").
+    #[serde(default)]
+    pub time_jumps: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +182,7 @@ impl Summary {
                 "duplicates": j.duplicates[i],
                 "late": s.late,
                 "dead": s.dead,
+                "dead_time_jumps": s.time_jumps,
             })
         };
         serde_json::json!({
@@ -267,6 +272,12 @@ impl fmt::Display for Summary {
             "dead letters (_dead/)",
             self.sources[0].1.dead,
             self.sources[1].1.dead,
+        )?;
+        row(
+            f,
+            "  of which far ahead",
+            self.sources[0].1.time_jumps,
+            self.sources[1].1.time_jumps,
         )?;
         let verdict = match self.check() {
             Ok(()) => "every record accounted for exactly once".to_string(),

@@ -30,6 +30,34 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     Ok(if negative { -ms } else { ms })
 }
 
+/// Formats milliseconds in the job file's units, the largest two that apply: `3d 4h`,
+/// `2m 5s`, `250ms`, `-5s`.
+pub fn format_duration_ms(ms: i64) -> String {
+    const UNITS: [(i64, &str); 5] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+        (1, "ms"),
+    ];
+    let sign = if ms < 0 { "-" } else { "" };
+    let mut left = ms.unsigned_abs();
+    let mut parts = Vec::new();
+    for (scale, unit) in UNITS {
+        let scale = scale as u64;
+        if left >= scale && parts.len() < 2 {
+            parts.push(format!("{}{unit}", left / scale));
+            left %= scale;
+        } else if !parts.is_empty() {
+            break;
+        }
+    }
+    if parts.is_empty() {
+        return "0s".to_string();
+    }
+    format!("{sign}{}", parts.join(" "))
+}
+
 /// Parses `512MiB`, `4GiB`, `64KiB`, `100B` (or a bare number of bytes) to bytes.
 pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -83,6 +111,24 @@ mod tests {
             "99999999999999999d",
         ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formatted_durations() {
+        let cases = [
+            (0, "0s"),
+            (250, "250ms"),
+            (5_000, "5s"),
+            (125_000, "2m 5s"),
+            (3_600_000, "1h"),
+            (3_660_000, "1h 1m"),
+            (3_600_500, "1h"),
+            (277_200_000, "3d 5h"),
+            (-5_000, "-5s"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(format_duration_ms(ms), text, "{ms}");
         }
     }
 

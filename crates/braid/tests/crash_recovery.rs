@@ -4,6 +4,11 @@
 //! full join with most state on disk. After every kill the visible output must already
 //! be a part of the reference: a crash never exposes a row that is wrong or doubled.
 //!
+//! The full join's data also carries far-future events (one every
+//! [`FAR_FUTURE_EVERY`] lines of each stream), which the time guard holds and then
+//! dead-letters: kills that land while it holds some prove that what it holds is
+//! checkpointed and restored, neither lost nor doubled.
+//!
 //! Each schedule prints its seed; `BRAID_CRASH_SEED=N` replays one.
 
 mod common;
@@ -19,6 +24,42 @@ use common::{
 /// Kills per schedule; four schedules give at least 20 per test run.
 const KILLS_PER_SCHEDULE: usize = 6;
 const EVENTS: u64 = 200_000;
+/// Lines between injected far-future events, in the full join's schedules.
+const FAR_FUTURE_EVERY: usize = 300;
+
+/// Inserts a far-future event (event id `far-N`, years ahead) every `every` lines of
+/// each stream's files; returns how many.
+fn inject_far_future(dir: &std::path::Path, every: usize) -> usize {
+    let mut injected = 0;
+    for (stream, ts) in [
+        ("impressions", "4800000000000"),
+        ("plays", "\"2099-01-01T00:00:00Z\""),
+    ] {
+        for entry in std::fs::read_dir(dir.join("data").join(stream)).expect("data") {
+            let path = entry.expect("entry").path();
+            let bytes = std::fs::read(&path).expect("read");
+            let mut out = Vec::with_capacity(bytes.len());
+            for (i, line) in bytes
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .enumerate()
+            {
+                if i % every == every / 2 {
+                    injected += 1;
+                    out.extend_from_slice(
+                        format!(r#"{{"event_id":"far-{injected}","profile_id":1,"title_id":1,"ts":{ts}}}"#)
+                            .as_bytes(),
+                    );
+                    out.push(b'\n');
+                }
+                out.extend_from_slice(line);
+                out.push(b'\n');
+            }
+            std::fs::write(&path, out).expect("write");
+        }
+    }
+    injected
+}
 
 /// Runs one kill-and-restart schedule; returns the number of kills that hit a running
 /// process.
@@ -30,10 +71,18 @@ fn crash_schedule(kind: &str, seed: u64) -> usize {
     eprintln!("crash schedule: {kind} join, seed {seed} (replay with BRAID_CRASH_SEED={seed})");
     let dir = tempfile::tempdir().expect("temp dir");
     generate(dir.path(), EVENTS, seed);
+    let far = if kind == "full" {
+        inject_far_future(dir.path(), FAR_FUTURE_EVERY)
+    } else {
+        0
+    };
     let job = write_job(dir.path(), kind, ("0s", "1h"), "1MiB");
     add_checkpoints(&job, "checkpoints", "100ms");
-    let (left, left_invalid) = reference_events(&dir.path().join("data/impressions"));
-    let (right, right_invalid) = reference_events(&dir.path().join("data/plays"));
+    let not_far = |e: &common::RefEvent| !e.raw.contains("\"far-");
+    let (mut left, left_invalid) = reference_events(&dir.path().join("data/impressions"));
+    let (mut right, right_invalid) = reference_events(&dir.path().join("data/plays"));
+    left.retain(not_far);
+    right.retain(not_far);
     let want = reference_join(&left, &right, kind, 0, 3_600_000);
     let out = dir.path().join("out");
     let mut rng = TestRng(seed);
@@ -97,15 +146,21 @@ fn crash_schedule(kind: &str, seed: u64) -> usize {
     assert!(late.is_empty());
     assert_eq!(
         dead.len(),
-        left_invalid + right_invalid,
+        left_invalid + right_invalid + far,
         "seed {seed}: dead letters exactly once"
+    );
+    assert_eq!(
+        dead.iter().filter(|l| l.contains("\"far-")).count(),
+        far,
+        "seed {seed}: each far-future event dead-lettered once"
     );
     let s = summary(&out);
     assert_eq!(s["accounted"], true, "{s:#}");
     let read =
         s["left"]["read"].as_u64().expect("count") + s["right"]["read"].as_u64().expect("count");
     assert_eq!(
-        read, EVENTS,
+        read,
+        EVENTS + far as u64,
         "seed {seed}: every line read exactly once over all runs"
     );
     eprintln!("seed {seed}: {kills} kills over {runs} runs, output exact");

@@ -123,10 +123,10 @@ fn watermark(m: &Manifest) -> String {
     match m.watermark_ms {
         None => "-inf".into(),
         Some(ms) if ms == i64::MAX => "+inf (done)".into(),
-        Some(ms) => braid_io::takerate::format_rfc3339_ms(ms),
+        Some(ms) => braid_io::format_rfc3339_ms(ms),
     }
 }
 
 fn utc(unix_ms: u64) -> String {
-    braid_io::takerate::format_rfc3339_ms(unix_ms as i64)
+    braid_io::format_rfc3339_ms(unix_ms as i64)
 }

@@ -107,6 +107,31 @@ pub struct SourceState {
     /// Per partition: the largest event time delivered, and whether it is exhausted.
     pub partitions: Vec<(Option<i64>, bool)>,
     pub counts: SourceCounts,
+    /// Per partition: its time guard (README "Times far ahead").
+    #[serde(default)]
+    pub guards: Vec<GuardState>,
+}
+
+/// A partition's time guard at the cut: its corroborated time, the times awaiting
+/// corroboration, and the events it holds back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardState {
+    pub corroborated: Option<i64>,
+    /// Time, agreeing and disagreeing later events, of each time awaiting corroboration.
+    pub candidates: Vec<(i64, u32, u32)>,
+    pub held: Vec<HeldState>,
+}
+
+/// An event held back by a time guard, with the votes of the events after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldState {
+    pub time: i64,
+    pub agree: u32,
+    pub disagree: u32,
+    /// Where it was read (file index, line) and its text.
+    pub file: u32,
+    pub line: u64,
+    pub text: String,
 }
 
 /// A sink's file numbering: files numbered `next_file` and above come after the cut.
