@@ -28,6 +28,6 @@ pub use spec::{JoinKind, JoinSpec, Side};
 pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
 pub use time::{EventTime, Watermark};
 pub use time_guard::{
-    Arrival, Candidate, Held, Rejected, TimeGuard, TimeGuardConfig, TimeGuardState, Verdict,
+    Arrival, Candidate, Held, Rejected, TimeGuard, TimeGuardConfig, TimeGuardState, Verdict, Votes,
 };
 pub use watermarks::{PartitionId, Watermarks};

@@ -7,8 +7,10 @@
 //! 1. **Corroboration.** An event's time counts for the watermark only once the next
 //!    `confirm_events` events of its partition agree with it: an event agrees when it
 //!    would not be late against it (`time >= t - slack`, slack being the disorder bound
-//!    plus the allowed lateness) and disagrees otherwise. One disagreeing event
-//!    ([`REFUTE_EVENTS`]) before enough agreeing ones refutes the time: it never counts.
+//!    plus the allowed lateness) and disagrees otherwise. One disagreeing event before
+//!    then refutes the time: a time that would make a later event of its own partition
+//!    late is not trusted, and the next time every later event agrees with counts
+//!    instead.
 //!    A well-ordered stream corroborates every time within `confirm_events` events, so
 //!    the watermark lags by that many events and nothing else changes.
 //! 2. **Holding.** An event further ahead of the partition's corroborated time than
@@ -28,10 +30,6 @@ use std::collections::VecDeque;
 
 use crate::time::EventTime;
 
-/// Disagreeing events that refute a time before it is corroborated: one. A time that
-/// would make a later event of its own partition late is not trusted; the next times
-/// that every later event agrees with move the watermark instead.
-pub const REFUTE_EVENTS: u32 = 1;
 /// Later events after which a held event that the stream has not followed is rejected.
 pub const HOLD_DECISION_EVENTS: u32 = 64;
 /// Times awaiting corroboration per partition; beyond it the oldest is dropped (it then
@@ -62,17 +60,27 @@ impl TimeGuardConfig {
     }
 }
 
-/// A time awaiting corroboration, with its votes so far.
+/// A time awaiting corroboration: the partition's largest yet, with no later event
+/// disagreeing so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Candidate {
+    pub time: i64,
+    /// The partition's event count when it arrived: the events after it are
+    /// `seen - seq`, and all of them agreed (one that did not removed it).
+    pub seq: u64,
+}
+
+/// A held event's time and the votes of the events after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Votes {
     pub time: i64,
     pub agree: u32,
     pub disagree: u32,
 }
 
-impl Candidate {
-    fn new(time: i64) -> Candidate {
-        Candidate {
+impl Votes {
+    fn new(time: i64) -> Votes {
+        Votes {
             time,
             agree: 0,
             disagree: 0,
@@ -81,7 +89,7 @@ impl Candidate {
 
     /// Counts a later event's vote.
     fn vote(&mut self, later: i64, slack_ms: i64) {
-        if i128::from(later) >= i128::from(self.time) - i128::from(slack_ms) {
+        if agrees(later, self.time, slack_ms) {
             self.agree += 1;
         } else {
             self.disagree += 1;
@@ -89,10 +97,15 @@ impl Candidate {
     }
 }
 
+/// Whether a later event at `later` agrees with `time`: it would not be late against it.
+fn agrees(later: i64, time: i64, slack_ms: i64) -> bool {
+    i128::from(later) >= i128::from(time) - i128::from(slack_ms)
+}
+
 /// An event held back from the join, with the votes of the events after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held<T> {
-    pub votes: Candidate,
+    pub votes: Votes,
     pub item: T,
 }
 
@@ -111,7 +124,7 @@ pub struct Rejected<T> {
     pub time: EventTime,
     /// The partition's corroborated time when it was rejected (`None`: nothing yet).
     pub corroborated: Option<i64>,
-    pub votes: Candidate,
+    pub votes: Votes,
 }
 
 /// What to do with an offered event.
@@ -128,6 +141,9 @@ pub enum Arrival {
 pub struct TimeGuard<T> {
     config: TimeGuardConfig,
     corroborated: Option<i64>,
+    /// Events offered so far.
+    seen: u64,
+    /// Rising times, oldest first: each is larger than every earlier candidate.
     candidates: VecDeque<Candidate>,
     held: VecDeque<Held<T>>,
 }
@@ -136,6 +152,7 @@ pub struct TimeGuard<T> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TimeGuardState<T> {
     pub corroborated: Option<i64>,
+    pub seen: u64,
     pub candidates: Vec<Candidate>,
     pub held: Vec<Held<T>>,
 }
@@ -145,6 +162,7 @@ impl<T> TimeGuard<T> {
         TimeGuard {
             config,
             corroborated: None,
+            seen: 0,
             candidates: VecDeque::new(),
             held: VecDeque::new(),
         }
@@ -170,6 +188,7 @@ impl<T> TimeGuard<T> {
             self.corroborated = Some(self.corroborated.map_or(t, |c| c.max(t)));
             return Arrival::Admit;
         }
+        self.seen += 1;
         let slack_ms = self.config.slack_ms;
         for held in &mut self.held {
             held.votes.vote(t, slack_ms);
@@ -177,18 +196,24 @@ impl<T> TimeGuard<T> {
         self.vote_candidates(t);
         let arrival = if self.out_of_reach(t) {
             self.held.push_back(Held {
-                votes: Candidate::new(t),
+                votes: Votes::new(t),
                 item: keep(),
             });
             Arrival::Held
         } else {
             Arrival::Admit
         };
-        if self.corroborated.is_none_or(|c| t > c) {
+        // Only a new largest time is a candidate: a smaller one is corroborated by
+        // nothing that a larger pending one is not.
+        let largest = self.candidates.back().map(|c| c.time).or(self.corroborated);
+        if largest.is_none_or(|l| t > l) {
             if self.candidates.len() == CANDIDATES_MAX {
                 self.candidates.pop_front();
             }
-            self.candidates.push_back(Candidate::new(t));
+            self.candidates.push_back(Candidate {
+                time: t,
+                seq: self.seen,
+            });
         }
         self.decide_held(verdicts);
         arrival
@@ -200,7 +225,7 @@ impl<T> TimeGuard<T> {
     /// (a short stream that corroborated nothing is judged on too little to reject).
     pub fn finish(&mut self, verdicts: &mut Vec<Verdict<T>>) {
         while let Some(held) = self.held.pop_front() {
-            let refuted = held.votes.disagree >= REFUTE_EVENTS.max(held.votes.agree + 1);
+            let refuted = held.votes.disagree > held.votes.agree;
             if refuted && self.corroborated.is_some() && self.out_of_reach(held.votes.time) {
                 verdicts.push(self.reject(held));
             } else {
@@ -210,22 +235,26 @@ impl<T> TimeGuard<T> {
         self.candidates.clear();
     }
 
+    /// Counts a later event's vote on every candidate, in amortised constant time.
+    /// Times rise from the front of the queue to its back, so the candidates this event
+    /// disagrees with are a suffix (removed: refuted), and those with enough events
+    /// after them are a prefix (removed: corroborated).
     fn vote_candidates(&mut self, t: i64) {
-        let (confirm, slack_ms) = (self.config.confirm_events, self.config.slack_ms);
-        let mut raised = self.corroborated;
-        self.candidates.retain_mut(|c| {
-            c.vote(t, slack_ms);
-            if c.agree >= confirm {
-                raised = Some(raised.map_or(c.time, |r| r.max(c.time)));
-                false
-            } else {
-                c.disagree < REFUTE_EVENTS
+        let slack_ms = self.config.slack_ms;
+        while self
+            .candidates
+            .back()
+            .is_some_and(|c| !agrees(t, c.time, slack_ms))
+        {
+            self.candidates.pop_back();
+        }
+        let confirm = u64::from(self.config.confirm_events);
+        while let Some(c) = self.candidates.front() {
+            if self.seen - c.seq < confirm {
+                break;
             }
-        });
-        if raised != self.corroborated {
-            self.corroborated = raised;
-            let floor = raised.expect("raised to a time");
-            self.candidates.retain(|c| c.time > floor);
+            self.corroborated = Some(self.corroborated.map_or(c.time, |r| r.max(c.time)));
+            self.candidates.pop_front();
         }
     }
 
@@ -278,6 +307,7 @@ impl<T> TimeGuard<T> {
     {
         TimeGuardState {
             corroborated: self.corroborated,
+            seen: self.seen,
             candidates: self.candidates.iter().copied().collect(),
             held: self.held.iter().cloned().collect(),
         }
@@ -286,6 +316,7 @@ impl<T> TimeGuard<T> {
     /// Continues from a checkpoint's [`state`](Self::state).
     pub fn restore(&mut self, state: TimeGuardState<T>) {
         self.corroborated = state.corroborated;
+        self.seen = state.seen;
         self.candidates = state.candidates.into();
         self.held = state.held.into();
     }

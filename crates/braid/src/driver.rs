@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use braid_core::{
     Arrival, Candidate, Event, EventTime, Held, PartitionId, Rejected, Side, TimeGuard,
-    TimeGuardState, Verdict, Watermark, Watermarks,
+    TimeGuardState, Verdict, Votes, Watermark, Watermarks,
 };
 use braid_io::takerate::{Stream, TakeRate};
 use braid_io::{
@@ -678,11 +678,8 @@ fn guard_to_checkpoint(guard: &TimeGuard<HeldLine>) -> GuardState {
     let state = guard.state();
     GuardState {
         corroborated: state.corroborated,
-        candidates: state
-            .candidates
-            .iter()
-            .map(|c| (c.time, c.agree, c.disagree))
-            .collect(),
+        seen: state.seen,
+        candidates: state.candidates.iter().map(|c| (c.time, c.seq)).collect(),
         held: state
             .held
             .into_iter()
@@ -699,23 +696,23 @@ fn guard_to_checkpoint(guard: &TimeGuard<HeldLine>) -> GuardState {
 }
 
 fn guard_from_checkpoint(saved: &GuardState) -> TimeGuardState<HeldLine> {
-    let votes = |time, agree, disagree| Candidate {
-        time,
-        agree,
-        disagree,
-    };
     TimeGuardState {
         corroborated: saved.corroborated,
+        seen: saved.seen,
         candidates: saved
             .candidates
             .iter()
-            .map(|&(t, a, d)| votes(t, a, d))
+            .map(|&(time, seq)| Candidate { time, seq })
             .collect(),
         held: saved
             .held
             .iter()
             .map(|h| Held {
-                votes: votes(h.time, h.agree, h.disagree),
+                votes: Votes {
+                    time: h.time,
+                    agree: h.agree,
+                    disagree: h.disagree,
+                },
                 item: HeldLine {
                     line: h.text.clone().into_bytes(),
                     position: Position {
@@ -784,7 +781,7 @@ mod tests {
         let state = guard.state();
         assert_eq!(restored.corroborated, state.corroborated);
         assert_eq!(restored.candidates, state.candidates);
-        let lines = |held: &[Held<HeldLine>]| -> Vec<(Candidate, Vec<u8>, Position)> {
+        let lines = |held: &[Held<HeldLine>]| -> Vec<(Votes, Vec<u8>, Position)> {
             held.iter()
                 .map(|h| (h.votes, h.item.line.clone(), h.item.position))
                 .collect()

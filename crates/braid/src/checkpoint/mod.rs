@@ -117,8 +117,10 @@ pub struct SourceState {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuardState {
     pub corroborated: Option<i64>,
-    /// Time, agreeing and disagreeing later events, of each time awaiting corroboration.
-    pub candidates: Vec<(i64, u32, u32)>,
+    /// Events the partition has delivered.
+    pub seen: u64,
+    /// Each time awaiting corroboration, with the event count when it arrived.
+    pub candidates: Vec<(i64, u64)>,
     pub held: Vec<HeldState>,
 }
 
