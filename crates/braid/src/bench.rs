@@ -20,9 +20,10 @@ use crate::checkpoint::{
     fetch, read_manifest, watermark_text, Committer, CommitterConfig, CommitterStart, Part,
     ReaderSnapshot, ReaderState, SourceAt, SourceState,
 };
+use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::results::CountingResults;
-use crate::summary::{peak_rss_bytes, CheckpointCounts, SourceCounts};
+use crate::summary::{peak_rss_bytes, CheckpointCounts};
 
 /// Events between two watermark advances in the flink-peer benchmark (Flink emits a
 /// watermark every 200 ms; this is about as often at the rates measured).

@@ -25,10 +25,11 @@ use crate::checkpoint::{
     SinkState, SourceAt, SourceState,
 };
 use crate::config::{Input, Output, Plan, SourcePlan};
+use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::progress::Progress;
 use crate::results::{RecordShape, Records, StdoutLines};
-use crate::summary::{SourceCounts, Summary};
+use crate::summary::Summary;
 use crate::units;
 
 /// Lines read from one source per round.
@@ -669,9 +670,9 @@ impl<'p> Reading<'p> {
 
 /// What a held event is kept as: its bytes and where it was read.
 #[derive(Clone, Debug)]
-pub struct HeldLine {
-    pub line: Vec<u8>,
-    pub position: Position,
+struct HeldLine {
+    line: Vec<u8>,
+    position: Position,
 }
 
 fn guard_to_checkpoint(guard: &TimeGuard<HeldLine>) -> GuardState {

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod counts;
 pub mod demo;
 pub mod driver;
 pub mod engine;

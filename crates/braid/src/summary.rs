@@ -11,19 +11,8 @@ use braid_core::JoinCounts;
 
 use crate::checkpoint::Committed;
 use crate::config::Plan;
+use crate::counts::SourceCounts;
 use crate::engine::ShardReport;
-
-/// What the reader saw of one source.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct SourceCounts {
-    pub input: u64,
-    pub late: u64,
-    pub dead: u64,
-    /// Of the dead letters: events whose time was far ahead and not followed by their
-    /// stream (README "Times far ahead").
-    #[serde(default)]
-    pub time_jumps: u64,
-}
 
 #[derive(Clone, Debug)]
 pub struct Summary {

@@ -66,6 +66,18 @@ fn a_good_job_validates_and_prints_its_plan() {
     assert_eq!(code, Some(0), "{err}");
     assert!(stdout.contains("join: Left"), "{stdout}");
     assert!(stdout.contains("1 file(s)"), "{stdout}");
+    assert!(
+        stdout.contains("once 32 later events agree with it")
+            && stdout.contains("more than 3600000 ms ahead are held"),
+        "the time guard's defaults: {stdout}"
+    );
+    let off = GOOD.replace(
+        "max_out_of_orderness = \"5s\"",
+        "max_out_of_orderness = \"5s\"\ncorroborate = 0",
+    );
+    let (code, stdout, err) = with_job(&off, &["validate"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.contains("not guarded (corroborate = 0)"), "{stdout}");
 }
 
 #[test]
@@ -89,6 +101,9 @@ fn each_mistake_names_its_field_and_exits_2() {
         ("interval = \"10s\"", "interval = \"0s\"", "[checkpoint] interval: must be positive"),
         ("kind = \"files\"\npath = \"out\"", "kind = \"carrier-pigeon\"\npath = \"out\"", "[output] kind: `carrier-pigeon` is not an output kind"),
         ("type = \"left\"", "type = 3", "invalid type"),
+        ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5s\"\nmax_time_jump = \"soon\"", "[time] max_time_jump: `soon` is not a duration"),
+        ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5s\"\nmax_time_jump = \"0s\"", "[time] max_time_jump: must be positive, or \"off\""),
+        ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5s\"\ncorroborate = -1", "invalid value"),
     ];
     for (from, to, want) in cases {
         assert!(

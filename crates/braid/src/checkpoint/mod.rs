@@ -32,7 +32,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use crate::summary::SourceCounts;
+use crate::counts::SourceCounts;
 use store::{sync_dir, CheckpointStore};
 
 const MANIFEST_FORMAT: u32 = 1;
