@@ -1,8 +1,9 @@
 //! `braid run`: reads the sources, decodes, tracks watermarks, routes late and dead
 //! records to their outputs and events to the engine, and accounts for every record.
 //!
-//! One reader thread reads the sources in batches of up to [`READ_BATCH_LINES`] lines,
-//! always from the source whose watermark is lowest (event alignment, SPEC §3).
+//! One reader thread reads the sources (`source::Source`: files, the generator) in
+//! batches of up to [`READ_BATCH_LINES`] lines, always from the source whose watermark
+//! is lowest (event alignment, SPEC §3).
 
 use std::io::Write;
 use std::path::Path;
@@ -14,21 +15,19 @@ use braid_core::{
     Arrival, Candidate, Event, EventTime, Held, PartitionId, Rejected, Side, TimeGuard,
     TimeGuardState, Verdict, Votes, Watermark, Watermarks,
 };
-use braid_io::takerate::{Stream, TakeRate};
-use braid_io::{
-    format_rfc3339_ms, Decoded, Decoder, FileSink, FileSource, LineBatch, PendingFile, Position,
-};
+use braid_io::{format_rfc3339_ms, Decoded, Decoder, FileSink, LineBatch, PendingFile, Position};
 
 use crate::checkpoint::coordinator::{recover_output, Checkpointing};
 use crate::checkpoint::{
     parse_watermark, watermark_text, GuardState, HeldState, Part, ReaderSnapshot, ReaderState,
-    SinkState, SourceAt, SourceState,
+    SinkState, SourceState,
 };
-use crate::config::{Input, Output, Plan, SourcePlan};
+use crate::config::{Output, Plan};
 use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, ShardReport};
 use crate::progress::Progress;
 use crate::results::{RecordShape, Records, StdoutLines};
+use crate::source::{self, Source};
 use crate::summary::Summary;
 use crate::units;
 
@@ -39,111 +38,6 @@ pub const OUTPUT_ROLL_BYTES: u64 = 256 << 20;
 /// The longest raw text a dead-letter record keeps.
 const DEAD_RAW_BYTES_MAX: usize = 64 << 10;
 const PARTITION: PartitionId = PartitionId(0);
-
-/// A source being read.
-enum Reader {
-    Files(FileSource),
-    Generator {
-        lines: TakeRate,
-        stream: Stream,
-        produced: u64,
-        /// Lines drawn from the generator, of both streams: its position.
-        drawn: u64,
-    },
-}
-
-impl Reader {
-    fn open(source: &SourcePlan) -> anyhow::Result<Reader> {
-        Ok(match &source.input {
-            Input::Files { files, .. } => Reader::Files(FileSource::from_files(
-                &source.name,
-                files.clone(),
-                source.max_line_bytes,
-            )),
-            Input::Generator { config, stream } => Reader::Generator {
-                lines: TakeRate::new(config.clone()),
-                stream: *stream,
-                produced: 0,
-                drawn: 0,
-            },
-        })
-    }
-
-    fn position(&self) -> SourceAt {
-        match self {
-            Reader::Files(files) => SourceAt::Files(files.position()),
-            Reader::Generator { drawn, .. } => SourceAt::Generator { lines: *drawn },
-        }
-    }
-
-    /// Continues at a checkpoint's position.
-    fn seek(&mut self, at: &SourceAt) -> anyhow::Result<()> {
-        match (self, at) {
-            (Reader::Files(files), SourceAt::Files(position)) => Ok(files.seek(position)?),
-            (
-                Reader::Generator {
-                    lines,
-                    stream,
-                    produced,
-                    drawn,
-                },
-                SourceAt::Generator { lines: target },
-            ) => {
-                while *drawn < *target {
-                    let (s, _) = lines
-                        .next()
-                        .context("the checkpoint is past the generator's end")?;
-                    *drawn += 1;
-                    if s == *stream {
-                        *produced += 1;
-                    }
-                }
-                Ok(())
-            }
-            (_, at) => {
-                anyhow::bail!("the checkpoint holds a position of another kind of source: {at:?}")
-            }
-        }
-    }
-
-    /// Reads up to `max` lines; false once exhausted.
-    fn read(&mut self, batch: &mut LineBatch, max: usize) -> anyhow::Result<bool> {
-        match self {
-            Reader::Files(files) => Ok(files.read_batch(batch, max)?),
-            Reader::Generator {
-                lines,
-                stream,
-                produced,
-                drawn,
-            } => {
-                while batch.len() < max {
-                    let Some((s, line)) = lines.next() else {
-                        return Ok(false);
-                    };
-                    *drawn += 1;
-                    if s == *stream {
-                        *produced += 1;
-                        batch.push(
-                            &line,
-                            Position {
-                                file: 0,
-                                line: *produced,
-                            },
-                        );
-                    }
-                }
-                Ok(true)
-            }
-        }
-    }
-
-    fn describe(&self, position: Position) -> String {
-        match self {
-            Reader::Files(files) => format!("{}:{}", files.path(position).display(), position.line),
-            Reader::Generator { .. } => format!("generator:{}", position.line),
-        }
-    }
-}
 
 /// Where late and dead records go.
 enum SideOutput {
@@ -347,7 +241,7 @@ struct Reading<'p> {
     plan: &'p Plan,
     engine: Engine,
     side_output: SideOutput,
-    readers: [Reader; 2],
+    readers: [Box<dyn Source>; 2],
     decoders: [Decoder; 2],
     exhausted: [bool; 2],
     /// Each source's one partition's guard against times its stream does not follow.
@@ -373,8 +267,8 @@ impl<'p> Reading<'p> {
             engine,
             side_output,
             readers: [
-                Reader::open(&plan.sources[0])?,
-                Reader::open(&plan.sources[1])?,
+                source::open(&plan.sources[0])?,
+                source::open(&plan.sources[1])?,
             ],
             decoders: [
                 Decoder::new(plan.sources[0].schema.clone()),

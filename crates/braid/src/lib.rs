@@ -14,5 +14,6 @@ pub mod driver;
 pub mod engine;
 pub mod progress;
 pub mod results;
+pub mod source;
 pub mod summary;
 pub mod units;
