@@ -20,6 +20,9 @@ use std::process::{Command, ExitCode};
 const FIRST_BUILD_NOTE: &str = "the first build compiles RocksDB's C++ once: about 12 minutes \
      on 2 cores; later builds take seconds";
 
+/// How long apt-get waits for the dpkg lock of another apt-get.
+const APT_LOCK_TIMEOUT: &str = "DPkg::Lock::Timeout=600";
+
 /// moto, the S3-compatible server the checkpoint tests start, from PyPI.
 const MOTO_VERSION: &str = "5.2.5";
 /// Where the tests look for it (`crates/braid/tests/s3_checkpoints.rs`).
@@ -157,7 +160,15 @@ fn apt_install(missing: &[&Package]) -> Result<(), String> {
     eprintln!("xtask: installing {names} with apt-get (about half a minute)");
     let apt = |args: &[&str]| {
         let mut argv: Vec<&str> = prefix.clone();
-        argv.extend(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
+        // Wait for a dpkg lock another apt holds (unattended upgrades on a machine
+        // just booted) instead of failing at once.
+        argv.extend([
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "-o",
+            APT_LOCK_TIMEOUT,
+        ]);
         argv.extend(args);
         run_quietly(Command::new(argv[0]).args(&argv[1..]))
     };
