@@ -35,7 +35,7 @@ pub const HOLD_DECISION_EVENTS: u32 = 64;
 /// Times awaiting corroboration per partition; beyond it the oldest is dropped (it then
 /// never counts, which only delays the watermark).
 pub const CANDIDATES_MAX: usize = 256;
-/// Events held per partition; beyond it the oldest held event is decided at once.
+/// Events held per partition; beyond it the oldest held event is rejected at once.
 pub const HELD_EVENTS_MAX: usize = 1_024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
