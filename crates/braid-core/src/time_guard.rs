@@ -422,6 +422,24 @@ mod tests {
     }
 
     #[test]
+    fn without_holding_a_far_future_event_is_admitted_and_still_never_counts() {
+        let config = TimeGuardConfig {
+            max_jump_ms: None,
+            ..CONFIG
+        };
+        let mut times = stream(1_000_000, 100);
+        let bad = 1_000_000 + 3 * 365 * DAY_MS;
+        times.insert(50, bad);
+        let (out, corroborated) = run(config, &times);
+        assert!(out.rejected.is_empty());
+        assert_eq!(
+            out.admitted, times,
+            "nothing is held, not even first events"
+        );
+        assert!(corroborated < Some(1_000_000 + 100_000));
+    }
+
+    #[test]
     fn a_small_jump_ahead_is_admitted_but_does_not_move_the_time() {
         // 20 s ahead of a stream at 1 s per event: within reach, refuted by the next
         // events, which are more than the 5 s slack behind it.
