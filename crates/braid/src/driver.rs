@@ -507,6 +507,9 @@ impl<'p> Reading<'p> {
     /// Acts on the time guard's verdicts: released events go on as if they arrived
     /// now (decoded again: only their bytes were kept), rejected ones are dead letters.
     fn settle(&mut self, s: usize) -> anyhow::Result<()> {
+        if self.verdicts.is_empty() {
+            return Ok(());
+        }
         let mut verdicts = std::mem::take(&mut self.verdicts);
         let mut result = Ok(());
         for verdict in verdicts.drain(..) {

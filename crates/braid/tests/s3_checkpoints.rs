@@ -16,7 +16,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{
     assert_success, committed_lines, generate, reference_events, reference_join, summary, write_job,
@@ -203,20 +203,6 @@ fn moto_server() -> PathBuf {
     exe
 }
 
-/// `BRAID_SEED`, or one from the clock.
-fn seed() -> u64 {
-    match std::env::var("BRAID_SEED") {
-        Ok(s) => s.parse().expect("BRAID_SEED is a number"),
-        Err(_) => {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("after 1970")
-                .as_nanos();
-            u64::try_from(nanos % 1_000_000).expect("below a million")
-        }
-    }
-}
-
 /// `braid run --quiet JOB` with credentials and endpoint for moto, and no other AWS
 /// setting of the environment (a profile or an S3 endpoint there would win).
 fn braid_run(job: &Path, port: u16) -> Command {
@@ -343,7 +329,7 @@ fn check_output(dir: &Path, second: &Output, newest_epoch: u64) {
 
 #[test]
 fn killed_run_resumes_from_s3_without_local_state() {
-    let seed = seed();
+    let seed = common::seed();
     let kill_delay = Duration::from_millis(seed % (KILL_DELAY_MS_MAX + 1));
     println!("seed {seed} (replay with BRAID_SEED={seed}); kill delay {kill_delay:?}");
     let exe = moto_server();

@@ -27,15 +27,7 @@ const KEPT_SHARE_MIN: f64 = 0.99;
 const DAY_MS: i64 = 86_400_000;
 
 fn seed() -> u64 {
-    let seed = std::env::var("BRAID_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_nanos() as u64
-        });
+    let seed = common::seed();
     println!("seed {seed} (BRAID_SEED={seed} replays it)");
     seed
 }

@@ -287,6 +287,21 @@ pub fn is_sub_multiset(part: &[String], whole: &[String]) -> bool {
     true
 }
 
+/// The seed of a randomised test: `BRAID_SEED`, or one from the clock. Callers print
+/// it so that a failure can be replayed.
+pub fn seed() -> u64 {
+    match std::env::var("BRAID_SEED") {
+        Ok(s) => s.parse().expect("BRAID_SEED is a number"),
+        Err(_) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_nanos();
+            u64::try_from(nanos % 1_000_000).expect("below a million")
+        }
+    }
+}
+
 /// A small deterministic generator for test schedules (splitmix64).
 pub struct TestRng(pub u64);
 
