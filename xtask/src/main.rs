@@ -3,7 +3,8 @@
 //! - `cargo xtask demo [ARGS]`: installs the system packages the build needs, builds
 //!   braid and runs `braid demo ARGS`;
 //! - `cargo xtask test [ARGS]`: the same, plus the services the tests start (moto, an
-//!   S3-compatible server), then `cargo test --release ARGS`;
+//!   S3-compatible server; noida-db, a Kafka-protocol broker), then
+//!   `cargo test --release ARGS`;
 //! - `cargo xtask setup`: the installing alone, after which plain `cargo build --release`
 //!   and `cargo test --release` work.
 //!
@@ -27,6 +28,10 @@ const APT_LOCK_TIMEOUT: &str = "DPkg::Lock::Timeout=600";
 const MOTO_VERSION: &str = "5.2.5";
 /// Where the tests look for it (`crates/braid/tests/s3_checkpoints.rs`).
 const MOTO_VENV: &str = "target/moto-venv";
+/// noida-db, the Kafka-protocol broker (with real transactions) the Kafka tests start,
+/// from PyPI: its wheel holds a prebuilt binary.
+const NOIDA_VERSION: &str = "0.2.3";
+const NOIDA_VENV: &str = "target/noida-venv";
 
 /// A Debian package the build or the tests need, and how to tell it is there.
 struct Package {
@@ -59,11 +64,21 @@ const BUILD_PACKAGES: &[Package] = &[
         why: "RocksDB is C++",
         probe: Probe::Command(&["c++", "--version"]),
     },
+    Package {
+        name: "cmake",
+        why: "rdkafka builds librdkafka with it",
+        probe: Probe::Command(&["cmake", "--version"]),
+    },
+    Package {
+        name: "libcurl4-openssl-dev",
+        why: "librdkafka 2.12 includes curl's headers even when it does not use curl",
+        probe: Probe::Dpkg,
+    },
 ];
 
 const TEST_PACKAGES: &[Package] = &[Package {
     name: "python3-venv",
-    why: "moto, the S3 server of the checkpoint tests, installs into a Python venv",
+    why: "moto (the S3 server) and noida-db (the Kafka broker) of the tests install into Python venvs",
     probe: Probe::Command(&["python3", "-c", "import ensurepip, venv"]),
 }];
 
@@ -108,7 +123,7 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Installs the missing packages and, for the tests, moto.
+/// Installs the missing packages and, for the tests, moto and noida-db.
 fn install(packages: &[&[Package]], services: bool) -> Result<(), String> {
     let missing: Vec<&Package> = packages
         .iter()
@@ -121,6 +136,7 @@ fn install(packages: &[&[Package]], services: bool) -> Result<(), String> {
     }
     if services {
         install_moto()?;
+        install_noida()?;
     }
     Ok(())
 }
@@ -212,6 +228,24 @@ fn install_moto() -> Result<(), String> {
         "install",
         "--quiet",
         &format!("moto[server]=={MOTO_VERSION}"),
+    ]))
+}
+
+fn install_noida() -> Result<(), String> {
+    let venv = workspace().join(NOIDA_VENV);
+    if venv.join("bin/noida-db").is_file() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing noida-db=={NOIDA_VERSION} into {} (the Kafka broker of the tests; \
+         a few seconds, once)",
+        venv.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        &format!("noida-db=={NOIDA_VERSION}"),
     ]))
 }
 

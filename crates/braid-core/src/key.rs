@@ -50,6 +50,29 @@ impl KeyWriter {
     }
 }
 
+/// The parts of an encoded key, in order: the inverse of [`KeyWriter`]. Bytes that are
+/// not a key's encoding end the parts early.
+pub fn key_parts(mut key: &[u8]) -> impl Iterator<Item = KeyPart<'_>> {
+    std::iter::from_fn(move || {
+        let (&tag, rest) = key.split_first()?;
+        match tag {
+            b'I' => {
+                let bytes: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+                key = &rest[8..];
+                Some(KeyPart::Int(i64::from_be_bytes(bytes)))
+            }
+            b'S' => {
+                let len: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+                let len = u32::from_be_bytes(len) as usize;
+                let text = std::str::from_utf8(rest.get(4..4 + len)?).ok()?;
+                key = &rest[4 + len..];
+                Some(KeyPart::Str(text))
+            }
+            _ => None,
+        }
+    })
+}
+
 pub fn hash_key(key: &[u8]) -> u64 {
     xxh3_64(key)
 }
@@ -70,6 +93,18 @@ mod tests {
             w.push(*p);
         }
         w.bytes().to_vec()
+    }
+
+    #[test]
+    fn key_parts_decode_what_was_encoded() {
+        let parts = [
+            KeyPart::Int(-7),
+            KeyPart::Str("é\"x"),
+            KeyPart::Str(""),
+            KeyPart::Int(i64::MAX),
+        ];
+        let bytes = encode(&parts);
+        assert_eq!(key_parts(&bytes).collect::<Vec<_>>(), parts);
     }
 
     #[test]

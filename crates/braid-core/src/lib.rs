@@ -22,7 +22,7 @@ mod watermarks;
 pub mod testkit;
 
 pub use join::{Event, Join, JoinCounts, JoinImage, JoinSink};
-pub use key::{hash_id, KeyPart, KeyWriter};
+pub use key::{hash_id, key_parts, KeyPart, KeyWriter};
 pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};
 pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};

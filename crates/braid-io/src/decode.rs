@@ -17,7 +17,8 @@ const TIME_MS_MAX: i64 = 253_402_300_799_999;
 #[derive(Clone, Debug)]
 pub struct Schema {
     pub key: Vec<String>,
-    pub time: String,
+    /// The time field; `None` takes the record's own timestamp (Kafka).
+    pub time: Option<String>,
     pub id: Option<String>,
 }
 
@@ -97,6 +98,16 @@ impl Decoder {
     }
 
     pub fn decode(&mut self, line: &[u8]) -> Result<Decoded, DecodeError> {
+        self.decode_at(line, None)
+    }
+
+    /// Decodes a record that carries its own timestamp, the event time when the schema
+    /// names no time field.
+    pub fn decode_at(
+        &mut self,
+        line: &[u8],
+        record_time: Option<i64>,
+    ) -> Result<Decoded, DecodeError> {
         let text =
             std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
         for slot in &mut self.slots {
@@ -127,13 +138,16 @@ impl Decoder {
                 }
             }
         }
-        let time = self.time()?;
+        let time = self.time(record_time)?;
         let id = self.id()?;
         Ok(Decoded { time, id })
     }
 
-    fn time(&self) -> Result<EventTime, DecodeError> {
-        let field = &self.schema.time;
+    fn time(&self, record_time: Option<i64>) -> Result<EventTime, DecodeError> {
+        let Some(field) = &self.schema.time else {
+            let ms = record_time.ok_or_else(|| DecodeError::Missing(RECORD_TIME.into()))?;
+            return in_range(ms, RECORD_TIME);
+        };
         let slot = &self.slots[self.schema.key.len()];
         let ms = match slot.value {
             Scalar::Int(ms) => ms,
@@ -151,13 +165,7 @@ impl Decoder {
                 })
             }
         };
-        if !(TIME_MS_MIN..=TIME_MS_MAX).contains(&ms) {
-            return Err(DecodeError::TimeRange {
-                field: field.clone(),
-                ms,
-            });
-        }
-        Ok(EventTime(ms))
+        in_range(ms, field)
     }
 
     /// A missing or null id means the event takes no part in de-duplication.
@@ -186,6 +194,19 @@ impl Decoder {
             }),
         }
     }
+}
+
+/// What errors call the time when it is the record's own timestamp.
+const RECORD_TIME: &str = "the record's timestamp";
+
+fn in_range(ms: i64, field: &str) -> Result<EventTime, DecodeError> {
+    if !(TIME_MS_MIN..=TIME_MS_MAX).contains(&ms) {
+        return Err(DecodeError::TimeRange {
+            field: field.to_string(),
+            ms,
+        });
+    }
+    Ok(EventTime(ms))
 }
 
 const NOT_OBJECT: &str = "braid: not an object";
@@ -220,14 +241,17 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
         }
         // A field that is both a key part and the time (or the id) was parsed into its
         // first role's slot; copy it to the others.
-        let names: Vec<&String> = self
+        let names: Vec<Option<&String>> = self
             .schema
             .key
             .iter()
-            .chain([&self.schema.time])
-            .chain(&self.schema.id)
+            .map(Some)
+            .chain([self.schema.time.as_ref(), self.schema.id.as_ref()])
             .collect();
         for i in 0..names.len() {
+            if names[i].is_none() {
+                continue;
+            }
             if let Some(first) = names.iter().position(|n| *n == names[i]).filter(|&f| f < i) {
                 let (value, text) = (
                     self.slots[first].value.clone(),
@@ -284,7 +308,7 @@ impl<'de> Visitor<'de> for RoleSeed<'_> {
             .key
             .iter()
             .position(|k| k == name)
-            .or_else(|| (schema.time == name).then_some(schema.key.len()))
+            .or_else(|| (schema.time.as_deref() == Some(name)).then_some(schema.key.len()))
             .or_else(|| (schema.id.as_deref() == Some(name)).then_some(schema.key.len() + 1)))
     }
 }
@@ -351,7 +375,7 @@ mod tests {
     fn decoder() -> Decoder {
         Decoder::new(Schema {
             key: vec!["p".into(), "t".into()],
-            time: "ts".into(),
+            time: Some("ts".into()),
             id: Some("id".into()),
         })
     }
@@ -378,6 +402,29 @@ mod tests {
                 id: None
             }
         );
+    }
+
+    /// Without a time field the record's own timestamp is the event time, and a
+    /// field of the same name as the old time field is just another field.
+    #[test]
+    fn the_record_timestamp_is_the_time_when_no_field_names_one() {
+        let mut d = Decoder::new(Schema {
+            key: vec!["p".into()],
+            time: None,
+            id: Some("ts".into()),
+        });
+        let got = d
+            .decode_at(br#"{"p":1,"ts":5}"#, Some(1_700_000_000_000))
+            .unwrap();
+        assert_eq!(got.time, EventTime(1_700_000_000_000));
+        assert!(got.id.is_some(), "ts is the id here");
+        let err = d.decode(br#"{"p":1}"#).unwrap_err().to_string();
+        assert!(err.contains("the record's timestamp"), "{err}");
+        let err = d
+            .decode_at(br#"{"p":1}"#, Some(-5))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside years 1970 to 9999"), "{err}");
     }
 
     #[test]

@@ -45,8 +45,28 @@ pub struct Position {
 #[derive(Default, Debug)]
 pub struct LineBatch {
     bytes: Vec<u8>,
-    /// (start, end, position, the line's full length when it was cut at the limit)
-    lines: Vec<(usize, usize, Position, Option<usize>)>,
+    lines: Vec<LineAt>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LineAt {
+    start: usize,
+    end: usize,
+    position: Position,
+    /// The line's full length when it was cut at the limit.
+    over: Option<usize>,
+    /// The record's own timestamp (Kafka), the event time when no field names one.
+    record_time: Option<i64>,
+}
+
+/// One line of a [`LineBatch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Line<'a> {
+    pub bytes: &'a [u8],
+    pub position: Position,
+    /// The line's full length when it was longer than the limit (its bytes are cut).
+    pub oversized: Option<usize>,
+    pub record_time: Option<i64>,
 }
 
 impl LineBatch {
@@ -61,20 +81,42 @@ impl LineBatch {
 
     /// Appends a line produced elsewhere (by a generator).
     pub fn push(&mut self, line: &[u8], position: Position) {
+        self.push_record(line, position, None, None);
+    }
+
+    /// Appends a record read elsewhere (Kafka), with its timestamp, cut at `max` bytes.
+    pub fn push_record(
+        &mut self,
+        line: &[u8],
+        position: Position,
+        record_time: Option<i64>,
+        max: Option<usize>,
+    ) {
         let start = self.bytes.len();
-        self.bytes.extend_from_slice(line);
-        self.lines.push((start, self.bytes.len(), position, None));
+        let over = max.filter(|&m| line.len() > m);
+        let kept = over.map_or(line.len(), |m| m);
+        self.bytes.extend_from_slice(&line[..kept]);
+        self.lines.push(LineAt {
+            start,
+            end: self.bytes.len(),
+            position,
+            over: over.map(|_| line.len()),
+            record_time,
+        });
     }
 
     pub fn is_empty(&self) -> bool {
         self.lines.is_empty()
     }
 
-    /// (line bytes without the line end, position, full length if over the limit).
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Position, Option<usize>)> {
-        self.lines
-            .iter()
-            .map(|&(s, e, p, over)| (&self.bytes[s..e], p, over))
+    /// The lines (without their line ends) in the order read.
+    pub fn iter(&self) -> impl Iterator<Item = Line<'_>> {
+        self.lines.iter().map(|l| Line {
+            bytes: &self.bytes[l.start..l.end],
+            position: l.position,
+            oversized: l.over,
+            record_time: l.record_time,
+        })
     }
 }
 
@@ -214,7 +256,13 @@ impl FileSource {
                         line: self.line,
                     };
                     let over = (full_len > self.max_line_bytes).then_some(full_len);
-                    batch.lines.push((start, end, position, over));
+                    batch.lines.push(LineAt {
+                        start,
+                        end,
+                        position,
+                        over,
+                        record_time: None,
+                    });
                 }
                 Err(error) => return Err(self.read_error(error)),
             }
@@ -301,7 +349,15 @@ mod tests {
         assert!(!source.read_batch(&mut batch, 100).unwrap());
         let got: Vec<(String, u32, u64, Option<usize>)> = batch
             .iter()
-            .map(|(b, p, o)| (String::from_utf8_lossy(b).into_owned(), p.file, p.line, o))
+            .map(|l| {
+                let p = l.position;
+                (
+                    String::from_utf8_lossy(l.bytes).into_owned(),
+                    p.file,
+                    p.line,
+                    l.oversized,
+                )
+            })
             .collect();
         assert_eq!(
             got,
@@ -324,7 +380,14 @@ mod tests {
             source.read_batch(&mut batch, max).unwrap();
             batch
                 .iter()
-                .map(|(b, p, _)| (String::from_utf8_lossy(b).into_owned(), p.file, p.line))
+                .map(|l| {
+                    let p = l.position;
+                    (
+                        String::from_utf8_lossy(l.bytes).into_owned(),
+                        p.file,
+                        p.line,
+                    )
+                })
                 .collect::<Vec<_>>()
         };
         let mut whole = FileSource::open("s", dir.path(), "*.ndjson", 100).unwrap();

@@ -16,6 +16,6 @@ mod sink;
 pub mod takerate;
 
 pub use decode::{DecodeError, Decoded, Decoder, Schema};
-pub use files::{resolve_glob, FileSource, LineBatch, Position, SourceError, SourcePosition};
+pub use files::{resolve_glob, FileSource, Line, LineBatch, Position, SourceError, SourcePosition};
 pub use rfc3339::{format_rfc3339_ms, parse_rfc3339_ms};
 pub use sink::{FileSink, PendingFile, SinkError};

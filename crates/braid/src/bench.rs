@@ -103,6 +103,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
                 Committer::start(
                     Box::new(LocalStore::open(&checkpoint_dir)?),
                     CommitterConfig {
+                        on_commit: None,
                         job: "bench".into(),
                         join: "flink-peer".into(),
                         shards: options.parallelism,

@@ -1,6 +1,7 @@
 //! The job file (SPEC §2): read raw with serde, then resolved into one validated
 //! [`Plan`] before anything runs. Every error names the file, the field and the reason.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,13 @@ const MAX_TIME_JUMP_DEFAULT: &str = "1h";
 /// Completed checkpoints kept when the job file does not say (Flink keeps 1; a few give
 /// a fallback when the newest turns out broken).
 const CHECKPOINTS_KEPT_DEFAULT: usize = 3;
+/// A Kafka transaction stays open from one barrier to the commit of the next
+/// checkpoint: about an interval plus a checkpoint's duration. braid asks
+/// `transaction.timeout.ms` to cover twice the interval plus this margin.
+pub const TRANSACTION_MARGIN_MS: i64 = 10_000;
+/// The largest `transaction.timeout.ms` a Kafka broker accepts by default
+/// (`transaction.max.timeout.ms`, 15 minutes).
+pub const TRANSACTION_TIMEOUT_MAX_MS: i64 = 900_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,17 +58,28 @@ struct SourceFile {
     path: Option<String>,
     format: Option<String>,
     key: Vec<String>,
-    time: String,
+    time: Option<String>,
     id: Option<String>,
     max_line_bytes: Option<String>,
     // kind = "kafka"
     brokers: Option<String>,
     topic: Option<String>,
     group: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    properties: Option<BTreeMap<String, String>>,
+    backfill: Option<BackfillFile>,
     // kind = "generator"
     stream: Option<String>,
     events: Option<u64>,
     seed: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillFile {
+    path: String,
+    until: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +108,12 @@ struct OutputFile {
     kind: String,
     path: Option<String>,
     format: Option<String>,
+    // kind = "kafka"
+    brokers: Option<String>,
+    topic: Option<String>,
+    late_topic: Option<String>,
+    dead_topic: Option<String>,
+    properties: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +150,59 @@ pub enum Input {
         config: TakeRateConfig,
         stream: Stream,
     },
+    Kafka(KafkaSourcePlan),
+}
+
+/// A Kafka topic as a source (SPEC §6).
+#[derive(Clone, Debug)]
+pub struct KafkaSourcePlan {
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub start: KafkaStart,
+    pub end: Option<KafkaEnd>,
+    /// librdkafka settings passed as they are.
+    pub properties: Vec<(String, String)>,
+    pub backfill: Option<BackfillPlan>,
+}
+
+/// Where a Kafka source without a checkpoint begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaStart {
+    Earliest,
+    Latest,
+    /// The first offsets whose record timestamps are at or after this time (ms).
+    Time(i64),
+}
+
+/// Where a bounded Kafka source ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaEnd {
+    /// The offsets that were latest when the job first started.
+    Latest,
+    /// The offsets of the first records at or after this time (ms).
+    Time(i64),
+}
+
+/// History files read before a Kafka topic: events before `until_ms`, then the topic
+/// from the offsets for `until_ms`.
+#[derive(Clone, Debug)]
+pub struct BackfillPlan {
+    pub pattern: String,
+    pub files: Vec<PathBuf>,
+    pub until_ms: i64,
+}
+
+/// Kafka as the output (SPEC §6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaOutputPlan {
+    pub brokers: String,
+    pub topic: String,
+    pub late_topic: String,
+    pub dead_topic: String,
+    /// librdkafka settings passed as they are, `transaction.timeout.ms` resolved.
+    pub properties: Vec<(String, String)>,
+    pub transaction_timeout_ms: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -139,6 +217,7 @@ pub struct SourcePlan {
 pub enum Output {
     Files(PathBuf),
     Stdout,
+    Kafka(KafkaOutputPlan),
 }
 
 #[derive(Clone, Debug)]
@@ -253,7 +332,10 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
     if raw.join.left == raw.join.right {
         return Err("[join] right: must name a different source than left".into());
     }
-    let sources = [source(left, base)?, source(right, base)?];
+    let sources = [
+        source(left, base, &raw.name)?,
+        source(right, base, &raw.name)?,
+    ];
     if left.key.len() != right.key.len() {
         return Err(format!(
             "[[source]] {}: key has {} fields but {} has {}; the join pairs key fields in order",
@@ -263,7 +345,24 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             left.key.len()
         ));
     }
-    let output = output(&raw.output, base)?;
+    let interval_ms = match &raw.checkpoint {
+        Some(c) => Some(
+            match duration("[checkpoint] interval", &c.interval, "10s")? {
+                ms if ms > 0 => ms,
+                _ => return Err("[checkpoint] interval: must be positive".into()),
+            },
+        ),
+        None => None,
+    };
+    let output = output(&raw.output, base, interval_ms)?;
+    if let Output::Kafka(_) = output {
+        if let Some(s) = sources.iter().find(|s| !matches!(s.input, Input::Kafka(_))) {
+            return Err(format!(
+                "[output] kind: a kafka output commits its transactions together with the sources' Kafka offsets, and source `{}` is not kafka; write files or stdout instead",
+                s.name
+            ));
+        }
+    }
     let state = &raw.state;
     let state_dir = match &state.dir {
         Some(dir) => base.join(dir),
@@ -302,10 +401,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
                 Some(n) => n,
                 None => CHECKPOINTS_KEPT_DEFAULT,
             },
-            interval_ms: match duration("[checkpoint] interval", &c.interval, "10s")? {
-                ms if ms > 0 => ms,
-                _ => return Err("[checkpoint] interval: must be positive".into()),
-            },
+            interval_ms: interval_ms.expect("parsed above"),
         }),
     };
     let parallelism = match raw.parallelism {
@@ -388,7 +484,76 @@ fn join_spec(join: &JoinFile, allowed_lateness_ms: i64) -> Result<JoinSpec, Stri
     })
 }
 
-fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
+/// A required text field of a Kafka source or output.
+fn required(value: &Option<String>, field: &str, what: &str) -> Result<String, String> {
+    match value.as_deref().map(str::trim) {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(format!("{field}: {what}")),
+    }
+}
+
+fn properties(map: &Option<BTreeMap<String, String>>) -> Vec<(String, String)> {
+    map.iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn kafka_source(s: &SourceFile, base: &Path, job: &str) -> Result<KafkaSourcePlan, String> {
+    let field = |f: &str| format!("[[source]] {}: {f}", s.name);
+    let time = |f: &str, text: &str| {
+        braid_io::parse_rfc3339_ms(text).map_err(|e| {
+            format!(
+                "{}: `{text}` is not earliest, latest or an RFC 3339 time ({e})",
+                field(f)
+            )
+        })
+    };
+    let start = match s.start.as_deref().unwrap_or("earliest") {
+        "earliest" => KafkaStart::Earliest,
+        "latest" => KafkaStart::Latest,
+        text => KafkaStart::Time(time("start", text)?),
+    };
+    let end = match s.end.as_deref() {
+        None => None,
+        Some("latest") => Some(KafkaEnd::Latest),
+        Some(text) => Some(KafkaEnd::Time(time("end", text)?)),
+    };
+    let backfill = match &s.backfill {
+        None => None,
+        Some(b) => {
+            let files = braid_io::resolve_glob(&s.name, base, &b.path)
+                .map_err(|e| format!("{}: {e}", field("backfill.path")))?;
+            let until_ms = braid_io::parse_rfc3339_ms(&b.until).map_err(|e| {
+                format!(
+                    "{}: `{}` is not an RFC 3339 time ({e})",
+                    field("backfill.until"),
+                    b.until
+                )
+            })?;
+            Some(BackfillPlan {
+                pattern: b.path.clone(),
+                files,
+                until_ms,
+            })
+        }
+    };
+    Ok(KafkaSourcePlan {
+        brokers: required(
+            &s.brokers,
+            &field("brokers"),
+            "a kafka source needs its bootstrap servers, e.g. \"127.0.0.1:9092\"",
+        )?,
+        topic: required(&s.topic, &field("topic"), "a kafka source needs a topic")?,
+        group: s.group.clone().unwrap_or_else(|| job.to_string()),
+        start,
+        end,
+        properties: properties(&s.properties),
+        backfill,
+    })
+}
+
+fn source(s: &SourceFile, base: &Path, job: &str) -> Result<SourcePlan, String> {
     let field = |f: &str| format!("[[source]] {}: {f}", s.name);
     if s.key.is_empty() {
         return Err(format!(
@@ -396,7 +561,7 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
             field("key")
         ));
     }
-    if s.key.iter().any(|k| k.is_empty()) || s.time.is_empty() {
+    if s.key.iter().any(|k| k.is_empty()) || s.time.as_deref() == Some("") {
         return Err(format!("{}: field names must not be empty", field("key")));
     }
     if let Some(format) = &s.format {
@@ -420,6 +585,26 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
             Ok(())
         }
     };
+    if s.kind != "kafka" {
+        for (present, name) in [
+            (s.brokers.is_some(), "brokers"),
+            (s.topic.is_some(), "topic"),
+            (s.group.is_some(), "group"),
+            (s.start.is_some(), "start"),
+            (s.end.is_some(), "end"),
+            (s.properties.is_some(), "properties"),
+            (s.backfill.is_some(), "backfill"),
+        ] {
+            only_for(present, name, "kafka")?;
+        }
+        if s.time.is_none() {
+            return Err(format!(
+                "{}: a {} source needs the field that holds the event time",
+                field("time"),
+                s.kind
+            ));
+        }
+    }
     let input = match s.kind.as_str() {
         "files" => {
             only_for(s.stream.is_some(), "stream", "generator")?;
@@ -451,15 +636,15 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
             Input::Generator { config, stream }
         }
         "kafka" => {
-            let _ = (&s.brokers, &s.topic, &s.group);
-            return Err(format!(
-                "{}: kafka sources are not built yet (issue 4); use files or generator",
-                field("kind")
-            ));
+            only_for(s.path.is_some(), "path", "files")?;
+            only_for(s.stream.is_some(), "stream", "generator")?;
+            only_for(s.events.is_some(), "events", "generator")?;
+            only_for(s.seed.is_some(), "seed", "generator")?;
+            Input::Kafka(kafka_source(s, base, job)?)
         }
         other => {
             return Err(format!(
-                "{}: `{other}` is not a source kind; use files or generator",
+                "{}: `{other}` is not a source kind; use files, kafka or generator",
                 field("kind")
             ))
         }
@@ -476,7 +661,20 @@ fn source(s: &SourceFile, base: &Path) -> Result<SourcePlan, String> {
     })
 }
 
-fn output(o: &OutputFile, base: &Path) -> Result<Output, String> {
+fn output(o: &OutputFile, base: &Path, interval_ms: Option<i64>) -> Result<Output, String> {
+    if o.kind != "kafka" {
+        for (present, name) in [
+            (o.brokers.is_some(), "brokers"),
+            (o.topic.is_some(), "topic"),
+            (o.late_topic.is_some(), "late_topic"),
+            (o.dead_topic.is_some(), "dead_topic"),
+            (o.properties.is_some(), "properties"),
+        ] {
+            if present {
+                return Err(format!("[output] {name}: only a `kafka` output takes it"));
+            }
+        }
+    }
     if let Some(format) = &o.format {
         if format != "ndjson" {
             return Err(format!(
@@ -493,13 +691,72 @@ fn output(o: &OutputFile, base: &Path) -> Result<Output, String> {
             Ok(Output::Files(base.join(path)))
         }
         "stdout" => Ok(Output::Stdout),
-        "kafka" => Err(
-            "[output] kind: kafka output is not built yet (issue 4); use files or stdout".into(),
-        ),
+        "kafka" => kafka_output(o, interval_ms).map(Output::Kafka),
         other => Err(format!(
-            "[output] kind: `{other}` is not an output kind; use files or stdout"
+            "[output] kind: `{other}` is not an output kind; use files, kafka or stdout"
         )),
     }
+}
+
+fn kafka_output(o: &OutputFile, interval_ms: Option<i64>) -> Result<KafkaOutputPlan, String> {
+    if o.path.is_some() {
+        return Err("[output] path: only a `files` output takes it".into());
+    }
+    let Some(interval_ms) = interval_ms else {
+        return Err("[output] kind: a kafka output writes one transaction per checkpoint; add a [checkpoint] section".into());
+    };
+    let topic = required(&o.topic, "[output] topic", "a kafka output needs a topic")?;
+    let mut properties = properties(&o.properties);
+    let needed_ms = 2 * interval_ms + TRANSACTION_MARGIN_MS;
+    let set = properties
+        .iter()
+        .find(|(k, _)| k == "transaction.timeout.ms")
+        .map(|(_, v)| v.clone());
+    let transaction_timeout_ms = match set {
+        Some(text) => {
+            let ms: i64 = text.trim().parse().map_err(|_| {
+                format!("[output.properties] transaction.timeout.ms: `{text}` is not a number of milliseconds")
+            })?;
+            if ms < needed_ms {
+                return Err(format!(
+                    "[output.properties] transaction.timeout.ms: {ms} ms is too short for [checkpoint] interval {}: a transaction stays open from one checkpoint to the commit of the next, so it needs at least 2 × interval + {} s = {needed_ms} ms; raise it or shorten the interval",
+                    crate::units::format_duration_ms(interval_ms),
+                    TRANSACTION_MARGIN_MS / 1000
+                ));
+            }
+            ms
+        }
+        None => {
+            if needed_ms > TRANSACTION_TIMEOUT_MAX_MS {
+                return Err(format!(
+                    "[checkpoint] interval: {} is too long for Kafka transactions: one stays open from one checkpoint to the commit of the next, and brokers allow {} s by default (transaction.max.timeout.ms); shorten the interval, or raise the broker's limit and set [output.properties] transaction.timeout.ms",
+                    crate::units::format_duration_ms(interval_ms),
+                    TRANSACTION_TIMEOUT_MAX_MS / 1000
+                ));
+            }
+            let ms = needed_ms.max(60_000);
+            properties.push(("transaction.timeout.ms".into(), ms.to_string()));
+            ms
+        }
+    };
+    Ok(KafkaOutputPlan {
+        brokers: required(
+            &o.brokers,
+            "[output] brokers",
+            "a kafka output needs its bootstrap servers, e.g. \"127.0.0.1:9092\"",
+        )?,
+        late_topic: o
+            .late_topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic}.late")),
+        dead_topic: o
+            .dead_topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic}.dead")),
+        topic,
+        properties,
+        transaction_timeout_ms,
+    })
 }
 
 impl fmt::Display for Plan {
@@ -509,8 +766,13 @@ impl fmt::Display for Plan {
         for (side, source) in ["left ", "right"].iter().zip(&self.sources) {
             write!(
                 f,
-                "  {side} source `{}`: key {:?}, time `{}`",
-                source.name, source.schema.key, source.schema.time
+                "  {side} source `{}`: key {:?}, time {}",
+                source.name,
+                source.schema.key,
+                match &source.schema.time {
+                    Some(t) => format!("`{t}`"),
+                    None => "the record timestamp".to_string(),
+                }
             )?;
             if let Some(id) = &source.schema.id {
                 write!(f, ", id `{id}`")?;
@@ -526,6 +788,27 @@ impl fmt::Display for Plan {
                     config.seed,
                     config.events
                 )?,
+                Input::Kafka(k) => {
+                    write!(
+                        f,
+                        ", kafka topic `{}` at {} (group `{}`), starting {:?}",
+                        k.topic, k.brokers, k.group, k.start
+                    )?;
+                    match k.end {
+                        Some(end) => write!(f, ", ending {end:?}")?,
+                        None => write!(f, ", unbounded")?,
+                    }
+                    if let Some(b) = &k.backfill {
+                        write!(
+                            f,
+                            ", after {} history file(s) matching {} before {}",
+                            b.files.len(),
+                            b.pattern,
+                            braid_io::format_rfc3339_ms(b.until_ms)
+                        )?;
+                    }
+                    writeln!(f)?
+                }
             }
         }
         writeln!(
@@ -557,6 +840,11 @@ impl fmt::Display for Plan {
         match &self.output {
             Output::Files(dir) => writeln!(f, "  output: files in {}", dir.display())?,
             Output::Stdout => writeln!(f, "  output: stdout")?,
+            Output::Kafka(k) => writeln!(
+                f,
+                "  output: kafka topic `{}` (late `{}`, dead `{}`) at {}, one transaction per checkpoint, transaction.timeout.ms {}",
+                k.topic, k.late_topic, k.dead_topic, k.brokers, k.transaction_timeout_ms
+            )?,
         }
         writeln!(
             f,

@@ -15,7 +15,9 @@ use braid_core::{
     Arrival, Candidate, Event, EventTime, Held, PartitionId, Rejected, Side, TimeGuard,
     TimeGuardState, Verdict, Votes, Watermark, Watermarks,
 };
-use braid_io::{format_rfc3339_ms, Decoded, Decoder, FileSink, LineBatch, PendingFile, Position};
+use braid_io::{
+    format_rfc3339_ms, Decoded, Decoder, FileSink, Line, LineBatch, PendingFile, Position,
+};
 
 use crate::checkpoint::coordinator::{recover_output, Checkpointing};
 use crate::checkpoint::{
@@ -25,6 +27,7 @@ use crate::checkpoint::{
 use crate::config::{Output, Plan};
 use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, ShardReport};
+use crate::kafka::output::{key_json, KafkaOutput, KafkaRecords};
 use crate::progress::Progress;
 use crate::results::{RecordShape, Records, StdoutLines};
 use crate::source::{self, Source};
@@ -37,7 +40,6 @@ pub const READ_BATCH_LINES: usize = 1_024;
 pub const OUTPUT_ROLL_BYTES: u64 = 256 << 20;
 /// The longest raw text a dead-letter record keeps.
 const DEAD_RAW_BYTES_MAX: usize = 64 << 10;
-const PARTITION: PartitionId = PartitionId(0);
 
 /// Where late and dead records go.
 enum SideOutput {
@@ -46,12 +48,27 @@ enum SideOutput {
         dead: Box<FileSink>,
     },
     Stderr,
+    /// The Kafka output's late and dead topics, in the transaction of `epoch`.
+    Kafka {
+        out: Arc<KafkaOutput>,
+        epoch: u64,
+    },
 }
 
 impl SideOutput {
-    fn write(&mut self, late: bool, record: &[u8]) -> anyhow::Result<()> {
+    /// Writes a late (or else dead) record; `key` is its join key, when it has one.
+    fn write(&mut self, late: bool, key: Option<&[u8]>, record: &[u8]) -> anyhow::Result<()> {
         match self {
             SideOutput::Files { late: l, dead: d } => Ok(if late { l } else { d }.write(record)?),
+            SideOutput::Kafka { out, epoch } => {
+                let topics = out.topics();
+                let topic = if late {
+                    &topics.late_topic
+                } else {
+                    &topics.dead_topic
+                };
+                out.send(*epoch, topic, key, record)
+            }
             SideOutput::Stderr => {
                 let mut err = std::io::stderr().lock();
                 err.write_all(record)?;
@@ -71,10 +88,20 @@ impl SideOutput {
         Ok(())
     }
 
-    /// Closes the side outputs' files as pending, for a checkpoint.
-    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Vec<SinkState>)> {
+    /// Closes the side outputs' files as pending, for the checkpoint of `epoch`; a
+    /// Kafka output begins the next epoch's transaction, which every record written
+    /// after this barrier joins (the shards' too).
+    fn barrier(&mut self, epoch: u64) -> anyhow::Result<(Vec<PendingFile>, Vec<SinkState>)> {
         let mut pending = Vec::new();
         let mut sinks = Vec::new();
+        if let SideOutput::Kafka {
+            out,
+            epoch: current,
+        } = self
+        {
+            out.begin(epoch + 1)?;
+            *current = epoch + 1;
+        }
         if let SideOutput::Files { late, dead } = self {
             for sink in [late, dead] {
                 pending.extend(sink.barrier()?);
@@ -117,8 +144,8 @@ fn file_sink(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) ->
     }
 }
 
-/// Runs a validated job over its bounded inputs to the end, resuming from its newest
-/// usable checkpoint.
+/// Runs a validated job, resuming from its newest usable checkpoint: bounded inputs to
+/// their end, unbounded ones until `SIGTERM` or `SIGINT` (then a final checkpoint).
 pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mut checkpointing = match &plan.checkpoint {
@@ -135,6 +162,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         .map(|r| std::mem::take(&mut r.shards))
         .unwrap_or_default();
     let parts = checkpointing.as_ref().map(|c| c.committer.parts());
+    let readers = [
+        source::open(&plan.sources[0])?,
+        source::open(&plan.sources[1])?,
+    ];
     let engine_config = EngineConfig {
         spec: plan.spec,
         shards: plan.parallelism,
@@ -169,6 +200,17 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             })?;
             (engine, SideOutput::Stderr)
         }
+        Output::Kafka(_) => {
+            let c = checkpointing
+                .as_ref()
+                .context("a kafka output needs [checkpoint]")?;
+            let out = c.kafka.clone().context("the Kafka output is open")?;
+            let epoch = c.next_epoch;
+            let engine = Engine::start_with(engine_config, |_| {
+                Ok(KafkaRecords::new(out.clone(), epoch, shape.clone(), plan))
+            })?;
+            (engine, SideOutput::Kafka { out, epoch })
+        }
     };
     let _ = std::fs::remove_dir_all(plan.state_dir.join("restore"));
     let restore_ms = manifest
@@ -181,12 +223,18 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         state = %plan.state_dir.display(),
         "starting"
     );
-    let mut reading = Reading::new(plan, engine, side_output, started)?;
+    let mut reading = Reading::new(plan, engine, side_output, readers, started);
     if let Some(m) = &manifest {
         reading.restore(&m.reader)?;
     }
     let mut progress = Progress::new(options.progress);
+    let mut stopped = false;
     while !reading.done() {
+        if crate::signals::stop_requested() {
+            tracing::info!("stop requested: taking a final checkpoint");
+            stopped = true;
+            break;
+        }
         if let Some(c) = checkpointing.as_mut() {
             c.poll()?;
             if c.due() {
@@ -199,12 +247,13 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     }
     progress.finish();
     if let Some(c) = checkpointing.as_mut() {
-        // The final checkpoint publishes the rest of the output.
+        // The final checkpoint publishes (commits) the rest of the output.
         c.wait()?;
         let epoch = c.begin();
         reading.barrier(epoch, parts.as_ref().expect("checkpointing"))?;
         c.wait()?;
     }
+    let held = reading.held();
     let Reading {
         engine,
         mut side_output,
@@ -215,9 +264,12 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     side_output.commit()?;
     let committed = match &plan.output {
         Output::Files(dir) => Some(dir.clone()),
-        Output::Stdout => None,
+        Output::Stdout | Output::Kafka(_) => None,
     };
     let mut summary = Summary::new(plan, counts, &reports, started.elapsed(), committed);
+    if stopped {
+        summary.stopped = Some(held);
+    }
     summary.resumed_input = manifest
         .as_ref()
         .map_or(0, |m| m.reader.sources.iter().map(|s| s.counts.input).sum());
@@ -244,14 +296,20 @@ struct Reading<'p> {
     readers: [Box<dyn Source>; 2],
     decoders: [Decoder; 2],
     exhausted: [bool; 2],
-    /// Each source's one partition's guard against times its stream does not follow.
-    guards: [TimeGuard<HeldLine>; 2],
+    /// Per source and partition: whether a bounded partition has reached its end.
+    finished: [Vec<bool>; 2],
+    /// Whether a source's last read found nothing to read (a live source waiting for
+    /// records): the other is read first.
+    dry: [bool; 2],
+    /// Per source and partition, its guard against times its stream does not follow.
+    guards: [Vec<TimeGuard<HeldLine>>; 2],
     verdicts: Vec<Verdict<HeldLine>>,
     marks: Watermarks,
     sent: Watermark,
     counts: [SourceCounts; 2],
     batch: LineBatch,
     record: Vec<u8>,
+    key: Vec<u8>,
     started: Instant,
 }
 
@@ -260,42 +318,59 @@ impl<'p> Reading<'p> {
         plan: &'p Plan,
         engine: Engine,
         side_output: SideOutput,
+        readers: [Box<dyn Source>; 2],
         started: Instant,
-    ) -> anyhow::Result<Reading<'p>> {
-        Ok(Reading {
+    ) -> Reading<'p> {
+        let partitions = [readers[0].partitions(), readers[1].partitions()];
+        let guards = |s: usize| {
+            (0..partitions[s])
+                .map(|_| TimeGuard::new(plan.time_guard))
+                .collect()
+        };
+        Reading {
             plan,
             engine,
             side_output,
-            readers: [
-                source::open(&plan.sources[0])?,
-                source::open(&plan.sources[1])?,
-            ],
             decoders: [
                 Decoder::new(plan.sources[0].schema.clone()),
                 Decoder::new(plan.sources[1].schema.clone()),
             ],
             exhausted: [false; 2],
-            guards: [
-                TimeGuard::new(plan.time_guard),
-                TimeGuard::new(plan.time_guard),
+            finished: [
+                vec![false; partitions[0] as usize],
+                vec![false; partitions[1] as usize],
             ],
+            dry: [false; 2],
+            guards: [guards(0), guards(1)],
             verdicts: Vec::new(),
             marks: Watermarks::new(
-                &[1, 1],
+                &partitions,
                 plan.max_out_of_orderness_ms,
                 plan.idle_timeout_ms,
                 0,
             ),
+            readers,
             sent: Watermark::MIN,
             counts: Default::default(),
             batch: LineBatch::default(),
             record: Vec::new(),
+            key: Vec::new(),
             started,
-        })
+        }
     }
 
     fn done(&self) -> bool {
         self.exhausted == [true, true]
+    }
+
+    /// Events the time guards hold, per source (read, not yet anywhere else).
+    fn held(&self) -> [u64; 2] {
+        [0, 1].map(|s| {
+            self.guards[s]
+                .iter()
+                .map(|g| g.state().held.len() as u64)
+                .sum()
+        })
     }
 
     /// Continues where a checkpoint's reader stood.
@@ -317,10 +392,20 @@ impl<'p> Reading<'p> {
             self.readers[s]
                 .seek(&saved.at)
                 .with_context(|| format!("cannot resume source `{}`", saved.name))?;
+            anyhow::ensure!(
+                saved.partitions.len() == self.finished[s].len(),
+                "source `{}` has {} partitions, the checkpoint {}",
+                saved.name,
+                self.finished[s].len(),
+                saved.partitions.len()
+            );
             self.counts[s] = saved.counts;
-            self.exhausted[s] = saved.partitions.iter().all(|&(_, exhausted)| exhausted);
-            if let Some(guard) = saved.guards.first() {
-                self.guards[s].restore(guard_from_checkpoint(guard));
+            for (p, &(_, exhausted)) in saved.partitions.iter().enumerate() {
+                self.finished[s][p] = exhausted;
+            }
+            self.exhausted[s] = self.finished[s].iter().all(|&f| f);
+            for (guard, saved) in self.guards[s].iter_mut().zip(&saved.guards) {
+                guard.restore(guard_from_checkpoint(saved));
             }
         }
         let partitions: Vec<Vec<(Option<i64>, bool)>> =
@@ -340,7 +425,7 @@ impl<'p> Reading<'p> {
         parts: &crossbeam_channel::Sender<Part>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        let (pending, sinks) = self.side_output.barrier()?;
+        let (pending, sinks) = self.side_output.barrier(epoch)?;
         let partitions = self.marks.partitions();
         let sources = (0..2)
             .map(|s| SourceState {
@@ -348,7 +433,7 @@ impl<'p> Reading<'p> {
                 at: self.readers[s].position(),
                 partitions: partitions[s].clone(),
                 counts: self.counts[s],
-                guards: vec![guard_to_checkpoint(&self.guards[s])],
+                guards: self.guards[s].iter().map(guard_to_checkpoint).collect(),
             })
             .collect();
         let watermark = self.marks.current();
@@ -382,11 +467,15 @@ impl<'p> Reading<'p> {
     /// The source to read next: the unexhausted one with the lowest watermark, so that
     /// the sources advance together in event time. This is event alignment (SPEC §3)
     /// with no slack: the faster source waits while the slower one holds the watermark,
-    /// and state does not pile up on the faster side. Ties go to the left source.
+    /// and state does not pile up on the faster side. Ties go to the left source. A
+    /// live source that had nothing to read last time goes after one that had.
     fn next_source(&self, now_ms: u64) -> Option<usize> {
-        (0..2)
-            .filter(|&s| !self.exhausted[s])
-            .min_by_key(|&s| self.marks.source(s, now_ms).unwrap_or(Watermark::MIN))
+        (0..2).filter(|&s| !self.exhausted[s]).min_by_key(|&s| {
+            (
+                self.dry[s],
+                self.marks.source(s, now_ms).unwrap_or(Watermark::MIN),
+            )
+        })
     }
 
     /// Reads one batch from the source that holds the watermark back, then passes the
@@ -399,22 +488,27 @@ impl<'p> Reading<'p> {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         let more = self.readers[s].read(&mut batch, READ_BATCH_LINES)?;
-        for (line, position, oversized) in batch.iter() {
-            self.admit(s, line, position, oversized, now_ms)?;
+        self.dry[s] = batch.is_empty();
+        for line in batch.iter() {
+            self.admit(s, line, now_ms)?;
         }
         self.batch = batch;
+        for p in 0..self.finished[s].len() {
+            if !self.finished[s][p] && (!more || self.readers[s].finished(p as u32)) {
+                self.finish_partition(s, p)?;
+            }
+        }
         if !more {
-            // What the guard still holds is decided now: nothing more can follow it.
-            self.guards[s].finish(&mut self.verdicts);
-            self.settle(s)?;
             self.exhausted[s] = true;
-            self.marks.exhaust(s, PARTITION);
             tracing::info!(source = %self.plan.sources[s].name, records = self.counts[s].input, "source exhausted");
         }
-        // A source that waits its turn is not idle.
+        // A partition that waits its turn to be read is not idle; one that has
+        // delivered everything there was is, once idle_timeout passes.
         for other in 0..2 {
-            if !self.exhausted[other] {
-                self.marks.touch(other, PARTITION, now_ms);
+            for p in 0..self.finished[other].len() {
+                if !self.finished[other][p] && !self.readers[other].caught_up(p as u32) {
+                    self.marks.touch(other, PartitionId(p as u32), now_ms);
+                }
             }
         }
         let watermark = self.marks.update(now_ms);
@@ -425,41 +519,48 @@ impl<'p> Reading<'p> {
         Ok(())
     }
 
+    /// A bounded partition has reached its end: what its guard still holds is decided
+    /// now (nothing more can follow it), and it no longer holds the watermark back.
+    fn finish_partition(&mut self, s: usize, p: usize) -> anyhow::Result<()> {
+        self.guards[s][p].finish(&mut self.verdicts);
+        self.settle(s)?;
+        self.finished[s][p] = true;
+        self.marks.exhaust(s, PartitionId(p as u32));
+        Ok(())
+    }
+
     /// Decodes one line and sends it where it belongs: the join, `_late/` or `_dead/`,
-    /// or the source's time guard, which holds it while its time is far ahead.
-    fn admit(
-        &mut self,
-        s: usize,
-        line: &[u8],
-        position: Position,
-        oversized: Option<usize>,
-        now_ms: u64,
-    ) -> anyhow::Result<()> {
+    /// or its partition's time guard, which holds it while its time is far ahead.
+    fn admit(&mut self, s: usize, line: Line<'_>, now_ms: u64) -> anyhow::Result<()> {
         self.counts[s].input += 1;
-        let decoded = match oversized {
+        let decoded = match line.oversized {
             Some(len) => Err(braid_io::DecodeError::Oversized {
                 len,
                 max: self.plan.sources[s].max_line_bytes,
             }),
-            None => self.decoders[s].decode(line),
+            None => self.decoders[s].decode_at(line.bytes, line.record_time),
         };
         let decoded = match decoded {
             Ok(d) => d,
-            Err(error) => return self.dead_letter(s, line, position, &error.to_string()),
+            Err(error) => {
+                return self.dead_letter(s, line.bytes, line.position, &error.to_string())
+            }
         };
-        let arrival = self.guards[s].offer(
+        let p = self.readers[s].partition_of(line.position) as usize;
+        let arrival = self.guards[s][p].offer(
             decoded.time,
             || HeldLine {
-                line: line.to_vec(),
-                position,
+                line: line.bytes.to_vec(),
+                position: line.position,
+                record_time: line.record_time,
             },
             &mut self.verdicts,
         );
         if arrival == Arrival::Admit {
-            self.route(s, line, position, decoded)?;
+            self.route(s, line.bytes, line.position, decoded)?;
         }
         self.settle(s)?;
-        self.observe(s, now_ms);
+        self.observe(s, p, now_ms);
         Ok(())
     }
 
@@ -488,8 +589,9 @@ impl<'p> Reading<'p> {
             )?;
             self.record.extend_from_slice(line);
             self.record.push(b'}');
+            key_json(self.decoders[s].key().bytes(), &mut self.key);
             let record = std::mem::take(&mut self.record);
-            let result = self.side_output.write(true, &record);
+            let result = self.side_output.write(true, Some(&self.key), &record);
             self.record = record;
             return result;
         }
@@ -514,12 +616,14 @@ impl<'p> Reading<'p> {
         let mut result = Ok(());
         for verdict in verdicts.drain(..) {
             result = match verdict {
-                Verdict::Release(held) => match self.decoders[s].decode(&held.line) {
-                    Ok(decoded) => self.route(s, &held.line, held.position, decoded),
-                    Err(e) => Err(anyhow::anyhow!(
-                        "a held line no longer decodes: {e} (a bug: it decoded when read)"
-                    )),
-                },
+                Verdict::Release(held) => {
+                    match self.decoders[s].decode_at(&held.line, held.record_time) {
+                        Ok(decoded) => self.route(s, &held.line, held.position, decoded),
+                        Err(e) => Err(anyhow::anyhow!(
+                            "a held line no longer decodes: {e} (a bug: it decoded when read)"
+                        )),
+                    }
+                }
                 Verdict::Reject(rejected) => {
                     self.counts[s].time_jumps += 1;
                     let error = time_jump_error(&rejected, self.plan.time_guard.max_jump_ms);
@@ -535,14 +639,15 @@ impl<'p> Reading<'p> {
         result
     }
 
-    /// Passes the source's corroborated time on to its partition's watermark.
-    fn observe(&mut self, s: usize, now_ms: u64) {
-        match self.guards[s].corroborated() {
-            Some(time) if self.marks.observe(s, PARTITION, EventTime(time), now_ms) => {
+    /// Passes the partition's corroborated time on to its watermark.
+    fn observe(&mut self, s: usize, p: usize, now_ms: u64) {
+        let partition = PartitionId(p as u32);
+        match self.guards[s][p].corroborated() {
+            Some(time) if self.marks.observe(s, partition, EventTime(time), now_ms) => {
                 self.marks.update(now_ms);
             }
             Some(_) => {}
-            None => self.marks.touch(s, PARTITION, now_ms),
+            None => self.marks.touch(s, partition, now_ms),
         }
     }
 
@@ -561,7 +666,8 @@ impl<'p> Reading<'p> {
             "error": error,
             "raw": raw,
         });
-        self.side_output.write(false, record.to_string().as_bytes())
+        self.side_output
+            .write(false, None, record.to_string().as_bytes())
     }
 }
 
@@ -570,6 +676,8 @@ impl<'p> Reading<'p> {
 struct HeldLine {
     line: Vec<u8>,
     position: Position,
+    /// The record's own timestamp (Kafka), for a source whose time it is.
+    record_time: Option<i64>,
 }
 
 fn guard_to_checkpoint(guard: &TimeGuard<HeldLine>) -> GuardState {
@@ -587,6 +695,7 @@ fn guard_to_checkpoint(guard: &TimeGuard<HeldLine>) -> GuardState {
                 disagree: h.votes.disagree,
                 file: h.item.position.file,
                 line: h.item.position.line,
+                record_time: h.item.record_time,
                 text: String::from_utf8(h.item.line).expect("a held line decoded, so it is UTF-8"),
             })
             .collect(),
@@ -617,6 +726,7 @@ fn guard_from_checkpoint(saved: &GuardState) -> TimeGuardState<HeldLine> {
                         file: h.file,
                         line: h.line,
                     },
+                    record_time: h.record_time,
                 },
             })
             .collect(),
@@ -668,7 +778,15 @@ mod tests {
                 file: 1,
                 line: i as u64 + 1,
             };
-            guard.offer(EventTime(t), || HeldLine { line, position }, &mut verdicts);
+            guard.offer(
+                EventTime(t),
+                || HeldLine {
+                    line,
+                    position,
+                    record_time: Some(t),
+                },
+                &mut verdicts,
+            );
         }
         let saved = guard_to_checkpoint(&guard);
         assert!(!saved.held.is_empty() && !saved.candidates.is_empty());

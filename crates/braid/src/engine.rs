@@ -31,9 +31,10 @@ pub const SHARD_QUEUE_BATCHES: usize = 8;
 /// Where a shard's results go; errors are kept and checked after each batch.
 pub trait ResultSink: JoinSink + Send + 'static {
     fn take_error(&mut self) -> Option<anyhow::Error>;
-    /// At a checkpoint barrier: the files closed since the last one, pending their
-    /// commit, and where the sink's numbering stands.
-    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)>;
+    /// At the checkpoint barrier of `epoch`: the files closed since the last one,
+    /// pending their commit, and where the sink's numbering stands. What is written
+    /// after it belongs to epoch `epoch + 1`.
+    fn barrier(&mut self, epoch: u64) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)>;
     fn finish(&mut self) -> anyhow::Result<()>;
 }
 
@@ -353,7 +354,7 @@ impl Shard {
     /// few hard links); the committer writes the image.
     fn barrier(&mut self, epoch: u64, sink: &mut impl ResultSink) -> anyhow::Result<()> {
         let started = Instant::now();
-        let (pending, sink_state) = sink.barrier()?;
+        let (pending, sink_state) = sink.barrier(epoch)?;
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(());
         };

@@ -174,6 +174,7 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
         }
         Command::Run { job, reset } => {
             let plan = braid::config::load(&job)?;
+            braid::signals::install();
             let summary =
                 braid::driver::run(&plan, &braid::driver::RunOptions { progress, reset })?;
             // With results on stdout, the summary must not mix with them.

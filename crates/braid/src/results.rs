@@ -33,7 +33,7 @@ impl RecordShape {
     }
 
     /// Calls `write` with the parts of one record; `None` is a missing side.
-    fn parts<'a>(
+    pub fn parts<'a>(
         &'a self,
         left: Option<&'a [u8]>,
         right: Option<&'a [u8]>,
@@ -170,7 +170,7 @@ impl<W: LineOut> ResultSink for Records<W> {
     fn take_error(&mut self) -> Option<anyhow::Error> {
         self.error.take()
     }
-    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+    fn barrier(&mut self, _epoch: u64) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
         self.error.take().map_or(Ok(()), Err)?;
         self.out.barrier()
     }
@@ -199,7 +199,7 @@ impl ResultSink for CountingResults {
     fn take_error(&mut self) -> Option<anyhow::Error> {
         None
     }
-    fn barrier(&mut self) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+    fn barrier(&mut self, _epoch: u64) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
         Ok((Vec::new(), None))
     }
     fn finish(&mut self) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ use braid_io::{FileSource, LineBatch, Position};
 
 use crate::checkpoint::SourceAt;
 use crate::config::{Input, SourcePlan};
+use crate::kafka::source::KafkaSource;
 
 pub trait Source {
     /// Reads up to `max` lines into `batch`; false once a bounded source is exhausted.
@@ -19,6 +20,23 @@ pub trait Source {
     fn seek(&mut self, at: &SourceAt) -> anyhow::Result<()>;
     /// Where a line was read, for dead letters and late records (`FILE:LINE`).
     fn describe(&self, position: Position) -> String;
+    /// Partitions, numbered from 0; each has its own watermark and time guard.
+    fn partitions(&self) -> u32 {
+        1
+    }
+    /// The partition a line was read from.
+    fn partition_of(&self, _position: Position) -> u32 {
+        0
+    }
+    /// Whether the partition has delivered everything there was at the last look: only
+    /// then can it be idle (a partition waiting for its turn to be read is not).
+    fn caught_up(&self, _partition: u32) -> bool {
+        false
+    }
+    /// Whether a bounded partition has reached its end.
+    fn finished(&self, _partition: u32) -> bool {
+        false
+    }
 }
 
 /// Opens a job's source.
@@ -35,6 +53,11 @@ pub fn open(source: &SourcePlan) -> anyhow::Result<Box<dyn Source>> {
             produced: 0,
             drawn: 0,
         }),
+        Input::Kafka(kafka) => Box::new(KafkaSource::open(
+            &source.name,
+            kafka,
+            source.max_line_bytes,
+        )?),
     })
 }
 
@@ -147,7 +170,10 @@ mod tests {
     }
 
     fn lines(batch: &LineBatch) -> Vec<(Vec<u8>, Position)> {
-        batch.iter().map(|(l, p, _)| (l.to_vec(), p)).collect()
+        batch
+            .iter()
+            .map(|l| (l.bytes.to_vec(), l.position))
+            .collect()
     }
 
     /// A generator continued at a checkpoint's position reads on exactly as the one

@@ -13,7 +13,9 @@ use super::{
     epochs, fetch, manifest_name, read_manifest, Committed, Committer, CommitterConfig,
     CommitterStart, Manifest, ShardRestore, FILES, MANIFESTS,
 };
-use crate::config::{CheckpointPlan, Plan};
+use crate::config::{CheckpointPlan, Output, Plan};
+use crate::kafka::output::{committed_epoch, Committed as KafkaCommitted, KafkaOutput};
+use std::sync::Arc;
 
 /// Opens the checkpoint store a job names: a folder, or `s3://bucket/prefix`.
 pub fn open_store(plan: &CheckpointPlan) -> anyhow::Result<Box<dyn CheckpointStore>> {
@@ -58,6 +60,8 @@ pub struct Checkpointing {
     pub last_barrier: Instant,
     pub in_flight: bool,
     pub committed: Vec<Committed>,
+    /// The Kafka output, whose transactions commit the epochs.
+    pub kafka: Option<Arc<KafkaOutput>>,
 }
 
 impl Checkpointing {
@@ -81,10 +85,32 @@ impl Checkpointing {
         }
         let fingerprint = join_fingerprint(plan);
         let mut restored = None;
+        // With a Kafka output the Kafka commit is the commit point: only the epoch it
+        // names may be restored, and newer manifests were never committed.
+        let candidates: Vec<u64> = match (&plan.output, reset) {
+            (Output::Kafka(_), false) => match committed_epoch(plan)? {
+                KafkaCommitted::Nothing => {
+                    for &epoch in &all {
+                        tracing::warn!(epoch, "checkpoint was written but its Kafka transaction never committed; not using it");
+                        store.delete(&manifest_name(epoch))?;
+                    }
+                    Vec::new()
+                }
+                KafkaCommitted::Epoch(e) => {
+                    anyhow::ensure!(
+                        all.contains(&e),
+                        "Kafka says this job committed epoch {e}, but {} holds no manifest of it (its checkpoints: {all:?}); point [checkpoint] dir at the job's store, or run with --reset to start over from the sources' `start`",
+                        store.describe()
+                    );
+                    vec![e]
+                }
+            },
+            _ => all.clone(),
+        };
         if !reset {
             let staging = plan.state_dir.join("restore");
             let mut problems = Vec::new();
-            for &epoch in &all {
+            for &epoch in &candidates {
                 match try_restore(store.as_ref(), epoch, plan, &fingerprint, &staging) {
                     Ok(r) => {
                         restored = Some(r);
@@ -99,7 +125,7 @@ impl Checkpointing {
                     }
                 }
             }
-            if restored.is_none() && !all.is_empty() {
+            if restored.is_none() && !candidates.is_empty() {
                 anyhow::bail!(
                     "{} checkpoint(s) in {} and none is usable ({}); refusing to start from scratch: run with --reset to do so",
                     all.len(),
@@ -125,6 +151,13 @@ impl Checkpointing {
         } else {
             all.first().map_or(1, |e| e + 1)
         };
+        let kafka = match &plan.output {
+            Output::Kafka(output) => Some(KafkaOutput::open(plan, output, next_epoch)?),
+            _ => None,
+        };
+        let on_commit = kafka
+            .clone()
+            .map(|k| -> super::OnCommit { Box::new(move |m| k.commit(m)) });
         let committer = Committer::start(
             store,
             CommitterConfig {
@@ -132,6 +165,7 @@ impl Checkpointing {
                 join: fingerprint,
                 shards: plan.parallelism,
                 keep: config.keep,
+                on_commit,
             },
             start,
         )?;
@@ -139,6 +173,7 @@ impl Checkpointing {
             Checkpointing::new(committer, Duration::from_millis(config.interval_ms as u64));
         checkpointing.restored = restored;
         checkpointing.next_epoch = next_epoch;
+        checkpointing.kafka = kafka;
         Ok(checkpointing)
     }
 
@@ -152,6 +187,7 @@ impl Checkpointing {
             last_barrier: Instant::now(),
             in_flight: false,
             committed: Vec::new(),
+            kafka: None,
         }
     }
 

@@ -107,6 +107,14 @@ fn position(at: &SourceAt) -> String {
         SourceAt::Files(p) => format!("{} byte {} (line {})", p.path.display(), p.offset, p.line),
         SourceAt::Generator { lines } => format!("generator line {lines}"),
         SourceAt::Events { events } => format!("event {events}"),
+        SourceAt::Kafka { topic, offsets, .. } => {
+            let offsets: Vec<String> = offsets
+                .iter()
+                .enumerate()
+                .map(|(p, o)| format!("[{p}]@{o}"))
+                .collect();
+            format!("{topic} {}", offsets.join(" "))
+        }
     }
 }
 

@@ -98,6 +98,13 @@ pub enum SourceAt {
     Events {
         events: u64,
     },
+    /// A Kafka topic: per partition, the offset of the next record to read, and where
+    /// a bounded source ends.
+    Kafka {
+        topic: String,
+        offsets: Vec<i64>,
+        end: Option<Vec<i64>>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,6 +140,9 @@ pub struct HeldState {
     /// Where it was read (file index, line) and its text.
     pub file: u32,
     pub line: u64,
+    /// The record's own timestamp (Kafka).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_time: Option<i64>,
     pub text: String,
 }
 
@@ -377,7 +387,12 @@ pub struct CommitterConfig {
     pub join: String,
     pub shards: usize,
     pub keep: usize,
+    /// Commits an epoch outside the store once its manifest is written (the Kafka
+    /// transaction, which is then the commit point).
+    pub on_commit: Option<OnCommit>,
 }
+
+pub type OnCommit = Box<dyn Fn(&Manifest) -> anyhow::Result<()> + Send + Sync>;
 
 /// The checkpoint coordinator's background half: assembles each epoch's parts,
 /// uploads, commits and publishes.
@@ -645,6 +660,15 @@ impl CommitterState {
         if store::fault_after("crash-after-manifest") == Some(epoch) {
             // Fault injection: die between the commit point and the publishing renames.
             std::process::abort();
+        }
+        if let Some(commit) = &self.config.on_commit {
+            if store::fault_after("crash-before-kafka-commit") == Some(epoch) {
+                std::process::abort();
+            }
+            commit(&manifest)?;
+            if store::fault_after("crash-after-kafka-commit") == Some(epoch) {
+                std::process::abort();
+            }
         }
         let committed = Committed {
             epoch,

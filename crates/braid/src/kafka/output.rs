@@ -1,0 +1,500 @@
+//! Kafka output, exactly once: one transaction per checkpoint epoch, committed with the
+//! sources' offsets after the epoch's manifest is written (DESIGN "Checkpoints and
+//! exactly-once").
+//!
+//! Records written after barrier `E-1` and before barrier `E` belong to epoch `E`. Two
+//! transactional producers take turns, `E` on producer `E % 2`: while epoch `E` waits for
+//! its checkpoint to be written (images, uploads, manifest), the shards and the reader
+//! already write epoch `E + 1` into the other producer's transaction. There is at most
+//! one epoch in flight, so two suffice. When manifest `E` is written, the committer
+//! drains producer `E % 2`, sends the sources' offsets at barrier `E` into its
+//! transaction, tagged `braid epoch E`, and commits: that commit is the commit point.
+//! On restart, the epoch in the group's committed offsets names the checkpoint to
+//! restore; a manifest newer than it was never committed and is not used.
+//!
+//! The transactional ids are `braid.<job>.0` and `.1`, stable per job: a restarted
+//! process fences its predecessor and aborts its open transactions when it calls
+//! `init_transactions`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use braid_core::{key_parts, JoinSink, KeyPart, Side};
+use braid_io::{Decoder, PendingFile};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{client_config, Context, BROKER_OUTAGE_MAX, REQUEST_TIMEOUT};
+use crate::checkpoint::{Manifest, SinkState, SourceAt};
+use crate::config::{Input, KafkaOutputPlan, Plan};
+use crate::engine::ResultSink;
+use crate::results::RecordShape;
+
+/// What braid writes into the offsets it commits: the epoch whose transaction they
+/// belong to.
+const EPOCH_TAG: &str = "braid epoch ";
+/// Bounds librdkafka's queue of records waiting to be sent (the default is 1 GiB).
+const PRODUCER_QUEUE_KBYTES: &str = "65536";
+/// How long a send waits for room in that queue before trying again.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
+
+/// braid's producer settings; `[output.properties]` override them.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("linger.ms", "20"),
+    ("batch.num.messages", "10000"),
+    ("batch.size", "1000000"),
+    ("queue.buffering.max.kbytes", PRODUCER_QUEUE_KBYTES),
+    // The partitioner of Kafka's Java client: equal keys, same partition, whoever writes.
+    ("partitioner", "murmur2_random"),
+];
+
+/// A producer's context: logs like every client, and keeps the first failed delivery
+/// (librdkafka reports it only there; a commit would fail later anyway).
+#[derive(Default)]
+struct OutputContext {
+    inner: Context,
+    failed: Mutex<Option<String>>,
+}
+
+impl ClientContext for OutputContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.inner.log(level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.inner.error(error, reason);
+    }
+}
+
+impl ProducerContext for OutputContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            let mut failed = self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            failed.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+type OutputProducer = ThreadedProducer<OutputContext>;
+
+/// One Kafka source's group, for the offsets committed in each transaction.
+struct Group {
+    topic: String,
+    group: String,
+    metadata: ConsumerGroupMetadata,
+}
+
+pub struct KafkaOutput {
+    plan: KafkaOutputPlan,
+    producers: [OutputProducer; 2],
+    groups: Vec<Group>,
+}
+
+impl KafkaOutput {
+    /// Connects both producers, fences any predecessor (aborting its open
+    /// transactions) and begins the transaction of `first_epoch`.
+    pub fn open(
+        plan: &Plan,
+        output: &KafkaOutputPlan,
+        first_epoch: u64,
+    ) -> anyhow::Result<Arc<KafkaOutput>> {
+        let producer = |parity: u64| -> anyhow::Result<OutputProducer> {
+            let id = format!("braid.{}.{parity}", plan.name);
+            let producer: OutputProducer =
+                client_config(&output.brokers, PRODUCER_DEFAULTS, &output.properties)
+                    .set("transactional.id", &id)
+                    .create_with_context(OutputContext::default())
+                    .with_context(|| {
+                        format!(
+                            "[output]: cannot create a Kafka producer for {}",
+                            output.brokers
+                        )
+                    })?;
+            Ok(producer)
+        };
+        let producers = [producer(0)?, producer(1)?];
+        for topic in [&output.topic, &output.late_topic, &output.dead_topic] {
+            check_topic(producers[0].client(), &output.brokers, topic)?;
+        }
+        for p in &producers {
+            init(p, &output.brokers)?;
+        }
+        let mut groups = Vec::new();
+        for source in &plan.sources {
+            if let Input::Kafka(k) = &source.input {
+                let consumer: BaseConsumer<Context> = client_config(&k.brokers, &[], &k.properties)
+                    .set("group.id", &k.group)
+                    .create_with_context(Context::default())
+                    .with_context(|| {
+                        format!("source `{}`: cannot create a Kafka consumer", source.name)
+                    })?;
+                let metadata = consumer.group_metadata().with_context(|| {
+                    format!(
+                        "source `{}`: no group metadata for group `{}`",
+                        source.name, k.group
+                    )
+                })?;
+                groups.push(Group {
+                    topic: k.topic.clone(),
+                    group: k.group.clone(),
+                    metadata,
+                });
+            }
+        }
+        let out = Arc::new(KafkaOutput {
+            plan: output.clone(),
+            producers,
+            groups,
+        });
+        out.begin(first_epoch)?;
+        Ok(out)
+    }
+
+    fn producer(&self, epoch: u64) -> &OutputProducer {
+        &self.producers[(epoch % 2) as usize]
+    }
+
+    /// Begins the transaction of `epoch` (the previous one on its producer, `epoch - 2`,
+    /// is committed: one epoch is in flight at most).
+    pub fn begin(&self, epoch: u64) -> anyhow::Result<()> {
+        self.producer(epoch)
+            .begin_transaction()
+            .with_context(|| format!("cannot begin the Kafka transaction of epoch {epoch}"))
+    }
+
+    /// Queues one record into epoch `epoch`'s transaction.
+    pub fn send(
+        &self,
+        epoch: u64,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> anyhow::Result<()> {
+        let producer = self.producer(epoch);
+        let mut record = BaseRecord::to(topic).payload(value);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(QUEUE_FULL_WAIT);
+                }
+                Err((e, _)) => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
+            }
+        }
+    }
+
+    pub fn topics(&self) -> &KafkaOutputPlan {
+        &self.plan
+    }
+
+    /// Commits epoch `manifest.epoch`: its records, and the sources' offsets at its
+    /// barrier, tagged with the epoch. Called by the committer once the manifest is
+    /// written.
+    pub fn commit(&self, manifest: &Manifest) -> anyhow::Result<()> {
+        let epoch = manifest.epoch;
+        let producer = self.producer(epoch);
+        let deadline = Instant::now() + BROKER_OUTAGE_MAX;
+        // Drained first: rdkafka's flush inside the commit polls in 100 ms slices.
+        while producer.in_flight_count() > 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "epoch {epoch}: Kafka at {} did not take the records within {} s; the job stops, and the next `braid run` resumes from the last committed checkpoint",
+                    self.plan.brokers,
+                    BROKER_OUTAGE_MAX.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(e) = producer
+            .context()
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            anyhow::bail!("epoch {epoch}: a record was not delivered to Kafka ({e}); its transaction cannot commit");
+        }
+        for group in &self.groups {
+            let Some(offsets) = manifest.reader.sources.iter().find_map(|s| match &s.at {
+                SourceAt::Kafka { topic, offsets, .. } if *topic == group.topic => Some(offsets),
+                _ => None,
+            }) else {
+                anyhow::bail!(
+                    "epoch {epoch}: the checkpoint has no offsets of topic `{}`",
+                    group.topic
+                );
+            };
+            let mut list = TopicPartitionList::new();
+            for (p, &offset) in offsets.iter().enumerate() {
+                let mut e = list.add_partition(&group.topic, p as i32);
+                e.set_offset(Offset::Offset(offset))?;
+                e.set_metadata(format!("{EPOCH_TAG}{epoch}"));
+            }
+            retry(
+                deadline,
+                &self.plan.brokers,
+                "send the offsets of the transaction",
+                || producer.send_offsets_to_transaction(&list, &group.metadata, REQUEST_TIMEOUT),
+            )
+            .with_context(|| format!("epoch {epoch}: group `{}`", group.group))?;
+        }
+        retry(
+            deadline,
+            &self.plan.brokers,
+            "commit the transaction",
+            || producer.commit_transaction(REQUEST_TIMEOUT),
+        )
+        .with_context(|| format!("epoch {epoch}"))
+    }
+}
+
+/// Retries a transactional call while its error is retriable and time is left.
+fn retry(
+    deadline: Instant,
+    brokers: &str,
+    what: &str,
+    mut call: impl FnMut() -> Result<(), KafkaError>,
+) -> anyhow::Result<()> {
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
+                tracing::warn!("cannot {what} yet, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(KafkaError::Transaction(e)) if e.is_fatal() && e.code() == RDKafkaErrorCode::Fenced => {
+                anyhow::bail!(
+                    "cannot {what}: another braid process took over this job's transactional ids (fenced: {e}); only one process may run a job"
+                )
+            }
+            Err(e) => anyhow::bail!(
+                "cannot {what} at {brokers}: {e}; the job stops, and the next `braid run` resumes from the last committed checkpoint"
+            ),
+        }
+    }
+}
+
+/// `init_transactions`, with errors that say what to do.
+fn init(producer: &OutputProducer, brokers: &str) -> anyhow::Result<()> {
+    producer.init_transactions(REQUEST_TIMEOUT).map_err(|e| {
+        anyhow::anyhow!(
+            "[output]: cannot start Kafka transactions at {brokers}: {e} (is the broker up, and does it allow the job's transaction.timeout.ms?)"
+        )
+    })
+}
+
+fn check_topic<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let metadata = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
+        anyhow::anyhow!(
+            "[output]: cannot reach Kafka at {brokers} (no metadata within {} s: {e}); check `brokers` and that the broker is up",
+            REQUEST_TIMEOUT.as_secs()
+        )
+    })?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+        _ => anyhow::bail!(
+            "[output]: topic `{topic}` does not exist at {brokers}; braid does not create topics: create it first"
+        ),
+    }
+}
+
+/// What the group's committed offsets say about the last committed epoch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Nothing was ever committed: a fresh start.
+    Nothing,
+    Epoch(u64),
+}
+
+/// Reads the epoch tagged on the committed offsets of the job's Kafka sources; every
+/// source must agree.
+pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
+    let mut found: Option<Committed> = None;
+    for source in &plan.sources {
+        let Input::Kafka(k) = &source.input else {
+            continue;
+        };
+        let consumer: BaseConsumer<Context> = client_config(&k.brokers, &[], &k.properties)
+            .set("group.id", &k.group)
+            .create_with_context(Context::default())
+            .with_context(|| format!("source `{}`: cannot create a Kafka consumer", source.name))?;
+        let partitions = super::source::partition_count(&consumer, &k.brokers, &k.topic)
+            .with_context(|| format!("source `{}`", source.name))?;
+        let mut query = TopicPartitionList::new();
+        for p in 0..partitions {
+            query.add_partition(&k.topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(query, REQUEST_TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "source `{}`: cannot read group `{}`'s committed offsets at {}",
+                    source.name, k.group, k.brokers
+                )
+            })?;
+        let mut epochs = Vec::new();
+        for e in committed.elements() {
+            if let Offset::Offset(_) = e.offset() {
+                let epoch = e
+                    .metadata()
+                    .strip_prefix(EPOCH_TAG)
+                    .and_then(|n| n.parse::<u64>().ok());
+                match epoch {
+                    Some(n) => epochs.push(n),
+                    None => anyhow::bail!(
+                        "source `{}`: group `{}` has offsets committed on {}[{}] that braid did not commit (metadata `{}`); give the job its own group",
+                        source.name,
+                        k.group,
+                        k.topic,
+                        e.partition(),
+                        e.metadata()
+                    ),
+                }
+            }
+        }
+        epochs.sort_unstable();
+        epochs.dedup();
+        let this = match epochs.as_slice() {
+            [] => Committed::Nothing,
+            [e] => Committed::Epoch(*e),
+            _ => anyhow::bail!(
+                "source `{}`: group `{}`'s partitions of {} were committed by different epochs {epochs:?} (by different jobs?)",
+                source.name,
+                k.group,
+                k.topic
+            ),
+        };
+        match &found {
+            None => found = Some(this),
+            Some(f) if *f == this => {}
+            Some(f) => anyhow::bail!(
+                "the sources' groups disagree on the last committed epoch ({f:?} and {this:?})"
+            ),
+        }
+    }
+    Ok(found.unwrap_or(Committed::Nothing))
+}
+
+/// The Kafka key of a record: its join key as a JSON array, e.g. `[42,"t7"]`.
+pub fn key_json(key: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.push(b'[');
+    for (i, part) in key_parts(key).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match part {
+            KeyPart::Int(v) => out.extend_from_slice(v.to_string().as_bytes()),
+            KeyPart::Str(s) => {
+                serde_json::to_writer(&mut *out, s).expect("a string serialises");
+            }
+        }
+    }
+    out.push(b']');
+}
+
+/// A shard's joined records, into the transaction of the epoch the shard is in.
+pub struct KafkaRecords {
+    out: Arc<KafkaOutput>,
+    epoch: u64,
+    shape: RecordShape,
+    /// The two sources' decoders, to find a record's key again (only its bytes reach
+    /// the sink).
+    decoders: [Decoder; 2],
+    value: Vec<u8>,
+    key: Vec<u8>,
+    error: Option<anyhow::Error>,
+}
+
+impl KafkaRecords {
+    pub fn new(
+        out: Arc<KafkaOutput>,
+        first_epoch: u64,
+        shape: RecordShape,
+        plan: &Plan,
+    ) -> KafkaRecords {
+        KafkaRecords {
+            out,
+            epoch: first_epoch,
+            shape,
+            decoders: [
+                Decoder::new(plan.sources[0].schema.clone()),
+                Decoder::new(plan.sources[1].schema.clone()),
+            ],
+            value: Vec::new(),
+            key: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
+        if self.error.is_some() {
+            return;
+        }
+        let (side, event) = match (left, right) {
+            (Some(l), _) => (0, l),
+            (None, Some(r)) => (1, r),
+            (None, None) => return,
+        };
+        // The time does not matter here; a record without a time field decodes with any.
+        let _ = self.decoders[side].decode_at(event, Some(0));
+        key_json(self.decoders[side].key().bytes(), &mut self.key);
+        self.value.clear();
+        let value = &mut self.value;
+        self.shape.parts(left, right, |parts| {
+            for p in parts {
+                value.extend_from_slice(p);
+            }
+        });
+        let topic = &self.out.plan.topic;
+        if let Err(e) = self
+            .out
+            .send(self.epoch, topic, Some(&self.key), &self.value)
+        {
+            self.error = Some(e);
+        }
+    }
+}
+
+impl JoinSink for KafkaRecords {
+    fn pair(&mut self, left: &[u8], right: &[u8]) {
+        self.record(Some(left), Some(right));
+    }
+    fn unmatched(&mut self, side: Side, event: &[u8]) {
+        match side {
+            Side::Left => self.record(Some(event), None),
+            Side::Right => self.record(None, Some(event)),
+        }
+    }
+}
+
+impl ResultSink for KafkaRecords {
+    fn take_error(&mut self) -> Option<anyhow::Error> {
+        self.error.take()
+    }
+    fn barrier(&mut self, epoch: u64) -> anyhow::Result<(Vec<PendingFile>, Option<SinkState>)> {
+        self.error.take().map_or(Ok(()), Err)?;
+        // What follows the barrier belongs to the next epoch's transaction.
+        self.epoch = epoch + 1;
+        Ok((Vec::new(), None))
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.error.take().map_or(Ok(()), Err)
+    }
+}

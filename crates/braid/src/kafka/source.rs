@@ -1,0 +1,354 @@
+//! A Kafka topic as a source: every partition assigned to this process (no group
+//! membership: the checkpoint, not the group, says where each partition stands), read
+//! `read_committed`, each record's value one NDJSON line.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use braid_io::{LineBatch, Position};
+
+use super::{client_config, Context, BROKER_OUTAGE_MAX, REQUEST_TIMEOUT};
+use crate::checkpoint::SourceAt;
+use crate::config::{KafkaEnd, KafkaSourcePlan, KafkaStart};
+use crate::source::Source;
+
+/// How long a read waits for a record when none is buffered; then it returns what it
+/// has (possibly nothing), so that the reader can serve the other source.
+const POLL_WAIT: Duration = Duration::from_millis(10);
+
+/// braid's consumer settings; `[source.properties]` override them.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("isolation.level", "read_committed"),
+    ("enable.partition.eof", "true"),
+    // Bounds what librdkafka prefetches per partition (the default is 64 MiB).
+    ("queued.max.messages.kbytes", "16384"),
+];
+
+pub struct KafkaSource {
+    name: String,
+    brokers: String,
+    topic: String,
+    consumer: BaseConsumer<Context>,
+    /// Per partition: the offset of the next record to read.
+    next: Vec<i64>,
+    /// Per partition: the offset where a bounded source ends (exclusive).
+    end: Option<Vec<i64>>,
+    finished: Vec<bool>,
+    /// Per partition: read up to what the broker had at the last look.
+    caught_up: Vec<bool>,
+    assigned: bool,
+    max_line_bytes: usize,
+    /// Since when the broker has not answered (a read error and no record since).
+    failing_since: Option<(Instant, String)>,
+}
+
+impl KafkaSource {
+    /// Connects, checks the topic, and works out where a job without a checkpoint
+    /// starts and (for a bounded source) ends.
+    pub fn open(
+        name: &str,
+        plan: &KafkaSourcePlan,
+        max_line_bytes: usize,
+    ) -> anyhow::Result<KafkaSource> {
+        let consumer: BaseConsumer<Context> =
+            client_config(&plan.brokers, CONSUMER_DEFAULTS, &plan.properties)
+                .set("group.id", &plan.group)
+                .create_with_context(Context::default())
+                .with_context(|| {
+                    format!(
+                        "source `{name}`: cannot create a Kafka consumer for {}",
+                        plan.brokers
+                    )
+                })?;
+        let partitions = partition_count(&consumer, &plan.brokers, &plan.topic)
+            .with_context(|| format!("source `{name}`"))?;
+        let watermarks = |p: i32| {
+            consumer
+                .fetch_watermarks(&plan.topic, p, REQUEST_TIMEOUT)
+                .with_context(|| {
+                    format!(
+                        "source `{name}`: cannot read the offsets of {}[{p}] at {}",
+                        plan.topic, plan.brokers
+                    )
+                })
+        };
+        let at_time = |ms: i64| -> anyhow::Result<Vec<i64>> {
+            let mut query = TopicPartitionList::new();
+            for p in 0..partitions {
+                query.add_partition_offset(&plan.topic, p, Offset::Offset(ms))?;
+            }
+            let found = consumer
+                .offsets_for_times(query, REQUEST_TIMEOUT)
+                .with_context(|| {
+                    format!(
+                        "source `{name}`: cannot look up offsets by time in {} at {}",
+                        plan.topic, plan.brokers
+                    )
+                })?;
+            (0..partitions)
+                .map(
+                    |p| match found.find_partition(&plan.topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => Ok(o),
+                        // No record at or after the time: the partition's end.
+                        _ => Ok(watermarks(p)?.1),
+                    },
+                )
+                .collect()
+        };
+        let next = match plan.start {
+            KafkaStart::Earliest => (0..partitions)
+                .map(|p| Ok(watermarks(p)?.0))
+                .collect::<anyhow::Result<_>>()?,
+            KafkaStart::Latest => (0..partitions)
+                .map(|p| Ok(watermarks(p)?.1))
+                .collect::<anyhow::Result<_>>()?,
+            KafkaStart::Time(ms) => at_time(ms)?,
+        };
+        let end = match plan.end {
+            None => None,
+            // Under read_committed the high watermark is the last stable offset.
+            Some(KafkaEnd::Latest) => Some(
+                (0..partitions)
+                    .map(|p| Ok(watermarks(p)?.1))
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            Some(KafkaEnd::Time(ms)) => Some(at_time(ms)?),
+        };
+        let n = partitions as usize;
+        let mut source = KafkaSource {
+            name: name.to_string(),
+            brokers: plan.brokers.clone(),
+            topic: plan.topic.clone(),
+            consumer,
+            next,
+            end,
+            finished: vec![false; n],
+            caught_up: vec![false; n],
+            assigned: false,
+            max_line_bytes,
+            failing_since: None,
+        };
+        source.check_finished();
+        Ok(source)
+    }
+
+    fn check_finished(&mut self) {
+        if let Some(end) = &self.end {
+            for p in 0..self.next.len() {
+                if self.next[p] >= end[p] {
+                    self.finished[p] = true;
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self) -> anyhow::Result<()> {
+        let mut list = TopicPartitionList::new();
+        for (p, &offset) in self.next.iter().enumerate() {
+            if !self.finished[p] {
+                list.add_partition_offset(&self.topic, p as i32, Offset::Offset(offset))?;
+            }
+        }
+        self.consumer.assign(&list).with_context(|| {
+            format!(
+                "source `{}`: cannot assign the partitions of {}",
+                self.name, self.topic
+            )
+        })?;
+        self.assigned = true;
+        Ok(())
+    }
+
+    /// Stops fetching a partition that reached its end.
+    fn finish(&mut self, p: usize) {
+        self.finished[p] = true;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, p as i32);
+        if let Err(e) = self.consumer.pause(&list) {
+            tracing::debug!("cannot pause {}[{p}]: {e}", self.topic);
+        }
+    }
+
+    /// At the end of a partition's records: its position (past transaction markers)
+    /// may have reached the end even if no record did.
+    fn at_eof(&mut self, p: usize) {
+        self.caught_up[p] = true;
+        let Some(end) = &self.end else { return };
+        let position = self.consumer.position().ok().and_then(|list| {
+            list.find_partition(&self.topic, p as i32)
+                .map(|e| e.offset())
+        });
+        if let Some(Offset::Offset(o)) = position {
+            self.next[p] = self.next[p].max(o);
+        }
+        if self.next[p] >= end[p] && !self.finished[p] {
+            self.finish(p);
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.end.is_some() && self.finished.iter().all(|&f| f)
+    }
+}
+
+/// The topic's partition count; errors say whether the broker or the topic is missing.
+pub fn partition_count(
+    consumer: &BaseConsumer<Context>,
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach Kafka at {brokers} (no metadata within {} s: {e}); check `brokers` and that the broker is up",
+            REQUEST_TIMEOUT.as_secs()
+        )
+    })?;
+    let found = metadata.topics().iter().find(|t| t.name() == topic);
+    match found {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        _ => anyhow::bail!(
+            "topic `{topic}` does not exist at {brokers}; braid does not create topics: create it first (for a join, with as many partitions as the other input's topic)"
+        ),
+    }
+}
+
+impl Source for KafkaSource {
+    fn read(&mut self, batch: &mut LineBatch, max: usize) -> anyhow::Result<bool> {
+        if self.all_finished() {
+            return Ok(false);
+        }
+        if !self.assigned {
+            self.assign()?;
+        }
+        let mut waited = false;
+        while batch.len() < max {
+            let wait = if batch.is_empty() && !waited {
+                POLL_WAIT
+            } else {
+                Duration::ZERO
+            };
+            waited = true;
+            let Some(result) = self.consumer.poll(wait) else {
+                break;
+            };
+            match result {
+                Ok(m) => {
+                    self.failing_since = None;
+                    let p = m.partition() as usize;
+                    if self.finished.get(p).copied().unwrap_or(true) {
+                        continue;
+                    }
+                    if let Some(end) = &self.end {
+                        if m.offset() >= end[p] {
+                            self.finish(p);
+                            continue;
+                        }
+                    }
+                    self.next[p] = m.offset() + 1;
+                    self.caught_up[p] = false;
+                    let position = Position {
+                        file: p as u32,
+                        line: m.offset() as u64,
+                    };
+                    let time = m.timestamp().to_millis();
+                    batch.push_record(
+                        m.payload().unwrap_or_default(),
+                        position,
+                        time,
+                        Some(self.max_line_bytes),
+                    );
+                    if self.end.as_ref().is_some_and(|end| self.next[p] >= end[p]) {
+                        self.finish(p);
+                    }
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    self.failing_since = None;
+                    self.at_eof(p as usize);
+                }
+                Err(e) => {
+                    let since = self
+                        .failing_since
+                        .get_or_insert_with(|| (Instant::now(), String::new()));
+                    since.1 = e.to_string();
+                    if since.0.elapsed() > BROKER_OUTAGE_MAX {
+                        anyhow::bail!(
+                            "source `{}`: cannot read {} at {} for {} s (last error: {}); the job stops, and the next `braid run` resumes from its last checkpoint",
+                            self.name,
+                            self.topic,
+                            self.brokers,
+                            BROKER_OUTAGE_MAX.as_secs(),
+                            since.1
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(!self.all_finished())
+    }
+
+    fn position(&self) -> SourceAt {
+        SourceAt::Kafka {
+            topic: self.topic.clone(),
+            offsets: self.next.clone(),
+            end: self.end.clone(),
+        }
+    }
+
+    fn seek(&mut self, at: &SourceAt) -> anyhow::Result<()> {
+        let SourceAt::Kafka {
+            topic,
+            offsets,
+            end,
+        } = at
+        else {
+            anyhow::bail!("the checkpoint holds a position of another kind of source: {at:?}");
+        };
+        anyhow::ensure!(
+            *topic == self.topic,
+            "the checkpoint read topic `{topic}`, the job names `{}`; point [checkpoint] dir elsewhere or run with --reset",
+            self.topic
+        );
+        anyhow::ensure!(
+            offsets.len() == self.next.len(),
+            "topic `{topic}` has {} partitions, the checkpoint {}: braid cannot yet re-split state over a changed partition count",
+            self.next.len(),
+            offsets.len()
+        );
+        self.next = offsets.clone();
+        self.end = end.clone();
+        self.finished = vec![false; self.next.len()];
+        self.check_finished();
+        if self.assigned {
+            self.assign()?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self, position: Position) -> String {
+        format!("{}[{}]@{}", self.topic, position.file, position.line)
+    }
+
+    fn partitions(&self) -> u32 {
+        self.next.len() as u32
+    }
+
+    fn partition_of(&self, position: Position) -> u32 {
+        position.file
+    }
+
+    fn caught_up(&self, partition: u32) -> bool {
+        self.caught_up[partition as usize]
+    }
+
+    fn finished(&self, partition: u32) -> bool {
+        self.finished[partition as usize]
+    }
+}
