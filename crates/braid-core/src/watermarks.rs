@@ -16,6 +16,9 @@ struct Partition {
     max_time: Option<i64>,
     last_active_ms: u64,
     exhausted: bool,
+    /// Not read yet (a topic while its history is read first): it neither holds the
+    /// watermark back nor counts as exhausted.
+    dormant: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -79,13 +82,29 @@ impl Watermarks {
         self.sources[source][partition.0 as usize].exhausted = true;
     }
 
+    /// Puts a partition to sleep (it will be read later) or wakes it, active from
+    /// `now_ms`.
+    pub fn set_dormant(
+        &mut self,
+        source: usize,
+        partition: PartitionId,
+        dormant: bool,
+        now_ms: u64,
+    ) {
+        let p = &mut self.sources[source][partition.0 as usize];
+        p.dormant = dormant;
+        p.last_active_ms = now_ms;
+    }
+
     /// The watermark of one source, or `None` when none of its partitions holds it
     /// (all idle or exhausted).
     pub fn source(&self, source: usize, now_ms: u64) -> Option<Watermark> {
         self.sources[source]
             .iter()
             .filter(|p| {
-                !p.exhausted && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms
+                !p.exhausted
+                    && !p.dormant
+                    && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms
             })
             .map(|p| match p.max_time {
                 Some(t) => Watermark::at(EventTime(t.saturating_sub(self.max_out_of_orderness_ms))),
@@ -190,5 +209,35 @@ mod tests {
         assert_eq!(w.update(0), Watermark::at(EventTime(20)));
         w.exhaust(1, P0);
         assert_eq!(w.update(0), Watermark::MAX);
+    }
+
+    /// A dormant partition (a topic waiting for its history to be read) neither holds
+    /// the watermark back nor lets it run to infinity when the rest is exhausted.
+    #[test]
+    fn dormant_partitions_neither_hold_nor_release() {
+        let mut w = Watermarks::new(&[2, 1], 0, u64::MAX, 0);
+        w.set_dormant(0, P0, true, 0);
+        w.observe(0, P1, EventTime(30), 0);
+        w.observe(1, P0, EventTime(50), 0);
+        assert_eq!(
+            w.update(0),
+            Watermark::at(EventTime(30)),
+            "P0 does not hold"
+        );
+        w.exhaust(0, P1);
+        w.exhaust(1, P0);
+        assert_eq!(
+            w.update(0),
+            Watermark::at(EventTime(30)),
+            "a dormant partition is not exhausted: nothing moves"
+        );
+        w.set_dormant(0, P0, false, 5);
+        assert_eq!(
+            w.update(5),
+            Watermark::at(EventTime(30)),
+            "awake, empty: holds"
+        );
+        w.observe(0, P0, EventTime(90), 6);
+        assert_eq!(w.update(6), Watermark::at(EventTime(90)));
     }
 }

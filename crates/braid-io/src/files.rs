@@ -109,6 +109,14 @@ impl LineBatch {
         self.lines.is_empty()
     }
 
+    /// Numbers the files of the lines from `start` on after `offset` others (a source
+    /// that reads files as one more partition after its own).
+    pub fn renumber_files(&mut self, start: usize, offset: u32) {
+        for line in &mut self.lines[start..] {
+            line.position.file += offset;
+        }
+    }
+
     /// The lines (without their line ends) in the order read.
     pub fn iter(&self) -> impl Iterator<Item = Line<'_>> {
         self.lines.iter().map(|l| Line {

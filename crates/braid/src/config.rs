@@ -191,6 +191,10 @@ pub struct BackfillPlan {
     pub pattern: String,
     pub files: Vec<PathBuf>,
     pub until_ms: i64,
+    /// The topic is read from the offsets for `until_ms` minus this (the disorder
+    /// bound): records stamped a little before their event time are not missed; those
+    /// whose events are before `until_ms` are skipped, the files have them.
+    pub seam_slack_ms: i64,
 }
 
 /// Kafka as the output (SPEC §6).
@@ -333,8 +337,18 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         return Err("[join] right: must name a different source than left".into());
     }
     let sources = [
-        source(left, base, &raw.name)?,
-        source(right, base, &raw.name)?,
+        source(
+            left,
+            base,
+            &raw.name,
+            max_out_of_orderness_ms + allowed_lateness_ms,
+        )?,
+        source(
+            right,
+            base,
+            &raw.name,
+            max_out_of_orderness_ms + allowed_lateness_ms,
+        )?,
     ];
     if left.key.len() != right.key.len() {
         return Err(format!(
@@ -499,7 +513,12 @@ fn properties(map: &Option<BTreeMap<String, String>>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn kafka_source(s: &SourceFile, base: &Path, job: &str) -> Result<KafkaSourcePlan, String> {
+fn kafka_source(
+    s: &SourceFile,
+    base: &Path,
+    job: &str,
+    slack_ms: i64,
+) -> Result<KafkaSourcePlan, String> {
     let field = |f: &str| format!("[[source]] {}: {f}", s.name);
     let time = |f: &str, text: &str| {
         braid_io::parse_rfc3339_ms(text).map_err(|e| {
@@ -531,10 +550,17 @@ fn kafka_source(s: &SourceFile, base: &Path, job: &str) -> Result<KafkaSourcePla
                     b.until
                 )
             })?;
+            if s.start.is_some() {
+                return Err(format!(
+                    "{}: a source with [source.backfill] reads the topic from backfill.until on; remove `start`",
+                    field("start")
+                ));
+            }
             Some(BackfillPlan {
                 pattern: b.path.clone(),
                 files,
                 until_ms,
+                seam_slack_ms: slack_ms,
             })
         }
     };
@@ -553,7 +579,7 @@ fn kafka_source(s: &SourceFile, base: &Path, job: &str) -> Result<KafkaSourcePla
     })
 }
 
-fn source(s: &SourceFile, base: &Path, job: &str) -> Result<SourcePlan, String> {
+fn source(s: &SourceFile, base: &Path, job: &str, slack_ms: i64) -> Result<SourcePlan, String> {
     let field = |f: &str| format!("[[source]] {}: {f}", s.name);
     if s.key.is_empty() {
         return Err(format!(
@@ -640,7 +666,7 @@ fn source(s: &SourceFile, base: &Path, job: &str) -> Result<SourcePlan, String> 
             only_for(s.stream.is_some(), "stream", "generator")?;
             only_for(s.events.is_some(), "events", "generator")?;
             only_for(s.seed.is_some(), "seed", "generator")?;
-            Input::Kafka(kafka_source(s, base, job)?)
+            Input::Kafka(kafka_source(s, base, job, slack_ms)?)
         }
         other => {
             return Err(format!(

@@ -301,6 +301,9 @@ struct Reading<'p> {
     /// Whether a source's last read found nothing to read (a live source waiting for
     /// records): the other is read first.
     dry: [bool; 2],
+    /// Per source and partition: whether it waits to be read (a topic behind its
+    /// history files), as last told to the watermarks.
+    dormant: [Vec<bool>; 2],
     /// Per source and partition, its guard against times its stream does not follow.
     guards: [Vec<TimeGuard<HeldLine>>; 2],
     verdicts: Vec<Verdict<HeldLine>>,
@@ -341,6 +344,10 @@ impl<'p> Reading<'p> {
                 vec![false; partitions[1] as usize],
             ],
             dry: [false; 2],
+            dormant: [
+                vec![false; partitions[0] as usize],
+                vec![false; partitions[1] as usize],
+            ],
             guards: [guards(0), guards(1)],
             verdicts: Vec::new(),
             marks: Watermarks::new(
@@ -506,6 +513,12 @@ impl<'p> Reading<'p> {
         // delivered everything there was is, once idle_timeout passes.
         for other in 0..2 {
             for p in 0..self.finished[other].len() {
+                let dormant = self.readers[other].dormant(p as u32);
+                if dormant != self.dormant[other][p] {
+                    self.dormant[other][p] = dormant;
+                    self.marks
+                        .set_dormant(other, PartitionId(p as u32), dormant, now_ms);
+                }
                 if !self.finished[other][p] && !self.readers[other].caught_up(p as u32) {
                     self.marks.touch(other, PartitionId(p as u32), now_ms);
                 }
@@ -532,7 +545,6 @@ impl<'p> Reading<'p> {
     /// Decodes one line and sends it where it belongs: the join, `_late/` or `_dead/`,
     /// or its partition's time guard, which holds it while its time is far ahead.
     fn admit(&mut self, s: usize, line: Line<'_>, now_ms: u64) -> anyhow::Result<()> {
-        self.counts[s].input += 1;
         let decoded = match line.oversized {
             Some(len) => Err(braid_io::DecodeError::Oversized {
                 len,
@@ -543,10 +555,16 @@ impl<'p> Reading<'p> {
         let decoded = match decoded {
             Ok(d) => d,
             Err(error) => {
-                return self.dead_letter(s, line.bytes, line.position, &error.to_string())
+                self.counts[s].input += 1;
+                return self.dead_letter(s, line.bytes, line.position, &error.to_string());
             }
         };
         let p = self.readers[s].partition_of(line.position) as usize;
+        if !self.readers[s].keeps(p as u32, decoded.time.0) {
+            // The other part of the input (history or topic) has it.
+            return Ok(());
+        }
+        self.counts[s].input += 1;
         let arrival = self.guards[s][p].offer(
             decoded.time,
             || HeldLine {

@@ -37,6 +37,16 @@ pub trait Source {
     fn finished(&self, _partition: u32) -> bool {
         false
     }
+    /// Whether a partition waits to be read (a topic while its history is read): it
+    /// does not hold the watermark back.
+    fn dormant(&self, _partition: u32) -> bool {
+        false
+    }
+    /// Whether an event of this time belongs to the partition's part of the input (the
+    /// history files and the topic meet at `backfill.until`, each keeping its side).
+    fn keeps(&self, _partition: u32, _time_ms: i64) -> bool {
+        true
+    }
 }
 
 /// Opens a job's source.

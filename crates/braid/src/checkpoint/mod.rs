@@ -104,6 +104,9 @@ pub enum SourceAt {
         topic: String,
         offsets: Vec<i64>,
         end: Option<Vec<i64>>,
+        /// Where the history files stand while they are read (`[source.backfill]`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        history: Option<SourcePosition>,
     },
 }
 

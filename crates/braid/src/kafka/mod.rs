@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::ConsumerContext;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// How long a metadata request, an offsets look-up or a transaction call may take
 /// before braid calls the broker unreachable.
@@ -79,6 +79,10 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // The end of a partition is news to the source, not an error.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
         if self.should_log() {
             tracing::warn!(target: "braid::kafka", "kafka: {error}: {reason}");
         }

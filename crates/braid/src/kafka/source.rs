@@ -10,11 +10,11 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use braid_io::{LineBatch, Position};
+use braid_io::{FileSource, LineBatch, Position};
 
 use super::{client_config, Context, BROKER_OUTAGE_MAX, REQUEST_TIMEOUT};
 use crate::checkpoint::SourceAt;
-use crate::config::{KafkaEnd, KafkaSourcePlan, KafkaStart};
+use crate::config::{BackfillPlan, KafkaEnd, KafkaSourcePlan, KafkaStart};
 use crate::source::Source;
 
 /// How long a read waits for a record when none is buffered; then it returns what it
@@ -47,6 +47,16 @@ pub struct KafkaSource {
     max_line_bytes: usize,
     /// Since when the broker has not answered (a read error and no record since).
     failing_since: Option<(Instant, String)>,
+    /// History files read before the topic (`[source.backfill]`), as one more
+    /// partition numbered after the topic's.
+    backfill: Option<Backfill>,
+}
+
+struct Backfill {
+    files: FileSource,
+    until_ms: i64,
+    /// Whether every file is read; then the topic's partitions wake.
+    done: bool,
 }
 
 impl KafkaSource {
@@ -102,14 +112,15 @@ impl KafkaSource {
                 )
                 .collect()
         };
-        let next = match plan.start {
-            KafkaStart::Earliest => (0..partitions)
+        let next = match (&plan.backfill, plan.start) {
+            (Some(b), _) => at_time(b.until_ms.saturating_sub(b.seam_slack_ms))?,
+            (None, KafkaStart::Earliest) => (0..partitions)
                 .map(|p| Ok(watermarks(p)?.0))
                 .collect::<anyhow::Result<_>>()?,
-            KafkaStart::Latest => (0..partitions)
+            (None, KafkaStart::Latest) => (0..partitions)
                 .map(|p| Ok(watermarks(p)?.1))
                 .collect::<anyhow::Result<_>>()?,
-            KafkaStart::Time(ms) => at_time(ms)?,
+            (None, KafkaStart::Time(ms)) => at_time(ms)?,
         };
         let end = match plan.end {
             None => None,
@@ -134,6 +145,11 @@ impl KafkaSource {
             assigned: false,
             max_line_bytes,
             failing_since: None,
+            backfill: plan.backfill.as_ref().map(|b: &BackfillPlan| Backfill {
+                files: FileSource::from_files(name, b.files.clone(), max_line_bytes),
+                until_ms: b.until_ms,
+                done: false,
+            }),
         };
         source.check_finished();
         Ok(source)
@@ -193,6 +209,29 @@ impl KafkaSource {
         }
     }
 
+    /// The topic's partition count (the history partition comes after them).
+    fn topic_partitions(&self) -> u32 {
+        self.next.len() as u32
+    }
+
+    fn reading_history(&self) -> bool {
+        self.backfill.as_ref().is_some_and(|b| !b.done)
+    }
+
+    /// Reads history lines; a file's lines are numbered after the topic's partitions.
+    fn read_history(&mut self, batch: &mut LineBatch, max: usize) -> anyhow::Result<()> {
+        let n = self.topic_partitions();
+        let b = self.backfill.as_mut().expect("reading history");
+        let start = batch.len();
+        let more = b.files.read_batch(batch, max)?;
+        batch.renumber_files(start, n);
+        if !more {
+            b.done = true;
+            tracing::info!(source = %self.name, "history read; reading the topic");
+        }
+        Ok(())
+    }
+
     fn all_finished(&self) -> bool {
         self.end.is_some() && self.finished.iter().all(|&f| f)
     }
@@ -221,6 +260,10 @@ pub fn partition_count(
 
 impl Source for KafkaSource {
     fn read(&mut self, batch: &mut LineBatch, max: usize) -> anyhow::Result<bool> {
+        if self.reading_history() {
+            self.read_history(batch, max)?;
+            return Ok(true);
+        }
         if self.all_finished() {
             return Ok(false);
         }
@@ -299,6 +342,11 @@ impl Source for KafkaSource {
             topic: self.topic.clone(),
             offsets: self.next.clone(),
             end: self.end.clone(),
+            history: self
+                .backfill
+                .as_ref()
+                .filter(|b| !b.done)
+                .map(|b| b.files.position()),
         }
     }
 
@@ -307,6 +355,7 @@ impl Source for KafkaSource {
             topic,
             offsets,
             end,
+            history,
         } = at
         else {
             anyhow::bail!("the checkpoint holds a position of another kind of source: {at:?}");
@@ -324,6 +373,12 @@ impl Source for KafkaSource {
         );
         self.next = offsets.clone();
         self.end = end.clone();
+        if let Some(b) = &mut self.backfill {
+            match history {
+                Some(position) => b.files.seek(position)?,
+                None => b.done = true,
+            }
+        }
         self.finished = vec![false; self.next.len()];
         self.check_finished();
         if self.assigned {
@@ -333,22 +388,50 @@ impl Source for KafkaSource {
     }
 
     fn describe(&self, position: Position) -> String {
-        format!("{}[{}]@{}", self.topic, position.file, position.line)
+        let n = self.topic_partitions();
+        match &self.backfill {
+            Some(b) if position.file >= n => {
+                let file = Position {
+                    file: position.file - n,
+                    line: position.line,
+                };
+                format!("{}:{}", b.files.path(file).display(), position.line)
+            }
+            _ => format!("{}[{}]@{}", self.topic, position.file, position.line),
+        }
     }
 
     fn partitions(&self) -> u32 {
-        self.next.len() as u32
+        self.topic_partitions() + u32::from(self.backfill.is_some())
     }
 
     fn partition_of(&self, position: Position) -> u32 {
-        position.file
+        position.file.min(self.topic_partitions())
     }
 
     fn caught_up(&self, partition: u32) -> bool {
-        self.caught_up[partition as usize]
+        self.caught_up
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     fn finished(&self, partition: u32) -> bool {
-        self.finished[partition as usize]
+        match self.finished.get(partition as usize) {
+            Some(&f) => f,
+            None => self.backfill.as_ref().is_some_and(|b| b.done),
+        }
+    }
+
+    fn dormant(&self, partition: u32) -> bool {
+        partition < self.topic_partitions() && self.reading_history()
+    }
+
+    fn keeps(&self, partition: u32, time_ms: i64) -> bool {
+        match &self.backfill {
+            None => true,
+            Some(b) if partition >= self.topic_partitions() => time_ms < b.until_ms,
+            Some(b) => time_ms >= b.until_ms,
+        }
     }
 }
