@@ -104,6 +104,15 @@ fn each_mistake_names_its_field_and_exits_2() {
         ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5s\"\nmax_time_jump = \"soon\"", "[time] max_time_jump: `soon` is not a duration"),
         ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5s\"\nmax_time_jump = \"0s\"", "[time] max_time_jump: must be positive, or \"off\""),
         ("max_out_of_orderness = \"5s\"", "max_out_of_orderness = \"5s\"\ncorroborate = -1", "invalid value"),
+        // Kafka: fields of another kind, what a kafka source needs, exactly-once's rules.
+        ("path = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "path = \"data/*.ndjson\"\ntopic = \"t\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "[[source]] impressions: topic: only a `kafka` source takes it"),
+        ("kind = \"files\"\npath = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "kind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "[[source]] impressions: topic: a kafka source needs a topic"),
+        ("kind = \"files\"\npath = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "kind = \"kafka\"\ntopic = \"i\"\nbrokers = \"127.0.0.1:1\"\nstart = \"yesterday\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "[[source]] impressions: start: `yesterday` is not earliest, latest or an RFC 3339 time"),
+        ("key = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "key = [\"profile_id\", \"title_id\"]\nid", "[[source]] impressions: time: a files source needs the field that holds the event time"),
+        ("kind = \"files\"\npath = \"out\"", "kind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ntopic = \"o\"", "[output] kind: a kafka output commits its transactions together with the sources' Kafka offsets, and source `impressions` is not kafka"),
+        ("kind = \"files\"\npath = \"out\"", "kind = \"kafka\"\npath = \"out\"\nbrokers = \"127.0.0.1:1\"\ntopic = \"o\"", "[output] path: only a `files` output takes it"),
+        ("kind = \"files\"\npath = \"out\"", "kind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ntopic = \"o\"\n[output.properties]\n\"transaction.timeout.ms\" = \"20000\"", "[output.properties] transaction.timeout.ms: 20000 ms is too short for [checkpoint] interval 10s"),
+        ("interval = \"10s\"", "interval = \"10m\"\n[output.properties]", "[output] properties: only a `kafka` output takes it"),
     ];
     for (from, to, want) in cases {
         assert!(
