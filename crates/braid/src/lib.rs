@@ -13,6 +13,7 @@ pub mod demo;
 pub mod driver;
 pub mod engine;
 pub mod kafka;
+pub mod kafka_bench;
 pub mod progress;
 pub mod results;
 pub mod signals;

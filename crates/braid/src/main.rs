@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use braid::bench::BenchOptions;
 use braid::config::JobError;
+use braid::kafka_bench::KafkaBenchOptions;
 use braid::units::{parse_duration_ms, parse_size_bytes};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -101,6 +102,9 @@ struct GenerateArgs {
 enum Workload {
     FlinkPeer,
     Files,
+    /// Kafka → join → Kafka on a broker you run (`--brokers`), with the ceiling of the
+    /// same broker without the join and the latency of a live run.
+    Kafka,
 }
 
 #[derive(clap::Args)]
@@ -109,8 +113,9 @@ struct BenchArgs {
     workload: Workload,
     #[arg(long, default_value_t = 10_000_000)]
     events: u64,
-    #[arg(long, default_value = "128MiB")]
-    memory_max: String,
+    /// Default: 128MiB; 2GiB for kafka.
+    #[arg(long)]
+    memory_max: Option<String>,
     /// Shard threads (default: the number of cores).
     #[arg(long)]
     parallelism: Option<usize>,
@@ -118,9 +123,19 @@ struct BenchArgs {
     #[arg(long, default_value = ".braid/bench")]
     dir: PathBuf,
     /// flink-peer: take checkpoints this often (e.g. 10s) into DIR/checkpoints, and at
-    /// the end time a restore of the last one into fresh state.
+    /// the end time a restore of the last one into fresh state. kafka: the job's
+    /// checkpoint interval (default 10s).
     #[arg(long)]
     checkpoint_interval: Option<String>,
+    /// kafka: the broker, HOST:PORT.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// kafka: the latency run appends this many events/s ...
+    #[arg(long, default_value_t = 20_000)]
+    live_rate: u64,
+    /// ... for this long (s); 0 skips the latency run.
+    #[arg(long, default_value_t = 60)]
+    live_seconds: u64,
 }
 
 /// Errors that are the user's to fix in what they wrote (exit 2).
@@ -249,8 +264,17 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.live_rate == 0 && args.live_seconds > 0 {
+        return Err(
+            UsageError("--live-rate: must be positive (or --live-seconds 0)".into()).into(),
+        );
+    }
+    let memory_max = args.memory_max.as_deref().unwrap_or(match args.workload {
+        Workload::Kafka => "2GiB",
+        _ => "128MiB",
+    });
     let memory_max_bytes =
-        parse_size_bytes(&args.memory_max).map_err(|e| UsageError(format!("--memory-max: {e}")))?;
+        parse_size_bytes(memory_max).map_err(|e| UsageError(format!("--memory-max: {e}")))?;
     let options = BenchOptions {
         events: args.events,
         memory_max_bytes,
@@ -269,6 +293,20 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let line = match args.workload {
         Workload::FlinkPeer => braid::bench::flink_peer(&options)?,
         Workload::Files => braid::bench::files(&options, &args.dir.join("files"))?,
+        Workload::Kafka => braid::kafka_bench::kafka(&KafkaBenchOptions {
+            brokers: args.brokers.clone().ok_or_else(|| {
+                UsageError(
+                    "--brokers: the kafka workload needs a broker, e.g. 127.0.0.1:9092".into(),
+                )
+            })?,
+            events: args.events,
+            parallelism: options.parallelism,
+            memory_max_bytes,
+            checkpoint_interval_ms: options.checkpoint_interval_ms.unwrap_or(10_000),
+            dir: args.dir.join("kafka"),
+            live_rate: args.live_rate,
+            live_seconds: args.live_seconds,
+        })?,
     };
     println!("{line}");
     if line["correct"] == serde_json::Value::Bool(false) {
