@@ -121,8 +121,19 @@ impl KafkaOutput {
             Ok(producer)
         };
         let producers = [producer(0)?, producer(1)?];
+        // Topics are checked by a consumer: a producer's metadata request may create a
+        // missing topic on a broker that allows it, and braid never creates topics.
+        let checker: BaseConsumer<Context> =
+            client_config(&output.brokers, &[], &output.properties)
+                .create_with_context(Context::default())
+                .with_context(|| {
+                    format!(
+                        "[output]: cannot create a Kafka client for {}",
+                        output.brokers
+                    )
+                })?;
         for topic in [&output.topic, &output.late_topic, &output.dead_topic] {
-            check_topic(producers[0].client(), &output.brokers, topic)?;
+            check_topic(&checker, &output.brokers, topic)?;
         }
         for p in &producers {
             init(p, &output.brokers)?;
@@ -295,11 +306,7 @@ fn init(producer: &OutputProducer, brokers: &str) -> anyhow::Result<()> {
     })
 }
 
-fn check_topic<C: ClientContext>(
-    client: &rdkafka::client::Client<C>,
-    brokers: &str,
-    topic: &str,
-) -> anyhow::Result<()> {
+fn check_topic(client: &BaseConsumer<Context>, brokers: &str, topic: &str) -> anyhow::Result<()> {
     let metadata = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
         anyhow::anyhow!(
             "[output]: cannot reach Kafka at {brokers} (no metadata within {} s: {e}); check `brokers` and that the broker is up",
@@ -335,7 +342,7 @@ pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
             .create_with_context(Context::default())
             .with_context(|| format!("source `{}`: cannot create a Kafka consumer", source.name))?;
         let partitions = super::source::partition_count(&consumer, &k.brokers, &k.topic)
-            .with_context(|| format!("source `{}`", source.name))?;
+            .map_err(|e| anyhow::anyhow!("source `{}`: {e}", source.name))?;
         let mut query = TopicPartitionList::new();
         for p in 0..partitions {
             query.add_partition(&k.topic, p);

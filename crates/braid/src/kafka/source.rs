@@ -78,7 +78,7 @@ impl KafkaSource {
                     )
                 })?;
         let partitions = partition_count(&consumer, &plan.brokers, &plan.topic)
-            .with_context(|| format!("source `{name}`"))?;
+            .map_err(|e| anyhow::anyhow!("source `{name}`: {e}"))?;
         let watermarks = |p: i32| {
             consumer
                 .fetch_watermarks(&plan.topic, p, REQUEST_TIMEOUT)
