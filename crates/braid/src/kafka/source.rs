@@ -157,9 +157,9 @@ impl KafkaSource {
 
     fn check_finished(&mut self) {
         if let Some(end) = &self.end {
-            for p in 0..self.next.len() {
-                if self.next[p] >= end[p] {
-                    self.finished[p] = true;
+            for ((finished, next), end) in self.finished.iter_mut().zip(&self.next).zip(end) {
+                if next >= end {
+                    *finished = true;
                 }
             }
         }
