@@ -1,0 +1,144 @@
+//! What stops a Kafka job, and how: an unreachable broker and a missing topic are
+//! runtime failures (exit 1, within a bounded time, with a message naming the broker
+//! or the topic); a transaction timeout shorter than the checkpoint interval is a job
+//! file error (exit 2 from `braid validate` and from `braid run`, before any broker is
+//! asked). The tests' own job file is checked to be valid first, so that the failures
+//! below are the ones meant.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::kafka::run::{BraidRun, KafkaJob};
+use common::kafka::{
+    create_topic, exclusive, free_port, produce_lines, Broker, IMPRESSIONS, OUT, OUT_DEAD,
+    OUT_LATE, PARTITIONS, PLAYS,
+};
+use common::{assert_success, braid, generate, stderr};
+
+/// How long braid may take to give up on a broker nobody answers for.
+const GIVE_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Runs `braid run JOB` to its end, which must come within [`GIVE_UP_TIMEOUT`];
+/// returns the exit code and stderr.
+fn run_until_it_stops(dir: &Path, job: &Path) -> (Option<i32>, String) {
+    let mut run = BraidRun::start(job, None, &dir.join("run.log"));
+    let status = run.wait_for(GIVE_UP_TIMEOUT);
+    let err = run.stderr();
+    let status =
+        status.unwrap_or_else(|| panic!("braid still runs after {GIVE_UP_TIMEOUT:?}:\n{err}"));
+    (status.code(), err)
+}
+
+#[test]
+fn the_tests_job_file_is_valid() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let job = KafkaJob::new(&format!("127.0.0.1:{}", free_port())).write(dir.path());
+    let out = braid(&["validate", path_str(&job)]);
+    assert_success(&out);
+    let mut unbounded = KafkaJob::new("127.0.0.1:9");
+    unbounded.end = None;
+    unbounded.idle_timeout = Some("1s".to_string());
+    let out = braid(&["validate", path_str(&unbounded.write(dir.path()))]);
+    assert_success(&out);
+}
+
+#[test]
+fn an_unreachable_broker_stops_the_job_naming_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Nobody listens there: the port was free a moment ago.
+    let brokers = format!("127.0.0.1:{}", free_port());
+    let job = KafkaJob::new(&brokers).write(dir.path());
+    let (code, err) = run_until_it_stops(dir.path(), &job);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&brokers),
+        "stderr names the broker {brokers}: {err}"
+    );
+}
+
+/// A broker with the job's topics except `missing`, and a little input; the job
+/// refers to `missing` in place of `role` ("impressions" or "out").
+fn job_with_a_missing_topic(dir: &Path, broker: &Broker, role: &str, missing: &str) -> PathBuf {
+    let bootstrap = broker.bootstrap();
+    for topic in [IMPRESSIONS, PLAYS, OUT, OUT_LATE, OUT_DEAD] {
+        create_topic(&bootstrap, topic, PARTITIONS);
+    }
+    generate(dir, 2_000, 5);
+    let input = common::kafka::check::Input::generated(dir);
+    produce_lines(&bootstrap, IMPRESSIONS, PARTITIONS, &input.impressions);
+    produce_lines(&bootstrap, PLAYS, PARTITIONS, &input.plays);
+    let mut job = KafkaJob::new(&bootstrap);
+    match role {
+        "impressions" => job.impressions_topic = missing.to_string(),
+        "out" => job.output_topic = missing.to_string(),
+        other => panic!("no role {other}"),
+    }
+    job.write(dir)
+}
+
+fn assert_missing_topic_named(dir: &Path, job: &Path, topic: &str) {
+    let (code, err) = run_until_it_stops(dir, job);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(topic), "stderr names the topic {topic}: {err}");
+    assert!(
+        err.contains("exist"),
+        "stderr says that the topic must exist (braid does not create topics): {err}"
+    );
+}
+
+#[test]
+fn a_missing_input_topic_stops_the_job_naming_it() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Broker::start();
+    let job = job_with_a_missing_topic(dir.path(), &broker, "impressions", "no-such-impressions");
+    assert_missing_topic_named(dir.path(), &job, "no-such-impressions");
+}
+
+#[test]
+fn a_missing_output_topic_stops_the_job_naming_it() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Broker::start();
+    let job = job_with_a_missing_topic(dir.path(), &broker, "out", "no-such-out");
+    assert_missing_topic_named(dir.path(), &job, "no-such-out");
+    let topics: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .expect("consumer");
+    let metadata =
+        rdkafka::consumer::Consumer::fetch_metadata(&topics, None, common::kafka::CALL_TIMEOUT)
+            .expect("metadata");
+    assert!(
+        metadata.topics().iter().all(|t| t.name() != "no-such-out"),
+        "braid created the topic"
+    );
+}
+
+#[test]
+fn a_transaction_timeout_below_the_checkpoint_interval_is_a_job_file_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // No broker: the job file is refused before any is asked.
+    let mut job = KafkaJob::new(&format!("127.0.0.1:{}", free_port()));
+    job.checkpoint_interval = "10s".to_string();
+    job.output_properties = vec![("transaction.timeout.ms".to_string(), "1000".to_string())];
+    let job = job.write(dir.path());
+    for args in [vec!["validate"], vec!["run", "--quiet"]] {
+        let command = args[0];
+        let out = braid(&[args.as_slice(), &[path_str(&job)]].concat());
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "braid {command}: {err}");
+        for named in ["transaction.timeout.ms", "interval"] {
+            assert!(
+                err.contains(named),
+                "braid {command}: stderr names {named}: {err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Exactly-once from Kafka to Kafka through crashes, on the real binary and a real
+//! broker (noida-db, started by the test). A bounded job (`end = "latest"`) reads a
+//! generated take-rate data set from two co-partitioned topics of 4 partitions and
+//! writes the left join to `out`, late events to `out.late` and dead letters to
+//! `out.dead`, in one transaction per checkpoint epoch.
+//!
+//! - `sigkill_at_random_moments`: braid is SIGKILLed at seeded random moments and
+//!   restarted, then run to completion. A kill lands a random delay after the start,
+//!   or just after the run's output is first seen in flight (an open transaction), or
+//!   just after its first commit is seen, so that kills hit every phase of an epoch
+//!   however fast braid is. After every kill, what a `read_committed` consumer sees of
+//!   `out` must be part of the final expected output (no wrong row, none twice); at the
+//!   end it must equal it exactly.
+//! - `a_crash_around_the_kafka_commit_is_recovered`: `BRAID_FAULTS` aborts the process
+//!   just before, or just after, the Kafka commit of an epoch whose manifest is written;
+//!   the next run must finish with the same exact output.
+//!
+//! "Exact" is `common::kafka::check::check_exact`: dead letters are the invalid input lines;
+//! each late record is a valid input line, once; the joined rows equal the independent
+//! reference join over the input less the late events. (Which events are late depends
+//! on how the partitions' reads interleave, so the test cannot know it in advance.)
+//!
+//! Each schedule prints its seed; `BRAID_CRASH_SEED=N` replays one.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::kafka::check::{check_exact, describe_difference, expected_rows, read_outputs, Input};
+use common::kafka::run::{BraidRun, KafkaJob};
+use common::kafka::{create_job_topics, exclusive, read_committed, Broker, OffsetWatch, OUT};
+use common::{generate, is_sub_multiset, TestRng};
+
+const EVENTS: u64 = 20_000;
+/// Kills per schedule, and per test run at least.
+const KILLS_PER_SCHEDULE: usize = 6;
+const KILLS_WANTED: usize = 10;
+const SCHEDULES_MAX: u64 = 3;
+/// A delayed kill lands this long after its run started, from the seed.
+const KILL_DELAY_MS: (u64, u64) = (100, 1_500);
+/// A kill at an observed moment (records in flight, a commit) lands up to this long
+/// after it.
+const KILL_EXTRA_MS_MAX: u64 = 300;
+/// Offsets that a run's start may add to `out` without output: one abort marker per
+/// partition and transactional producer of the killed run (braid has two).
+const MARKERS_SLACK: i64 = 16;
+/// How long a run to completion may take (a few seconds here, on 2 loaded cores).
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A data set in the input topics of a fresh broker, and a bounded job over them.
+struct Setup {
+    dir: tempfile::TempDir,
+    broker: Broker,
+    input: Input,
+    job: PathBuf,
+    runs: usize,
+}
+
+impl Setup {
+    fn new(seed: u64) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        generate(dir.path(), EVENTS, seed);
+        let input = Input::generated(dir.path());
+        let broker = Broker::start();
+        create_job_topics(&broker.bootstrap());
+        input.produce(&broker.bootstrap());
+        let job = KafkaJob::new(&broker.bootstrap()).write(dir.path());
+        Setup {
+            dir,
+            broker,
+            input,
+            job,
+            runs: 0,
+        }
+    }
+
+    fn start(&mut self, faults: Option<&str>) -> BraidRun {
+        self.runs += 1;
+        let log = self.dir.path().join(format!("run-{}.log", self.runs));
+        BraidRun::start(&self.job, faults, &log)
+    }
+
+    /// Runs braid to completion (exit 0) and checks the committed output exactly;
+    /// returns the joined rows.
+    fn finish_and_check(&mut self, context: &str) -> Vec<String> {
+        let mut run = self.start(None);
+        let status = run.wait_for(RUN_TIMEOUT);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{context}: the final run ended with {status:?} (None: still running after \
+             {RUN_TIMEOUT:?}):\n{}",
+            run.stderr()
+        );
+        let got = read_outputs(&self.broker.bootstrap());
+        if let Err(e) = check_exact(&self.input, &got, &|_| false) {
+            panic!("{context}: {e}");
+        }
+        eprintln!(
+            "{context}: output exact: {} rows, {} late, {} dead",
+            got.joined.len(),
+            got.late.len(),
+            got.dead.len()
+        );
+        expected_rows(&self.input, &got.late).expect("checked above")
+    }
+}
+
+/// What a `read_committed` consumer saw of `out` after a kill.
+struct Snapshot {
+    kills: usize,
+    moment: String,
+    rows: Vec<String>,
+}
+
+/// When a run is killed, drawn from the seed for each run.
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// This long after the start: at start-up, restore, or wherever the run is then.
+    Delay(u64),
+    /// This long after the run's first output records are seen in an open transaction.
+    InFlight(u64),
+    /// This long after the run's first commit of output is seen.
+    AfterCommit(u64),
+}
+
+impl KillAt {
+    fn draw(rng: &mut TestRng) -> KillAt {
+        let extra_ms = rng.range(0, KILL_EXTRA_MS_MAX);
+        match rng.range(0, 10) {
+            0..=3 => KillAt::Delay(rng.range(KILL_DELAY_MS.0, KILL_DELAY_MS.1)),
+            4..=6 => KillAt::InFlight(extra_ms),
+            _ => KillAt::AfterCommit(extra_ms),
+        }
+    }
+}
+
+/// Waits for the moment `at` of `run`; returns its exit status if it ended first. A
+/// trigger not seen within [`RUN_TIMEOUT`] kills anyway.
+fn wait_for_moment(
+    run: &mut BraidRun,
+    watch: &OffsetWatch,
+    at: KillAt,
+) -> Option<std::process::ExitStatus> {
+    let (extra_ms, in_flight) = match at {
+        KillAt::Delay(ms) => return run.wait_for(Duration::from_millis(ms)),
+        KillAt::InFlight(ms) => (ms, true),
+        KillAt::AfterCommit(ms) => (ms, false),
+    };
+    let (high_at_start, _) = watch.ends();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = run.try_wait() {
+            return Some(status);
+        }
+        let (high, stable) = watch.ends();
+        // Past the markers that abort the killed run's transactions, which the new
+        // run writes when it starts.
+        let seen = if in_flight {
+            high > high_at_start + MARKERS_SLACK && high > stable
+        } else {
+            stable > high_at_start + MARKERS_SLACK
+        };
+        if seen {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run.wait_for(Duration::from_millis(extra_ms))
+}
+
+/// Runs one kill-and-restart schedule; returns the number of kills that hit a running
+/// process.
+fn crash_schedule(seed: u64) -> usize {
+    eprintln!("crash schedule: seed {seed} (replay with BRAID_CRASH_SEED={seed})");
+    let mut setup = Setup::new(seed);
+    let watch = OffsetWatch::new(&setup.broker.bootstrap(), OUT);
+    let mut rng = TestRng(seed);
+    let mut snapshots = Vec::new();
+    let mut kills = 0;
+    while kills < KILLS_PER_SCHEDULE {
+        let at = KillAt::draw(&mut rng);
+        let mut run = setup.start(None);
+        if let Some(status) = wait_for_moment(&mut run, &watch, at) {
+            assert!(
+                status.success(),
+                "seed {seed}, run {}: braid failed ({status}):\n{}",
+                setup.runs,
+                run.stderr()
+            );
+            eprintln!("seed {seed}: run {} finished before its kill", setup.runs);
+            break;
+        }
+        let moment = format!(
+            "{at:?}, {} ms into run {}",
+            run.started.elapsed().as_millis(),
+            setup.runs
+        );
+        run.kill();
+        kills += 1;
+        // The killed run's open transaction holds the last stable offset down until the
+        // next run initialises the same transactional id: this sees what committed.
+        let rows = read_committed(&setup.broker.bootstrap(), OUT);
+        assert!(
+            rows.windows(2).all(|w| w[0] != w[1]),
+            "seed {seed}: after kill {kills} ({moment}) `out` holds a row twice"
+        );
+        snapshots.push(Snapshot {
+            kills,
+            moment,
+            rows,
+        });
+    }
+    let want = setup.finish_and_check(&format!("seed {seed}, after {kills} kills"));
+    for s in &snapshots {
+        assert!(
+            is_sub_multiset(&s.rows, &want),
+            "seed {seed}: after kill {} ({}) `out` held rows that are not in the final \
+             expected output:{}",
+            s.kills,
+            s.moment,
+            describe_difference(&s.rows, &want)
+        );
+    }
+    for s in &snapshots {
+        eprintln!(
+            "seed {seed}: kill {} at {}: {} rows visible",
+            s.kills,
+            s.moment,
+            s.rows.len()
+        );
+    }
+    eprintln!("seed {seed}: {kills} kills over {} runs", setup.runs);
+    kills
+}
+
+#[test]
+fn sigkill_at_random_moments() {
+    let _serial = exclusive();
+    let seed = std::env::var("BRAID_CRASH_SEED")
+        .ok()
+        .map_or_else(common::seed, |s| {
+            s.parse().expect("BRAID_CRASH_SEED is a number")
+        });
+    // A schedule ends early when a run finishes before its kill; a third one, if
+    // needed, makes up the count.
+    let mut kills = 0;
+    for schedule in 0..SCHEDULES_MAX {
+        if kills >= KILLS_WANTED {
+            break;
+        }
+        kills += crash_schedule(seed + schedule);
+    }
+    assert!(
+        kills >= KILLS_WANTED,
+        "only {kills} kills hit a running process"
+    );
+}
+
+/// Aborts the run with `fault` (`BRAID_FAULTS`), then recovers.
+fn fault_then_recover(fault: &str, seed: u64) {
+    eprintln!("{fault}: seed {seed}");
+    let mut setup = Setup::new(seed);
+    let mut run = setup.start(Some(fault));
+    let status = run.wait_for(RUN_TIMEOUT);
+    let stderr = run.stderr();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{fault}: the run should abort at the injected fault, it ended with {status:?} \
+         (None: still running):\n{stderr}"
+    );
+    eprintln!("{fault}: the run ended with {status:?}");
+    let visible = read_committed(&setup.broker.bootstrap(), OUT);
+    let want = setup.finish_and_check(fault);
+    assert!(
+        is_sub_multiset(&visible, &want),
+        "{fault}: after the abort `out` held rows that are not in the final output:{}",
+        describe_difference(&visible, &want)
+    );
+}
+
+#[test]
+fn a_crash_around_the_kafka_commit_is_recovered() {
+    let _serial = exclusive();
+    let seed = common::seed();
+    fault_then_recover("crash-before-kafka-commit:2", seed);
+    fault_then_recover("crash-after-kafka-commit:2", seed + 1);
+}

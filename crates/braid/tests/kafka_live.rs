@@ -1,0 +1,275 @@
+//! Running live on Kafka, on the real binary and a real broker (noida-db, started by
+//! the test): unbounded sources (no `end`), records produced while braid runs, clean
+//! stops with SIGTERM, and partitions that fall silent.
+//!
+//! - `sigterm_stops_cleanly_and_the_next_run_resumes`: half the input is produced,
+//!   braid starts, more is produced while it runs; SIGTERM must stop it with exit 0; a
+//!   second run resumes, the rest is produced, and the output over both runs must
+//!   equal the reference over the whole input exactly (`check::check_exact`).
+//! - `an_idle_partition_does_not_hold_the_watermark_back`: partition 3 of both topics
+//!   falls silent; with `idle_timeout = "1s"` the other partitions' unmatched
+//!   impressions must still be emitted while the job runs, and when partition 3 wakes
+//!   up its new events must join.
+//!
+//! An unbounded job emits an unmatched impression only once the watermark passes it,
+//! so the tests end by producing flush events (`check::flush_events`) two days after
+//! everything else to every partition of both topics; the rows of flush events
+//! themselves are left out of the comparison. The seed is printed; `BRAID_SEED=N`
+//! replays one.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::kafka::check::{
+    describe_difference, flush_events, impression_line, key_in, max_time, play_line, Input,
+};
+use common::kafka::run::{complete_and_stop, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
+use common::kafka::{
+    create_job_topics, exclusive, key_of, partition_of, read_committed, Broker, OUT, OUT_LATE,
+    PARTITIONS,
+};
+use common::{generate, is_sub_multiset};
+
+const EVENTS: u64 = 20_000;
+const MINUTE_MS: i64 = 60_000;
+
+fn start(dir: &Path, job: &Path, run: usize) -> BraidRun {
+    BraidRun::start(job, None, &dir.join(format!("run-{run}.log")))
+}
+
+/// The input cut in three: the first half, a quarter, the rest (of each source).
+fn thirds(input: &Input) -> [Input; 3] {
+    let cut = |lines: &[Vec<u8>]| {
+        let (a, b) = (lines.len() / 2, lines.len() * 3 / 4);
+        [
+            lines[..a].to_vec(),
+            lines[a..b].to_vec(),
+            lines[b..].to_vec(),
+        ]
+    };
+    let [i1, i2, i3] = cut(&input.impressions);
+    let [p1, p2, p3] = cut(&input.plays);
+    [
+        Input {
+            impressions: i1,
+            plays: p1,
+        },
+        Input {
+            impressions: i2,
+            plays: p2,
+        },
+        Input {
+            impressions: i3,
+            plays: p3,
+        },
+    ]
+}
+
+/// Waits until every row of `rows` (sorted) is committed in `out`, while `run` runs.
+fn wait_for_rows(bootstrap: &str, run: &mut BraidRun, rows: &[String], what: &str) {
+    let started = Instant::now();
+    let answer = wait_until(OUTPUT_TIMEOUT, || {
+        if let Some(status) = run.try_wait() {
+            panic!("braid ended ({status}) while live:\n{}", run.stderr());
+        }
+        let committed = read_committed(bootstrap, OUT);
+        let missing = rows
+            .iter()
+            .filter(|r| committed.binary_search(r).is_err())
+            .count();
+        if missing == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{missing} of {} {what} not committed ({} rows committed, {} late records)",
+                rows.len(),
+                committed.len(),
+                read_committed(bootstrap, OUT_LATE).len()
+            ))
+        }
+    });
+    if let Err(e) = answer {
+        panic!("{e} after {OUTPUT_TIMEOUT:?}");
+    }
+    eprintln!(
+        "{what}: committed after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_the_next_run_resumes() {
+    let _serial = exclusive();
+    let seed = common::seed();
+    eprintln!("seed {seed} (replay with BRAID_SEED={seed})");
+    let dir = tempfile::tempdir().expect("temp dir");
+    generate(dir.path(), EVENTS, seed);
+    let mut input = Input::generated(dir.path());
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap();
+    create_job_topics(&bootstrap);
+    let mut job = KafkaJob::new(&bootstrap);
+    job.end = None;
+    let job = job.write(dir.path());
+    let [first_half, quarter, rest] = thirds(&input);
+
+    first_half.produce(&bootstrap);
+    let mut first = start(dir.path(), &job, 1);
+    let seen = wait_until(OUTPUT_TIMEOUT, || {
+        if let Some(status) = first.try_wait() {
+            panic!("run 1 ended ({status}) while live:\n{}", first.stderr());
+        }
+        let rows = read_committed(&bootstrap, OUT);
+        if rows.is_empty() {
+            Err("no output committed yet".to_string())
+        } else {
+            Ok(rows.len())
+        }
+    });
+    let seen = seen.unwrap_or_else(|e| panic!("run 1: {e} after {OUTPUT_TIMEOUT:?}"));
+    eprintln!("run 1: {seen} rows committed; producing more");
+    quarter.produce(&bootstrap);
+    std::thread::sleep(Duration::from_secs(1));
+    first.stop_cleanly("run 1");
+    let after_first = read_committed(&bootstrap, OUT);
+
+    let mut second = start(dir.path(), &job, 2);
+    let flush = flush_events(max_time(&input));
+    rest.produce(&bootstrap);
+    flush.produce(&bootstrap);
+    input.extend(flush);
+    complete_and_stop(&bootstrap, &input, &mut second, "run 2");
+    let all = read_committed(&bootstrap, OUT);
+    assert!(
+        is_sub_multiset(&after_first, &all),
+        "what run 1 committed is not all in the final output:{}",
+        describe_difference(&after_first, &all)
+    );
+}
+
+/// The idle-partition test's data: keys and times chosen per partition.
+#[derive(Default)]
+struct IdleData {
+    next_profile: u64,
+    n: usize,
+    input: Input,
+}
+
+impl IdleData {
+    /// An impression and a play in partition `p`, of the same key if `matched` (else
+    /// of two keys no other event has); returns the lines and the pair's joined row.
+    fn pair(&mut self, p: i32, imp_ms: i64, play_ms: i64, matched: bool) -> (Input, String) {
+        self.n += 1;
+        let profile = key_in(p, &mut self.next_profile, 7);
+        let imp = impression_line(&format!("imp-{}", self.n), profile, 7, imp_ms);
+        let play_profile = if matched {
+            profile
+        } else {
+            key_in(p, &mut self.next_profile, 7)
+        };
+        let play = play_line(&format!("play-{}", self.n), play_profile, 7, play_ms);
+        let text = |line: &[u8]| String::from_utf8(line.to_vec()).expect("utf-8");
+        let row = if matched {
+            format!(
+                r#"{{"impressions":{},"plays":{}}}"#,
+                text(&imp),
+                text(&play)
+            )
+        } else {
+            format!(r#"{{"impressions":{},"plays":null}}"#, text(&imp))
+        };
+        let lines = Input {
+            impressions: vec![imp],
+            plays: vec![play],
+        };
+        self.input
+            .impressions
+            .extend(lines.impressions.iter().cloned());
+        self.input.plays.extend(lines.plays.iter().cloned());
+        (lines, row)
+    }
+}
+
+#[test]
+fn an_idle_partition_does_not_hold_the_watermark_back() {
+    const T0: i64 = 1_700_000_000_000;
+    /// Phase 2's impressions per busy partition, one a minute: three hours.
+    const BUSY_MINUTES: i64 = 180;
+    const SILENT: i32 = 3;
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap();
+    create_job_topics(&bootstrap);
+    let mut job = KafkaJob::new(&bootstrap);
+    job.end = None;
+    job.idle_timeout = Some("1s".to_string());
+    let job = job.write(dir.path());
+    let mut data = IdleData {
+        next_profile: 1,
+        ..IdleData::default()
+    };
+    // Phase 1: 40 matched pairs a second apart on every partition (enough for the time
+    // guard to corroborate them), after which partition 3 of both topics falls silent.
+    for i in 0..40 {
+        for p in 0..PARTITIONS {
+            data.pair(p, T0 + i * 1_000, T0 + i * 1_000 + 500, true);
+        }
+    }
+    // Phase 2: three hours on partitions 0-2, an impression a minute and a play ten
+    // minutes after it, of the same key for every third impression. Each busy
+    // partition's watermark reaches about T0 + 2.4 h (three hours less the guard's 32
+    // events of lag and the plays' ten minutes), so the unmatched impressions of the
+    // first hour must come out although partition 3 has nothing past T0 + 40 s.
+    let mut early_unmatched = Vec::new();
+    for minute in 1..=BUSY_MINUTES {
+        for p in (0..PARTITIONS).filter(|&p| p != SILENT) {
+            let at = T0 + minute * MINUTE_MS;
+            let matched = minute % 3 == 0;
+            let (_, row) = data.pair(p, at, at + 10 * MINUTE_MS, matched);
+            if !matched && minute <= 60 {
+                early_unmatched.push(row);
+            }
+        }
+    }
+    early_unmatched.sort();
+    data.input.produce(&bootstrap);
+    let mut run = start(dir.path(), &job, 1);
+    wait_for_rows(
+        &bootstrap,
+        &mut run,
+        &early_unmatched,
+        "unmatched impressions of the busy partitions' first hour, partition 3 silent",
+    );
+
+    // Phase 3: partition 3 wakes up, past the watermark: 64 matched pairs 10 s apart
+    // (its jump of three hours is corroborated by the pairs after the first).
+    let mut woken = Input::default();
+    let mut woken_rows = Vec::new();
+    for i in 0..64 {
+        let at = T0 + (BUSY_MINUTES + 10) * MINUTE_MS + i * 10_000;
+        let (lines, row) = data.pair(SILENT, at, at + 5_000, true);
+        assert_eq!(
+            key_of(&lines.impressions[0]).map(|k| partition_of(&k, PARTITIONS)),
+            Some(SILENT)
+        );
+        woken.extend(lines);
+        woken_rows.push(row);
+    }
+    woken_rows.sort();
+    woken.produce(&bootstrap);
+    wait_for_rows(
+        &bootstrap,
+        &mut run,
+        &woken_rows,
+        "pairs of partition 3 after it woke up",
+    );
+
+    let flush = flush_events(max_time(&data.input));
+    flush.produce(&bootstrap);
+    let mut input = data.input;
+    input.extend(flush);
+    complete_and_stop(&bootstrap, &input, &mut run, "idle partition");
+}
