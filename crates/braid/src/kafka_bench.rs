@@ -151,7 +151,7 @@ pub fn kafka(options: &KafkaBenchOptions) -> anyhow::Result<Value> {
     let job = write_job(options, &topics, &format!("{prefix}-join"), &dir, true)?;
     let plan = crate::config::load(&job)?;
     // Timed here, not by the summary: the run's end (the last transaction's commit) too.
-    let braid_started = Instant::now();
+    let (braid_started, braid_cpu) = (Instant::now(), cpu_seconds());
     let summary = run(
         &plan,
         &RunOptions {
@@ -160,6 +160,7 @@ pub fn kafka(options: &KafkaBenchOptions) -> anyhow::Result<Value> {
         },
     )?;
     let braid_seconds = braid_started.elapsed().as_secs_f64();
+    let braid_cores = (cpu_seconds() - braid_cpu) / braid_seconds;
     summary.check().map_err(anyhow::Error::msg)?;
     let events = summary.input();
     anyhow::ensure!(
@@ -193,13 +194,27 @@ pub fn kafka(options: &KafkaBenchOptions) -> anyhow::Result<Value> {
         "events_per_s": braid_rate.round(),
         "seconds": round2(braid_seconds),
         "summary_seconds": round2(summary.seconds),
+        "cores": round2(braid_cores),
         "pairs": summary.join.pairs,
         "output_records": output_records,
         "ceiling_events_per_s": ceiling.events_per_s.round(),
         "ceiling_seconds": round2(ceiling.seconds),
+        "ceiling_cores": round2(ceiling.cores),
         "ratio_to_ceiling": round2(braid_rate / ceiling.events_per_s),
         "latency": latency,
     }))
+}
+
+/// CPU time this process has used so far (all threads, user and system), seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed value passed.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// The current time, epoch milliseconds.
@@ -396,6 +411,8 @@ fn assign_all(consumer: &BaseConsumer, topics: &[&str]) -> anyhow::Result<u64> {
 struct Ceiling {
     events_per_s: f64,
     seconds: f64,
+    /// CPU used by the ceiling's process per second, in cores.
+    cores: f64,
 }
 
 /// The ceiling: consume both inputs and produce every record (wrapped as braid wraps an
@@ -418,7 +435,7 @@ fn ceiling(
     producer.init_transactions(CALL_TIMEOUT)?;
     let inputs = [topics.impressions.as_str(), topics.plays.as_str()];
     let interval = Duration::from_millis(options.checkpoint_interval_ms as u64);
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     let total = assign_all(&consumer, &inputs)?;
     producer.begin_transaction()?;
     let mut epoch_started = Instant::now();
@@ -455,6 +472,7 @@ fn ceiling(
     Ok(Ceiling {
         events_per_s: n as f64 / seconds,
         seconds,
+        cores: (cpu_seconds() - cpu) / seconds,
     })
 }
 
