@@ -32,13 +32,13 @@ use common::kafka::run::{BraidRun, KafkaJob};
 use common::kafka::{create_job_topics, exclusive, read_committed, Broker, OffsetWatch, OUT};
 use common::{generate, is_sub_multiset, TestRng};
 
-const EVENTS: u64 = 20_000;
+const EVENTS: u64 = 40_000;
 /// Kills per schedule, and per test run at least.
 const KILLS_PER_SCHEDULE: usize = 6;
 const KILLS_WANTED: usize = 10;
-const SCHEDULES_MAX: u64 = 3;
+const SCHEDULES_MAX: u64 = 4;
 /// A delayed kill lands this long after its run started, from the seed.
-const KILL_DELAY_MS: (u64, u64) = (100, 1_500);
+const KILL_DELAY_MS: (u64, u64) = (100, 1_000);
 /// A kill at an observed moment (records in flight, a commit) lands up to this long
 /// after it.
 const KILL_EXTRA_MS_MAX: u64 = 300;
@@ -242,8 +242,8 @@ fn sigkill_at_random_moments() {
         .map_or_else(common::seed, |s| {
             s.parse().expect("BRAID_CRASH_SEED is a number")
         });
-    // A schedule ends early when a run finishes before its kill; a third one, if
-    // needed, makes up the count.
+    // A schedule ends early when a run finishes before its kill (a kill just after a
+    // commit may leave little to do); further ones, if needed, make up the count.
     let mut kills = 0;
     for schedule in 0..SCHEDULES_MAX {
         if kills >= KILLS_WANTED {

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::kafka::check::{check_exact, Input, Outputs};
+use common::kafka::check::{check_exact, expected_rows, Input, Outputs};
 use common::kafka::{
     create_job_topics, create_topic, exclusive, key_of, partition_of, produce_lines,
     read_committed, read_uncommitted, Broker, IMPRESSIONS, PARTITIONS, PLAYS, WINDOW_MS,
@@ -215,4 +215,46 @@ fn a_missing_topic_is_not_created_by_reading_its_metadata() {
     );
     assert!(read_uncommitted(&bootstrap, common::kafka::OUT).is_empty());
     assert!(read_committed(&bootstrap, common::kafka::OUT).is_empty());
+}
+
+#[test]
+fn a_repeated_id_is_a_duplicate_not_a_dead_letter() {
+    let line = |s: &str| s.as_bytes().to_vec();
+    let input = Input {
+        impressions: vec![
+            line(r#"{"event_id":"a","profile_id":1,"title_id":2,"ts":1000}"#),
+            line(r#"{"event_id":"a","profile_id":1,"title_id":2,"ts":1000,"again":true}"#),
+            line(r#"{"event_id":"b","profile_id":1.5,"title_id":2,"ts":1000}"#),
+        ],
+        plays: vec![line(
+            r#"{"event_id":"p","profile_id":1,"title_id":2,"ts":2000}"#,
+        )],
+    };
+    let joined = expected_rows(&input, &[]).expect("no late records");
+    assert_eq!(
+        joined,
+        vec![
+            r#"{"impressions":{"event_id":"a","profile_id":1,"title_id":2,"ts":1000},"plays":{"event_id":"p","profile_id":1,"title_id":2,"ts":2000}}"#
+        ]
+    );
+    let dead = |raws: &[&str]| -> Vec<String> {
+        raws.iter()
+            .map(|raw| serde_json::json!({"source": IMPRESSIONS, "raw": raw}).to_string())
+            .collect()
+    };
+    let exact = |dead: Vec<String>| {
+        check_exact(
+            &input,
+            &Outputs {
+                joined: joined.clone(),
+                late: Vec::new(),
+                dead,
+            },
+            &|_| false,
+        )
+    };
+    let invalid = r#"{"event_id":"b","profile_id":1.5,"title_id":2,"ts":1000}"#;
+    exact(dead(&[invalid])).expect("only the float key is a dead letter");
+    let duplicate = r#"{"event_id":"a","profile_id":1,"title_id":2,"ts":1000,"again":true}"#;
+    assert!(exact(dead(&[invalid, duplicate])).is_err());
 }

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{key_of, partition_of};
 use super::{
-    produce_lines, read_committed, IMPRESSIONS, OUT, OUT_DEAD, OUT_LATE, PARTITIONS, PLAYS,
-    WINDOW_MS,
+    key_of, partition_of, produce_lines, read_committed, IMPRESSIONS, OUT, OUT_DEAD, OUT_LATE,
+    PARTITIONS, PLAYS, WINDOW_MS,
 };
 use crate::common::{reference_events, reference_join, RefEvent};
 
@@ -177,14 +176,40 @@ pub fn expected_rows(input: &Input, late: &[String]) -> Result<Vec<String>, Stri
     ))
 }
 
+/// The texts of the lines the reference holds valid, duplicates or not. The reference
+/// keeps only the first of the events that share an id, so the lines go to it in
+/// rounds in which no id repeats: the first line of each id, then the second, ...
+fn valid_texts(lines: &[Vec<u8>]) -> HashSet<String> {
+    let mut rounds: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for line in lines {
+        let id = serde_json::from_slice::<Value>(line)
+            .ok()
+            .and_then(|v| v.get("event_id").map(canonical));
+        let round = id.map_or(0, |id| {
+            let n = seen.entry(id).or_insert(0);
+            *n += 1;
+            *n - 1
+        });
+        if rounds.len() <= round {
+            rounds.resize(round + 1, Vec::new());
+        }
+        rounds[round].push(line.clone());
+    }
+    rounds
+        .iter()
+        .flat_map(|round| reference_of_lines(round).0)
+        .map(|event| event.raw)
+        .collect()
+}
+
 /// `(source, raw)` of every input line the reference holds invalid, as a dead letter
 /// shows it (invalid UTF-8 replaced), sorted.
 fn expected_dead(input: &Input) -> Vec<(String, String)> {
     let mut dead = Vec::new();
     for source in [IMPRESSIONS, PLAYS] {
         let lines = input.source(source);
-        let (valid, _) = reference_of_lines(lines);
-        let valid: HashSet<&str> = valid.iter().map(|e| e.raw.as_str()).collect();
+        let valid = valid_texts(lines);
         for line in lines {
             if std::str::from_utf8(line).map_or(true, |text| !valid.contains(text)) {
                 dead.push((

@@ -1,6 +1,5 @@
 //! Kafka jobs of the tests: the job file, `braid run` processes (killed, stopped with
-//! SIGTERM), and the flush events that move an unbounded job's watermark past
-//! everything else.
+//! SIGTERM), and waiting for a live job's output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
