@@ -67,6 +67,55 @@ fn thirds(input: &Input) -> [Input; 3] {
     ]
 }
 
+/// Pause between the chunks produced to the busy partitions of the idle-partition
+/// test: well under its `idle_timeout`.
+const BUSY_CHUNK_PAUSE: Duration = Duration::from_millis(300);
+/// Chunks [`KeepBusy`] produces at most (a minute of event time each).
+const KEEP_BUSY_CHUNKS_MAX: i64 = 100;
+
+/// Keeps the partitions other than `silent` delivering, from a thread: every
+/// [`BUSY_CHUNK_PAUSE`] an impression per partition, a minute of event time after the
+/// last, and a play of another key ten minutes after it (so nothing matches).
+struct KeepBusy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Input>,
+}
+
+impl KeepBusy {
+    fn start(bootstrap: &str, after_ms: i64, silent: i32) -> KeepBusy {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (bootstrap, stopped) = (bootstrap.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Ids and keys of their own: numbers no other pair of the test reaches.
+            let mut data = IdleData {
+                next_profile: 1_000_000,
+                n: 1_000_000,
+                ..IdleData::default()
+            };
+            for minute in 1..=KEEP_BUSY_CHUNKS_MAX {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let mut chunk = Input::default();
+                for p in (0..PARTITIONS).filter(|&p| p != silent) {
+                    let at = after_ms + minute * MINUTE_MS;
+                    chunk.extend(data.pair(p, at, at + 10 * MINUTE_MS, false).0);
+                }
+                chunk.produce(&bootstrap);
+                std::thread::sleep(BUSY_CHUNK_PAUSE);
+            }
+            data.input
+        });
+        KeepBusy { stop, thread }
+    }
+
+    /// Stops the thread; returns what it produced.
+    fn stop(self) -> Input {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("the producing thread")
+    }
+}
+
 /// Waits until every row of `rows` (sorted) is committed in `out`, while `run` runs,
 /// but those whose impression braid reported late (how reads of partitions interleave
 /// may make some late; `complete_and_stop` checks them) if `late_allowed`.
@@ -216,7 +265,9 @@ fn an_idle_partition_does_not_hold_the_watermark_back() {
     /// Phase 2's impressions per busy partition, one a minute: three hours.
     const BUSY_MINUTES: i64 = 180;
     const SILENT: i32 = 3;
-    const CHUNK_PAUSE: Duration = Duration::from_millis(300);
+    /// Where partition 3's events resume: past what the busy partitions reach while it
+    /// wakes up ([`KEEP_BUSY_CHUNKS_MAX`] minutes after [`BUSY_MINUTES`]).
+    const WOKEN_AFTER_MINUTES: i64 = 300;
     let _serial = exclusive();
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = Broker::start();
@@ -263,7 +314,7 @@ fn an_idle_partition_does_not_hold_the_watermark_back() {
             }
         }
         lines.produce(&bootstrap);
-        std::thread::sleep(CHUNK_PAUSE);
+        std::thread::sleep(BUSY_CHUNK_PAUSE);
     }
     early_unmatched.sort();
     wait_for_rows(
@@ -275,11 +326,15 @@ fn an_idle_partition_does_not_hold_the_watermark_back() {
     );
 
     // Phase 3: partition 3 wakes up, past the watermark: 64 matched pairs 10 s apart
-    // (its jump of three hours is corroborated by the pairs after the first).
+    // (its jump is corroborated by the pairs after the first). Meanwhile the busy
+    // partitions go on a minute of event time per chunk, so that they hold the
+    // watermark below the woken events: were every other partition idle, the woken
+    // impressions alone would move it, and the plays read after them would be late.
+    let keep_busy = KeepBusy::start(&bootstrap, T0 + BUSY_MINUTES * MINUTE_MS, SILENT);
     let mut woken = Input::default();
     let mut woken_rows = Vec::new();
     for i in 0..64 {
-        let at = T0 + (BUSY_MINUTES + 10) * MINUTE_MS + i * 10_000;
+        let at = T0 + WOKEN_AFTER_MINUTES * MINUTE_MS + i * 10_000;
         let (lines, row) = data.pair(SILENT, at, at + 5_000, true);
         assert_eq!(
             key_of(&lines.impressions[0]).map(|k| partition_of(&k, PARTITIONS)),
@@ -297,6 +352,7 @@ fn an_idle_partition_does_not_hold_the_watermark_back() {
         false,
         "pairs of partition 3 after it woke up",
     );
+    data.input.extend(keep_busy.stop());
 
     let flush = flush_events(max_time(&data.input));
     flush.produce(&bootstrap);
