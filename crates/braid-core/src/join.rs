@@ -46,10 +46,10 @@ pub struct Event<'a> {
     pub payload: &'a [u8],
 }
 
-/// Receives the join's results.
+/// Receives the join's results, each with its encoded join key ([`crate::KeyWriter`]).
 pub trait JoinSink {
-    fn pair(&mut self, left: &[u8], right: &[u8]);
-    fn unmatched(&mut self, side: Side, event: &[u8]);
+    fn pair(&mut self, key: &[u8], left: &[u8], right: &[u8]);
+    fn unmatched(&mut self, side: Side, key: &[u8], event: &[u8]);
 }
 
 /// What the join did with events, per side (indexed by [`Side::index`]).
@@ -258,8 +258,8 @@ impl<S: StateStore> Join<S> {
                 if time >= p.lo && time <= p.hi {
                     counts.pairs += 1;
                     match event.side {
-                        Side::Left => sink.pair(event.payload, payload),
-                        Side::Right => sink.pair(payload, event.payload),
+                        Side::Left => sink.pair(event.key, event.payload, payload),
+                        Side::Right => sink.pair(event.key, payload, event.payload),
                     }
                     mark(sides, p.segment, ordinal);
                     matched = true;
@@ -336,8 +336,8 @@ impl<S: StateStore> Join<S> {
                         hot.probe(event.key_hash, event.key, lo, hi, |ordinal, payload| {
                             counts.pairs += 1;
                             match event.side {
-                                Side::Left => sink.pair(event.payload, payload),
-                                Side::Right => sink.pair(payload, event.payload),
+                                Side::Left => sink.pair(event.key, event.payload, payload),
+                                Side::Right => sink.pair(event.key, payload, event.payload),
                             }
                             hits.push(ordinal);
                         });
@@ -489,9 +489,9 @@ impl<S: StateStore> Join<S> {
             let (len, matched) = match segment {
                 Segment::Hot(hot) => {
                     if emits {
-                        hot.for_each(|matched, payload| {
+                        hot.for_each(|matched, key, payload| {
                             if !matched {
-                                sink.unmatched(side, payload);
+                                sink.unmatched(side, key, payload);
                             }
                         });
                     }
@@ -508,10 +508,10 @@ impl<S: StateStore> Join<S> {
                             bucket: bucket_id,
                             segment: cold.number,
                         };
-                        self.store.scan_segment(id, &mut |_key, value| {
+                        self.store.scan_segment(id, &mut |key, value| {
                             decode_events(value, |ordinal, _time, payload| {
                                 if !cold.marks.get(ordinal) {
-                                    sink.unmatched(side, payload);
+                                    sink.unmatched(side, key, payload);
                                 }
                             });
                         })?;

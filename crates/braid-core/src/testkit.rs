@@ -28,7 +28,8 @@ pub struct TestEvent {
     pub payload: String,
 }
 
-/// Result rows as text: `left|right`, with `null` for a missing side; sorted.
+/// Result rows as text: `key#left|right`, with `null` for a missing side; sorted. The
+/// key is the encoded join key in hex, so that a sink given a wrong key fails.
 pub type Rows = Vec<String>;
 
 /// What a run produced: the rows, and the indexes of the events found late.
@@ -42,15 +43,32 @@ pub struct Outcome {
 pub struct RowSink(pub Rows);
 
 impl JoinSink for RowSink {
-    fn pair(&mut self, left: &[u8], right: &[u8]) {
-        self.0.push(format!("{}|{}", text(left), text(right)));
+    fn pair(&mut self, key: &[u8], left: &[u8], right: &[u8]) {
+        self.0
+            .push(format!("{}#{}|{}", hex(key), text(left), text(right)));
     }
-    fn unmatched(&mut self, side: Side, event: &[u8]) {
+    fn unmatched(&mut self, side: Side, key: &[u8], event: &[u8]) {
         self.0.push(match side {
-            Side::Left => format!("{}|null", text(event)),
-            Side::Right => format!("null|{}", text(event)),
+            Side::Left => format!("{}#{}|null", hex(key), text(event)),
+            Side::Right => format!("{}#null|{}", hex(key), text(event)),
         });
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A test event's key, encoded as the join encodes keys: by [`KeyWriter`].
+fn encoded(key: &[TestKeyPart]) -> String {
+    let mut writer = KeyWriter::default();
+    for part in key {
+        writer.push(match part {
+            TestKeyPart::Int(v) => KeyPart::Int(*v),
+            TestKeyPart::Str(s) => KeyPart::Str(s),
+        });
+    }
+    hex(writer.bytes())
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -187,7 +205,7 @@ pub fn reference(events: &[TestEvent], spec: &JoinSpec, max_out_of_orderness_ms:
         for (ri, r) in admitted[1].iter().enumerate() {
             let d = i128::from(r.time) - i128::from(l.time);
             if l.key == r.key && i128::from(spec.lower_ms) <= d && d <= i128::from(spec.upper_ms) {
-                rows.push(format!("{}|{}", l.payload, r.payload));
+                rows.push(format!("{}#{}|{}", encoded(&l.key), l.payload, r.payload));
                 matched[0].insert(li, true);
                 matched[1].insert(ri, true);
             }
@@ -197,12 +215,12 @@ pub fn reference(events: &[TestEvent], spec: &JoinSpec, max_out_of_orderness_ms:
     let outer_right = matches!(spec.kind, JoinKind::Right | JoinKind::Full);
     for (li, l) in admitted[0].iter().enumerate() {
         if outer_left && !matched[0].contains_key(&li) {
-            rows.push(format!("{}|null", l.payload));
+            rows.push(format!("{}#{}|null", encoded(&l.key), l.payload));
         }
     }
     for (ri, r) in admitted[1].iter().enumerate() {
         if outer_right && !matched[1].contains_key(&ri) {
-            rows.push(format!("null|{}", r.payload));
+            rows.push(format!("{}#null|{}", encoded(&r.key), r.payload));
         }
     }
     rows.sort();

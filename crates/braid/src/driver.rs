@@ -207,7 +207,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             let out = c.kafka.clone().context("the Kafka output is open")?;
             let epoch = c.next_epoch;
             let engine = Engine::start_with(engine_config, |_| {
-                Ok(KafkaRecords::new(out.clone(), epoch, shape.clone(), plan))
+                Ok(KafkaRecords::new(out.clone(), epoch, shape.clone()))
             })?;
             (engine, SideOutput::Kafka { out, epoch })
         }

@@ -155,10 +155,10 @@ impl<W: LineOut> Records<W> {
 }
 
 impl<W: LineOut> JoinSink for Records<W> {
-    fn pair(&mut self, left: &[u8], right: &[u8]) {
+    fn pair(&mut self, _key: &[u8], left: &[u8], right: &[u8]) {
         self.record(Some(left), Some(right));
     }
-    fn unmatched(&mut self, side: Side, event: &[u8]) {
+    fn unmatched(&mut self, side: Side, _key: &[u8], event: &[u8]) {
         match side {
             Side::Left => self.record(Some(event), None),
             Side::Right => self.record(None, Some(event)),
@@ -187,10 +187,10 @@ pub struct CountingResults {
 }
 
 impl JoinSink for CountingResults {
-    fn pair(&mut self, left: &[u8], right: &[u8]) {
+    fn pair(&mut self, _key: &[u8], left: &[u8], right: &[u8]) {
         self.bytes += (left.len() + right.len()) as u64;
     }
-    fn unmatched(&mut self, _side: Side, event: &[u8]) {
+    fn unmatched(&mut self, _side: Side, _key: &[u8], event: &[u8]) {
         self.bytes += event.len() as u64;
     }
 }

@@ -225,11 +225,11 @@ mod tests {
     struct Rows(Vec<String>);
 
     impl JoinSink for Rows {
-        fn pair(&mut self, left: &[u8], right: &[u8]) {
-            self.0.push(format!("{left:?}|{right:?}"));
+        fn pair(&mut self, key: &[u8], left: &[u8], right: &[u8]) {
+            self.0.push(format!("{key:?} {left:?}|{right:?}"));
         }
-        fn unmatched(&mut self, side: Side, event: &[u8]) {
-            self.0.push(format!("{side:?} {event:?}"));
+        fn unmatched(&mut self, side: Side, key: &[u8], event: &[u8]) {
+            self.0.push(format!("{key:?} {side:?} {event:?}"));
         }
     }
 

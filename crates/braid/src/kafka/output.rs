@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use braid_core::{key_parts, JoinSink, KeyPart, Side};
-use braid_io::{Decoder, PendingFile};
+use braid_io::PendingFile;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
@@ -421,47 +421,28 @@ pub struct KafkaRecords {
     out: Arc<KafkaOutput>,
     epoch: u64,
     shape: RecordShape,
-    /// The two sources' decoders, to find a record's key again (only its bytes reach
-    /// the sink).
-    decoders: [Decoder; 2],
     value: Vec<u8>,
     key: Vec<u8>,
     error: Option<anyhow::Error>,
 }
 
 impl KafkaRecords {
-    pub fn new(
-        out: Arc<KafkaOutput>,
-        first_epoch: u64,
-        shape: RecordShape,
-        plan: &Plan,
-    ) -> KafkaRecords {
+    pub fn new(out: Arc<KafkaOutput>, first_epoch: u64, shape: RecordShape) -> KafkaRecords {
         KafkaRecords {
             out,
             epoch: first_epoch,
             shape,
-            decoders: [
-                Decoder::new(plan.sources[0].schema.clone()),
-                Decoder::new(plan.sources[1].schema.clone()),
-            ],
             value: Vec::new(),
             key: Vec::new(),
             error: None,
         }
     }
 
-    fn record(&mut self, left: Option<&[u8]>, right: Option<&[u8]>) {
+    fn record(&mut self, key: &[u8], left: Option<&[u8]>, right: Option<&[u8]>) {
         if self.error.is_some() {
             return;
         }
-        let (side, event) = match (left, right) {
-            (Some(l), _) => (0, l),
-            (None, Some(r)) => (1, r),
-            (None, None) => return,
-        };
-        // The time does not matter here; a record without a time field decodes with any.
-        let _ = self.decoders[side].decode_at(event, Some(0));
-        key_json(self.decoders[side].key().bytes(), &mut self.key);
+        key_json(key, &mut self.key);
         self.value.clear();
         let value = &mut self.value;
         self.shape.parts(left, right, |parts| {
@@ -480,13 +461,13 @@ impl KafkaRecords {
 }
 
 impl JoinSink for KafkaRecords {
-    fn pair(&mut self, left: &[u8], right: &[u8]) {
-        self.record(Some(left), Some(right));
+    fn pair(&mut self, key: &[u8], left: &[u8], right: &[u8]) {
+        self.record(key, Some(left), Some(right));
     }
-    fn unmatched(&mut self, side: Side, event: &[u8]) {
+    fn unmatched(&mut self, side: Side, key: &[u8], event: &[u8]) {
         match side {
-            Side::Left => self.record(Some(event), None),
-            Side::Right => self.record(None, Some(event)),
+            Side::Left => self.record(key, Some(event), None),
+            Side::Right => self.record(key, None, Some(event)),
         }
     }
 }
@@ -503,5 +484,29 @@ impl ResultSink for KafkaRecords {
     }
     fn finish(&mut self) -> anyhow::Result<()> {
         self.error.take().map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use braid_core::KeyWriter;
+
+    use super::*;
+
+    /// A record's Kafka key is its join key as a JSON array, strings escaped.
+    #[test]
+    fn the_kafka_key_is_the_join_key_as_json() {
+        let mut key = KeyWriter::default();
+        key.push(KeyPart::Int(42));
+        key.push(KeyPart::Str("t\"7é"));
+        key.push(KeyPart::Int(-1));
+        let mut out = Vec::new();
+        key_json(key.bytes(), &mut out);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            r#"[42,"t\"7é",-1]"#
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed, serde_json::json!([42, "t\"7é", -1]));
     }
 }
