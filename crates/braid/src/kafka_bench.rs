@@ -40,6 +40,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
 use crate::driver::{run, RunOptions};
+use crate::kafka::output::PRODUCER_DEFAULTS;
+use crate::kafka::source::CONSUMER_DEFAULTS;
 
 /// Partitions of every topic the bench creates.
 const PARTITIONS: i32 = 4;
@@ -50,25 +52,15 @@ const STALL_MAX: Duration = Duration::from_secs(60);
 /// noida-db ignores fetch limits and answers with whole partitions
 /// (docs/kafka-spike.md): a smaller limit never finishes.
 const RECEIVE_MESSAGE_MAX_BYTES: &str = "1000000000";
-/// The same as `kafka/source.rs`'s `CONSUMER_DEFAULTS` (braid's consumer settings).
-const CONSUMER_SETTINGS: &[(&str, &str)] = &[
-    ("enable.auto.commit", "false"),
-    ("enable.auto.offset.store", "false"),
-    ("isolation.level", "read_committed"),
-    ("enable.partition.eof", "true"),
-    ("queued.max.messages.kbytes", "16384"),
-    ("receive.message.max.bytes", RECEIVE_MESSAGE_MAX_BYTES),
+/// braid's consumer settings, and what this broker needs.
+const CONSUMER_SETTINGS: &[&[(&str, &str)]] = &[
+    CONSUMER_DEFAULTS,
+    &[("receive.message.max.bytes", RECEIVE_MESSAGE_MAX_BYTES)],
 ];
-/// The same as `kafka/output.rs`'s `PRODUCER_DEFAULTS`, and the
-/// `transaction.timeout.ms` braid's config gives a 10 s interval.
-const PRODUCER_SETTINGS: &[(&str, &str)] = &[
-    ("linger.ms", "20"),
-    ("batch.num.messages", "10000"),
-    ("batch.size", "1000000"),
-    ("queue.buffering.max.kbytes", "65536"),
-    ("partitioner", "murmur2_random"),
-    ("transaction.timeout.ms", "60000"),
-];
+/// braid's producer settings, and the `transaction.timeout.ms` braid's config gives a
+/// 10 s interval.
+const PRODUCER_SETTINGS: &[&[(&str, &str)]] =
+    &[PRODUCER_DEFAULTS, &[("transaction.timeout.ms", "60000")]];
 /// The fast producer that fills the input topics (not transactional, not timed).
 const FILL_SETTINGS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
@@ -384,7 +376,7 @@ fn consumer(brokers: &str, group: &str, extra: &[(&str, &str)]) -> anyhow::Resul
     config
         .set("bootstrap.servers", brokers)
         .set("group.id", group);
-    for (k, v) in CONSUMER_SETTINGS.iter().chain(extra) {
+    for (k, v) in CONSUMER_SETTINGS.iter().copied().flatten().chain(extra) {
         config.set(*k, *v);
     }
     config
@@ -428,7 +420,7 @@ fn ceiling(
     config
         .set("bootstrap.servers", &options.brokers)
         .set("transactional.id", group);
-    for (k, v) in PRODUCER_SETTINGS {
+    for (k, v) in PRODUCER_SETTINGS.iter().copied().flatten() {
         config.set(*k, *v);
     }
     let producer: BaseProducer = config.create()?;

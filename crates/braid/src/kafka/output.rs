@@ -44,7 +44,7 @@ const PRODUCER_QUEUE_KBYTES: &str = "65536";
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
 
 /// braid's producer settings; `[output.properties]` override them.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+pub(crate) const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "20"),
     ("batch.num.messages", "10000"),
     ("batch.size", "1000000"),

@@ -22,7 +22,7 @@ use crate::source::Source;
 const POLL_WAIT: Duration = Duration::from_millis(10);
 
 /// braid's consumer settings; `[source.properties]` override them.
-const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+pub(crate) const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "false"),
     ("enable.auto.offset.store", "false"),
     ("isolation.level", "read_committed"),
