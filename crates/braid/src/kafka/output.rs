@@ -29,6 +29,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::source::group_consumer;
 use super::{client_config, Context, BROKER_OUTAGE_MAX, REQUEST_TIMEOUT};
 use crate::checkpoint::{Manifest, SinkState, SourceAt};
 use crate::config::{Input, KafkaOutputPlan, Plan};
@@ -141,12 +142,7 @@ impl KafkaOutput {
         let mut groups = Vec::new();
         for source in &plan.sources {
             if let Input::Kafka(k) = &source.input {
-                let consumer: BaseConsumer<Context> = client_config(&k.brokers, &[], &k.properties)
-                    .set("group.id", &k.group)
-                    .create_with_context(Context::default())
-                    .with_context(|| {
-                        format!("source `{}`: cannot create a Kafka consumer", source.name)
-                    })?;
+                let consumer = group_consumer(&source.name, k)?;
                 let metadata = consumer.group_metadata().with_context(|| {
                     format!(
                         "source `{}`: no group metadata for group `{}`",
@@ -337,10 +333,7 @@ pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
         let Input::Kafka(k) = &source.input else {
             continue;
         };
-        let consumer: BaseConsumer<Context> = client_config(&k.brokers, &[], &k.properties)
-            .set("group.id", &k.group)
-            .create_with_context(Context::default())
-            .with_context(|| format!("source `{}`: cannot create a Kafka consumer", source.name))?;
+        let consumer = group_consumer(&source.name, k)?;
         let partitions = super::source::partition_count(&consumer, &k.brokers, &k.topic)
             .map_err(|e| anyhow::anyhow!("source `{}`: {e}", source.name))?;
         let mut query = TopicPartitionList::new();

@@ -67,16 +67,7 @@ impl KafkaSource {
         plan: &KafkaSourcePlan,
         max_line_bytes: usize,
     ) -> anyhow::Result<KafkaSource> {
-        let consumer: BaseConsumer<Context> =
-            client_config(&plan.brokers, CONSUMER_DEFAULTS, &plan.properties)
-                .set("group.id", &plan.group)
-                .create_with_context(Context::default())
-                .with_context(|| {
-                    format!(
-                        "source `{name}`: cannot create a Kafka consumer for {}",
-                        plan.brokers
-                    )
-                })?;
+        let consumer = group_consumer(name, plan)?;
         let partitions = partition_count(&consumer, &plan.brokers, &plan.topic)
             .map_err(|e| anyhow::anyhow!("source `{name}`: {e}"))?;
         let watermarks = |p: i32| {
@@ -235,6 +226,19 @@ impl KafkaSource {
     fn all_finished(&self) -> bool {
         self.end.is_some() && self.finished.iter().all(|&f| f)
     }
+}
+
+/// A consumer of a source's group with braid's settings and the job's properties.
+pub fn group_consumer(name: &str, plan: &KafkaSourcePlan) -> anyhow::Result<BaseConsumer<Context>> {
+    client_config(&plan.brokers, CONSUMER_DEFAULTS, &plan.properties)
+        .set("group.id", &plan.group)
+        .create_with_context(Context::default())
+        .with_context(|| {
+            format!(
+                "source `{name}`: cannot create a Kafka consumer for {}",
+                plan.brokers
+            )
+        })
 }
 
 /// The topic's partition count; errors say whether the broker or the topic is missing.
