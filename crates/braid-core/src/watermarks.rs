@@ -2,8 +2,12 @@
 //!
 //! A partition's watermark is the largest event time it delivered minus the allowed
 //! out-of-orderness; a source's is the minimum over its partitions that are neither
-//! exhausted nor idle; the join's is the minimum over sources that have such a partition.
-//! It never moves backwards. Processing time is passed in, so tests control the clock.
+//! exhausted nor idle. Partitions belong to *groups*, each joined on its own (SPEC §6:
+//! partition number p of co-partitioned inputs is one group); a group's watermark is the
+//! minimum over its partitions of every source that are neither exhausted nor idle.
+//! Without groups every partition is in group 0, whose watermark is then the join's.
+//! No watermark moves backwards. Processing time is passed in, so tests control the
+//! clock.
 
 use crate::time::{EventTime, Watermark};
 
@@ -27,13 +31,28 @@ pub struct Watermarks {
     idle_timeout_ms: u64,
     /// Partitions per source.
     sources: Vec<Vec<Partition>>,
-    current: Watermark,
+    /// Per source and partition: its group.
+    group_of: Vec<Vec<u32>>,
+    /// Per group: its watermark.
+    current: Vec<Watermark>,
 }
 
 impl Watermarks {
-    /// `partitions[i]` is the partition count of source `i`.
+    /// `partitions[i]` is the partition count of source `i`; all in one group.
     pub fn new(
         partitions: &[u32],
+        max_out_of_orderness_ms: i64,
+        idle_timeout_ms: u64,
+        now_ms: u64,
+    ) -> Watermarks {
+        let groups = partitions.iter().map(|&n| vec![0; n as usize]).collect();
+        Watermarks::grouped(groups, max_out_of_orderness_ms, idle_timeout_ms, now_ms)
+    }
+
+    /// `group_of[i][p]` is the group of partition `p` of source `i`. Groups are numbered
+    /// from zero with none left out.
+    pub fn grouped(
+        group_of: Vec<Vec<u32>>,
         max_out_of_orderness_ms: i64,
         idle_timeout_ms: u64,
         now_ms: u64,
@@ -42,15 +61,26 @@ impl Watermarks {
             last_active_ms: now_ms,
             ..Partition::default()
         };
+        let groups = group_of.iter().flatten().map(|&g| g + 1).max().unwrap_or(1);
         Watermarks {
             max_out_of_orderness_ms,
             idle_timeout_ms,
-            sources: partitions
+            sources: group_of
                 .iter()
-                .map(|&n| vec![start.clone(); n as usize])
+                .map(|g| vec![start.clone(); g.len()])
                 .collect(),
-            current: Watermark::MIN,
+            group_of,
+            current: vec![Watermark::MIN; groups as usize],
         }
+    }
+
+    pub fn groups(&self) -> u32 {
+        self.current.len() as u32
+    }
+
+    /// The group of a source's partition.
+    pub fn group_of(&self, source: usize, partition: PartitionId) -> u32 {
+        self.group_of[source][partition.0 as usize]
     }
 
     /// Records an event delivered by a partition. Returns true when it raised the
@@ -96,46 +126,71 @@ impl Watermarks {
         p.last_active_ms = now_ms;
     }
 
+    /// A partition's watermark, or `None` when it does not hold the watermark back
+    /// (idle, exhausted or dormant).
+    fn holding(&self, p: &Partition, now_ms: u64) -> Option<Watermark> {
+        let holds = !p.exhausted
+            && !p.dormant
+            && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms;
+        holds.then(|| match p.max_time {
+            Some(t) => Watermark::at(EventTime(t.saturating_sub(self.max_out_of_orderness_ms))),
+            None => Watermark::MIN,
+        })
+    }
+
     /// The watermark of one source, or `None` when none of its partitions holds it
     /// (all idle or exhausted).
     pub fn source(&self, source: usize, now_ms: u64) -> Option<Watermark> {
         self.sources[source]
             .iter()
-            .filter(|p| {
-                !p.exhausted
-                    && !p.dormant
-                    && now_ms.saturating_sub(p.last_active_ms) < self.idle_timeout_ms
-            })
-            .map(|p| match p.max_time {
-                Some(t) => Watermark::at(EventTime(t.saturating_sub(self.max_out_of_orderness_ms))),
-                None => Watermark::MIN,
-            })
+            .filter_map(|p| self.holding(p, now_ms))
             .min()
     }
 
-    /// Recomputes and returns the join's watermark.
+    /// Recomputes every group's watermark; returns the lowest (see
+    /// [`current`](Self::current)).
     pub fn update(&mut self, now_ms: u64) -> Watermark {
-        let all_exhausted = self.sources.iter().flatten().all(|p| p.exhausted);
-        let next = if all_exhausted {
-            Some(Watermark::MAX)
-        } else {
-            (0..self.sources.len())
-                .filter_map(|s| self.source(s, now_ms))
-                .min()
-        };
-        // With every partition idle nothing holds the watermark and nothing moves it.
-        if let Some(w) = next {
-            self.current = self.current.max(w);
+        // Per group: the lowest holding partition, and whether every one is exhausted.
+        let mut next = vec![(None::<Watermark>, true); self.current.len()];
+        for (source, groups) in self.sources.iter().zip(&self.group_of) {
+            for (p, &g) in source.iter().zip(groups) {
+                let (low, exhausted) = &mut next[g as usize];
+                *exhausted &= p.exhausted;
+                if let Some(w) = self.holding(p, now_ms) {
+                    *low = Some(low.map_or(w, |l| l.min(w)));
+                }
+            }
         }
-        self.current
+        for (current, (low, exhausted)) in self.current.iter_mut().zip(next) {
+            let next = if exhausted { Some(Watermark::MAX) } else { low };
+            // With every partition of a group idle nothing holds its watermark and
+            // nothing moves it.
+            if let Some(w) = next {
+                *current = (*current).max(w);
+            }
+        }
+        self.current()
     }
 
+    /// The lowest group watermark: no group expects an event before it (the join's
+    /// watermark when there is one group).
     pub fn current(&self) -> Watermark {
-        self.current
+        self.current.iter().copied().min().unwrap_or(Watermark::MIN)
+    }
+
+    /// The watermark of one group.
+    pub fn group(&self, group: u32) -> Watermark {
+        self.current[group as usize]
+    }
+
+    /// Every group's watermark, by group.
+    pub fn group_watermarks(&self) -> &[Watermark] {
+        &self.current
     }
 
     /// Per source and partition: the largest time delivered and whether it is
-    /// exhausted. With [`current`](Self::current) this is what a checkpoint keeps.
+    /// exhausted. With [`group_watermarks`](Self::group_watermarks) this is what a
+    /// checkpoint keeps.
     pub fn partitions(&self) -> Vec<Vec<(Option<i64>, bool)>> {
         self.sources
             .iter()
@@ -143,12 +198,13 @@ impl Watermarks {
             .collect()
     }
 
-    /// Restores what [`partitions`](Self::partitions) and `current` returned; the
-    /// partitions count as active from `now_ms`. The watermark never moves backwards.
+    /// Restores what [`partitions`](Self::partitions) and `group_watermarks`
+    /// returned; the partitions count as active from `now_ms`. No watermark moves
+    /// backwards.
     pub fn restore(
         &mut self,
         partitions: &[Vec<(Option<i64>, bool)>],
-        current: Watermark,
+        groups: &[Watermark],
         now_ms: u64,
     ) {
         for (source, saved) in self.sources.iter_mut().zip(partitions) {
@@ -158,7 +214,9 @@ impl Watermarks {
                 p.last_active_ms = now_ms;
             }
         }
-        self.current = self.current.max(current);
+        for (current, &saved) in self.current.iter_mut().zip(groups) {
+            *current = (*current).max(saved);
+        }
     }
 }
 
@@ -239,5 +297,35 @@ mod tests {
         );
         w.observe(0, P0, EventTime(90), 6);
         assert_eq!(w.update(6), Watermark::at(EventTime(90)));
+    }
+
+    /// Partition p of both sources is a group of its own: a partition that lags holds
+    /// back its group only, and a group whose partitions are all exhausted is infinite
+    /// while the others are not.
+    #[test]
+    fn groups_move_on_their_own() {
+        let mut w = Watermarks::grouped(vec![vec![0, 1], vec![0, 1]], 0, u64::MAX, 0);
+        assert_eq!(w.groups(), 2);
+        assert_eq!(w.group_of(1, P1), 1);
+        w.observe(0, P0, EventTime(100), 0);
+        w.observe(1, P0, EventTime(80), 0);
+        w.observe(0, P1, EventTime(10), 0);
+        w.observe(1, P1, EventTime(500), 0);
+        assert_eq!(
+            w.update(0),
+            Watermark::at(EventTime(10)),
+            "the lowest group"
+        );
+        assert_eq!(w.group(0), Watermark::at(EventTime(80)));
+        assert_eq!(w.group(1), Watermark::at(EventTime(10)));
+        w.exhaust(0, P1);
+        w.exhaust(1, P1);
+        w.update(0);
+        assert_eq!(w.group(1), Watermark::MAX);
+        assert_eq!(w.group(0), Watermark::at(EventTime(80)), "group 0 unmoved");
+        assert_eq!(w.current(), Watermark::at(EventTime(80)));
+        let mut restored = Watermarks::grouped(vec![vec![0, 1], vec![0, 1]], 0, u64::MAX, 0);
+        restored.restore(&w.partitions(), w.group_watermarks(), 0);
+        assert_eq!(restored.group_watermarks(), w.group_watermarks());
     }
 }

@@ -8,4 +8,4 @@
 mod reads;
 mod rocks;
 
-pub use rocks::{segment_file_name, RocksOptions, RocksStore};
+pub use rocks::{segment_file_name, RocksOptions, RocksStore, MARKER_FILE};

@@ -16,7 +16,7 @@ use rocksdb::{
 };
 
 /// The file that marks a folder as braid's state, so that braid never wipes anything else.
-const MARKER_FILE: &str = "BRAID_STATE";
+pub const MARKER_FILE: &str = "BRAID_STATE";
 const PREFIX_BYTES: usize = 13;
 
 /// Tuning of the RocksDB store.

@@ -18,10 +18,10 @@ use crate::checkpoint::coordinator::Checkpointing;
 use crate::checkpoint::store::LocalStore;
 use crate::checkpoint::{
     fetch, read_manifest, watermark_text, Committer, CommitterConfig, CommitterStart, Part,
-    ReaderSnapshot, ReaderState, SourceAt, SourceState,
+    ReaderSnapshot, ReaderState, SourceAt, SourceState, WatermarkState,
 };
 use crate::counts::SourceCounts;
-use crate::engine::{Engine, EngineConfig, ShardReport};
+use crate::engine::{Engine, EngineConfig, Layout, ShardReport};
 use crate::results::CountingResults;
 use crate::summary::{peak_rss_bytes, CheckpointCounts};
 
@@ -60,7 +60,10 @@ fn bench_barrier(
             counts: SourceCounts::default(),
         }],
         watermark: watermark_text(watermark),
-        sent: watermark_text(watermark),
+        partitions: vec![WatermarkState {
+            watermark: watermark_text(watermark),
+            sent: watermark_text(watermark),
+        }],
     };
     checkpoints
         .committer
@@ -120,7 +123,10 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut engine = Engine::start_with(
         EngineConfig {
             spec,
-            shards: options.parallelism,
+            layout: Layout {
+                shards: options.parallelism,
+                partitions: 1,
+            },
             memory_max_bytes: options.memory_max_bytes,
             state_dir: &options.state_dir,
             checkpoints: checkpoints.as_ref().map(|c| c.committer.parts()),
@@ -141,18 +147,21 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         key.clear();
         key.push(KeyPart::Int(e.profile_id));
         key.push(KeyPart::Int(e.title_id));
-        engine.push(&Event {
-            side: if e.play { Side::Right } else { Side::Left },
-            key: key.bytes(),
-            key_hash: key.hash(),
-            time: EventTime(e.time_ms),
-            id: None,
-            payload: e.payload,
-        })?;
+        engine.push(
+            0,
+            &Event {
+                side: if e.play { Side::Right } else { Side::Left },
+                key: key.bytes(),
+                key_hash: key.hash(),
+                time: EventTime(e.time_ms),
+                id: None,
+                payload: e.payload,
+            },
+        )?;
         max_time = max_time.max(e.time_ms);
         if n % PEER_ADVANCE_EVENTS == PEER_ADVANCE_EVENTS - 1 {
             watermark = Watermark::at(EventTime(max_time - flink_peer::MAX_OUT_OF_ORDERNESS_MS));
-            engine.advance(watermark)?;
+            engine.advance(&[(0, watermark)])?;
             if let Some(c) = checkpoints.as_mut() {
                 c.poll()?;
                 if c.due() {
@@ -167,7 +176,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         bench_barrier(c, &mut engine, options.events, watermark)?;
         c.wait()?;
     }
-    engine.advance(Watermark::MAX)?;
+    engine.advance(&[(0, Watermark::MAX)])?;
     let reports = engine.finish()?;
     let seconds = started.elapsed().as_secs_f64();
     // The restore runs after the run's shards have ended (their joins, chunk pools and
@@ -275,7 +284,10 @@ fn time_restore(
     let engine = Engine::start_with(
         EngineConfig {
             spec,
-            shards: options.parallelism,
+            layout: Layout {
+                shards: options.parallelism,
+                partitions: 1,
+            },
             memory_max_bytes: options.memory_max_bytes,
             state_dir: &state_dir,
             checkpoints: None,

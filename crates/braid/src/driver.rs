@@ -22,11 +22,11 @@ use braid_io::{
 use crate::checkpoint::coordinator::{recover_output, Checkpointing};
 use crate::checkpoint::{
     parse_watermark, watermark_text, GuardState, HeldState, Part, ReaderSnapshot, ReaderState,
-    SinkState, SourceState,
+    SinkState, SourceState, WatermarkState,
 };
 use crate::config::{Output, Plan};
 use crate::counts::SourceCounts;
-use crate::engine::{Engine, EngineConfig, ShardReport};
+use crate::engine::{Engine, EngineConfig, Layout, ShardReport};
 use crate::kafka::output::{key_json, KafkaOutput, KafkaRecords};
 use crate::progress::Progress;
 use crate::results::{RecordShape, Records, StdoutLines};
@@ -159,16 +159,20 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let restore = checkpointing
         .as_mut()
         .and_then(|c| c.restored.as_mut())
-        .map(|r| std::mem::take(&mut r.shards))
+        .map(|r| std::mem::take(&mut r.units))
         .unwrap_or_default();
     let parts = checkpointing.as_ref().map(|c| c.committer.parts());
     let readers = [
         source::open(&plan.sources[0])?,
         source::open(&plan.sources[1])?,
     ];
+    let group_of = state_partitions(plan, &readers);
     let engine_config = EngineConfig {
         spec: plan.spec,
-        shards: plan.parallelism,
+        layout: Layout {
+            shards: plan.parallelism,
+            partitions: group_of.iter().flatten().max().map_or(1, |&p| p + 1),
+        },
         memory_max_bytes: plan.memory_max_bytes,
         state_dir: &plan.state_dir,
         checkpoints: parts.clone(),
@@ -223,7 +227,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         state = %plan.state_dir.display(),
         "starting"
     );
-    let mut reading = Reading::new(plan, engine, side_output, readers, started);
+    let mut reading = Reading::new(plan, engine, side_output, readers, group_of, started);
     if let Some(m) = &manifest {
         reading.restore(&m.reader)?;
     }
@@ -288,6 +292,29 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// Which partition of the join's state each partition of each source feeds (SPEC §6):
+/// partition p of co-partitioned Kafka topics is joined on its own, with its own
+/// watermark; anything else (files, the generator, a topic with history files, topics
+/// of different partition counts) is joined as one partition, 0.
+fn state_partitions(plan: &Plan, readers: &[Box<dyn Source>; 2]) -> Vec<Vec<u32>> {
+    let counts = [readers[0].partitions(), readers[1].partitions()];
+    let co_partitioned = readers.iter().all(|r| r.co_partitioned());
+    if co_partitioned && counts[0] != counts[1] {
+        tracing::warn!(
+            "source `{}` has {} partitions and `{}` {}: they are not co-partitioned, so they are joined as one partition, which cannot be split across instances; give both topics the same partition count, keyed by the join key",
+            plan.sources[0].name,
+            counts[0],
+            plan.sources[1].name,
+            counts[1]
+        );
+    }
+    let own = co_partitioned && counts[0] == counts[1];
+    counts
+        .iter()
+        .map(|&n| (0..n).map(|p| if own { p } else { 0 }).collect())
+        .collect()
+}
+
 /// The state of one run's reading loop.
 struct Reading<'p> {
     plan: &'p Plan,
@@ -301,14 +328,18 @@ struct Reading<'p> {
     /// Whether a source's last read found nothing to read (a live source waiting for
     /// records): the other is read first.
     dry: [bool; 2],
+    /// The source read last.
+    last_read: usize,
     /// Per source and partition: whether it waits to be read (a topic behind its
     /// history files), as last told to the watermarks.
     dormant: [Vec<bool>; 2],
     /// Per source and partition, its guard against times its stream does not follow.
     guards: [Vec<TimeGuard<HeldLine>>; 2],
     verdicts: Vec<Verdict<HeldLine>>,
+    /// Per source partition; grouped by the partition of the join's state they feed.
     marks: Watermarks,
-    sent: Watermark,
+    /// Per partition of the join's state: the watermark last sent to the shards.
+    sent: Vec<Watermark>,
     counts: [SourceCounts; 2],
     batch: LineBatch,
     record: Vec<u8>,
@@ -322,6 +353,7 @@ impl<'p> Reading<'p> {
         engine: Engine,
         side_output: SideOutput,
         readers: [Box<dyn Source>; 2],
+        group_of: Vec<Vec<u32>>,
         started: Instant,
     ) -> Reading<'p> {
         let partitions = [readers[0].partitions(), readers[1].partitions()];
@@ -344,20 +376,28 @@ impl<'p> Reading<'p> {
                 vec![false; partitions[1] as usize],
             ],
             dry: [false; 2],
+            last_read: 0,
             dormant: [
                 vec![false; partitions[0] as usize],
                 vec![false; partitions[1] as usize],
             ],
             guards: [guards(0), guards(1)],
             verdicts: Vec::new(),
-            marks: Watermarks::new(
-                &partitions,
+            sent: vec![
+                Watermark::MIN;
+                group_of
+                    .iter()
+                    .flatten()
+                    .max()
+                    .map_or(1, |&g| g as usize + 1)
+            ],
+            marks: Watermarks::grouped(
+                group_of,
                 plan.max_out_of_orderness_ms,
                 plan.idle_timeout_ms,
                 0,
             ),
             readers,
-            sent: Watermark::MIN,
             counts: Default::default(),
             batch: LineBatch::default(),
             record: Vec::new(),
@@ -417,9 +457,23 @@ impl<'p> Reading<'p> {
         }
         let partitions: Vec<Vec<(Option<i64>, bool)>> =
             state.sources.iter().map(|s| s.partitions.clone()).collect();
-        self.marks
-            .restore(&partitions, parse_watermark(&state.watermark)?, now_ms);
-        self.sent = parse_watermark(&state.sent)?;
+        anyhow::ensure!(
+            state.partitions.len() == self.sent.len(),
+            "the checkpoint's join state has {} partitions, the job's {}",
+            state.partitions.len(),
+            self.sent.len()
+        );
+        let groups = state
+            .partitions
+            .iter()
+            .map(|w| parse_watermark(&w.watermark))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.marks.restore(&partitions, &groups, now_ms);
+        self.sent = state
+            .partitions
+            .iter()
+            .map(|w| parse_watermark(&w.sent))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(())
     }
 
@@ -450,7 +504,16 @@ impl<'p> Reading<'p> {
             state: ReaderState {
                 sources,
                 watermark: watermark_text(watermark),
-                sent: watermark_text(self.sent),
+                partitions: self
+                    .marks
+                    .group_watermarks()
+                    .iter()
+                    .zip(&self.sent)
+                    .map(|(&w, &sent)| WatermarkState {
+                        watermark: watermark_text(w),
+                        sent: watermark_text(sent),
+                    })
+                    .collect(),
             },
             watermark_ms: (!watermark.is_infinite() || watermark == Watermark::MAX)
                 .then(|| watermark.millis()),
@@ -475,9 +538,15 @@ impl<'p> Reading<'p> {
     /// the sources advance together in event time. This is event alignment (SPEC §3)
     /// with no slack: the faster source waits while the slower one holds the watermark,
     /// and state does not pile up on the faster side. Ties go to the left source. A
-    /// live source that had nothing to read last time goes after one that had.
+    /// live source that had nothing to read last time goes after one that had; when
+    /// neither had, they take turns, so that records arriving on the one ahead are not
+    /// left unread while the one behind stays quiet.
     fn next_source(&self, now_ms: u64) -> Option<usize> {
-        (0..2).filter(|&s| !self.exhausted[s]).min_by_key(|&s| {
+        let open = || (0..2).filter(|&s| !self.exhausted[s]);
+        if open().all(|s| self.dry[s]) {
+            return open().find(|&s| s != self.last_read).or(open().next());
+        }
+        open().min_by_key(|&s| {
             (
                 self.dry[s],
                 self.marks.source(s, now_ms).unwrap_or(Watermark::MIN),
@@ -496,6 +565,7 @@ impl<'p> Reading<'p> {
         batch.clear();
         let more = self.readers[s].read(&mut batch, READ_BATCH_LINES)?;
         self.dry[s] = batch.is_empty();
+        self.last_read = s;
         for line in batch.iter() {
             self.admit(s, line, now_ms)?;
         }
@@ -524,10 +594,23 @@ impl<'p> Reading<'p> {
                 }
             }
         }
-        let watermark = self.marks.update(now_ms);
-        if watermark > self.sent {
-            self.engine.advance(watermark)?;
-            self.sent = watermark;
+        self.marks.update(now_ms);
+        let mut moved = Vec::new();
+        for (g, (&w, sent)) in self
+            .marks
+            .group_watermarks()
+            .iter()
+            .zip(&mut self.sent)
+            .enumerate()
+        {
+            if w > *sent {
+                moved.push((g as u32, w));
+                *sent = w;
+            }
+        }
+        if !moved.is_empty() {
+            tracing::debug!(?moved, "watermarks advance");
+            self.engine.advance(&moved)?;
         }
         Ok(())
     }
@@ -591,11 +674,10 @@ impl<'p> Reading<'p> {
         decoded: Decoded,
     ) -> anyhow::Result<()> {
         let allowed_lateness_ms = self.plan.spec.allowed_lateness_ms;
-        if self
-            .marks
-            .current()
-            .is_late(decoded.time, allowed_lateness_ms)
-        {
+        let p = self.readers[s].partition_of(position);
+        let group = self.marks.group_of(s, PartitionId(p));
+        let watermark = self.marks.group(group);
+        if watermark.is_late(decoded.time, allowed_lateness_ms) {
             self.counts[s].late += 1;
             self.record.clear();
             write!(
@@ -603,7 +685,7 @@ impl<'p> Reading<'p> {
                 r#"{{"source":{},"position":{},"watermark":{},"event":"#,
                 serde_json::to_string(&self.plan.sources[s].name)?,
                 serde_json::to_string(&self.readers[s].describe(position))?,
-                self.marks.current().millis()
+                watermark.millis()
             )?;
             self.record.extend_from_slice(line);
             self.record.push(b'}');
@@ -614,14 +696,17 @@ impl<'p> Reading<'p> {
             return result;
         }
         let key = self.decoders[s].key();
-        self.engine.push(&Event {
-            side: if s == 0 { Side::Left } else { Side::Right },
-            key: key.bytes(),
-            key_hash: key.hash(),
-            time: decoded.time,
-            id: decoded.id,
-            payload: line,
-        })
+        self.engine.push(
+            group,
+            &Event {
+                side: if s == 0 { Side::Left } else { Side::Right },
+                key: key.bytes(),
+                key_hash: key.hash(),
+                time: decoded.time,
+                id: decoded.id,
+                payload: line,
+            },
+        )
     }
 
     /// Acts on the time guard's verdicts: released events go on as if they arrived

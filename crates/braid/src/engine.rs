@@ -1,10 +1,19 @@
-//! The engine: shard threads, each owning one join and its state, fed in batches.
+//! The engine: shard threads, each owning joins and their state, fed in batches.
 //!
-//! Keys hash to one of [`KEY_GROUPS`] key groups and key groups to shards, so every
-//! event of a key meets the same shard. A shard thread owns its join, its RocksDB store
-//! and its result sink alone: no locks on the hot path. Work moves in batches of up to
-//! [`BATCH_EVENTS_MAX`] events through bounded channels, so a slow shard pushes back on
-//! the reader instead of queueing without limit.
+//! State is split by *partition* first (partition number p of co-partitioned Kafka
+//! inputs, joined on its own with its own watermark, SPEC §6; files and the generator
+//! are one partition, 0) and kept separable per partition, so that a partition's state
+//! can move to another process. A [`Layout`] places partitions on shards: with at least
+//! as many partitions as shards, each partition lives whole on shard `p % shards`;
+//! with fewer, every shard holds a piece of every partition and keys hash to one of
+//! [`KEY_GROUPS`] key groups and key groups to shards. Either way every event of a key
+//! meets the same join. A *unit* is one partition's join on one shard, with its own
+//! RocksDB store (`shard-i/part-p`) and its own part of a checkpoint.
+//!
+//! A shard thread owns its joins, their stores and its result sink alone: no locks on
+//! the hot path. Work moves in batches of up to [`BATCH_EVENTS_MAX`] events through
+//! bounded channels, so a slow shard pushes back on the reader instead of queueing
+//! without limit.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -19,10 +28,74 @@ use braid_io::PendingFile;
 use braid_state::{RocksOptions, RocksStore};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::checkpoint::{store::fault_after, Part, ShardRestore, ShardSnapshot, SinkState};
+use crate::checkpoint::{
+    store::fault_after, Part, ShardSnapshot, SinkState, UnitRestore, UnitSnapshot,
+};
 
-/// Key groups: the unit that would move between processes when scaling out.
+/// Key groups: how the keys of a partition are split over shards when there are fewer
+/// partitions than shards.
 pub const KEY_GROUPS: u64 = 4_096;
+/// Block cache of one shard's RocksDB stores together (split between its units).
+const SHARD_BLOCK_CACHE_BYTES: usize = 8 << 20;
+/// Least block cache of one unit's store.
+const UNIT_BLOCK_CACHE_MIN_BYTES: usize = 1 << 20;
+
+/// One partition's join on one shard: the unit of state and of a checkpoint's parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Unit {
+    pub partition: u32,
+    pub shard: usize,
+}
+
+impl Unit {
+    /// The unit's folder, under the state folder and in the checkpoint store.
+    pub fn path(&self) -> String {
+        format!("part-{}/shard-{}", self.partition, self.shard)
+    }
+}
+
+/// Where the partitions' state lives among the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub shards: usize,
+    pub partitions: u32,
+}
+
+impl Layout {
+    /// Whole partitions per shard (at least as many partitions as shards), or pieces
+    /// of every partition on every shard, split by key group.
+    fn whole_partitions(&self) -> bool {
+        self.partitions as usize >= self.shards
+    }
+
+    /// The shard that joins a key of a partition.
+    pub fn shard_of(&self, partition: u32, key_hash: u64) -> usize {
+        if self.whole_partitions() {
+            partition as usize % self.shards
+        } else {
+            let group = (key_hash >> 32) % KEY_GROUPS;
+            (group % self.shards as u64) as usize
+        }
+    }
+
+    /// The partitions a shard holds (a piece of each when they are fewer than shards).
+    pub fn partitions_of(&self, shard: usize) -> Vec<u32> {
+        (0..self.partitions)
+            .filter(|&p| !self.whole_partitions() || p as usize % self.shards == shard)
+            .collect()
+    }
+
+    /// Every unit, by shard and then partition.
+    pub fn units(&self) -> Vec<Unit> {
+        (0..self.shards)
+            .flat_map(|shard| {
+                self.partitions_of(shard)
+                    .into_iter()
+                    .map(move |partition| Unit { partition, shard })
+            })
+            .collect()
+    }
+}
 /// Events in one batch sent to a shard.
 pub const BATCH_EVENTS_MAX: usize = 2_048;
 /// Batches queued per shard before the reader waits.
@@ -46,6 +119,8 @@ struct EventBatch {
 }
 
 struct BatchEvent {
+    /// The partition whose join takes it.
+    partition: u32,
     side: Side,
     time: EventTime,
     key_hash: u64,
@@ -57,7 +132,8 @@ struct BatchEvent {
 
 enum ShardMessage {
     Events(EventBatch),
-    Advance(Watermark),
+    /// New watermarks of the shard's partitions.
+    Advance(Vec<(u32, Watermark)>),
     /// Checkpoint barrier of an epoch: everything before it is in the snapshot.
     Barrier(u64),
 }
@@ -65,14 +141,14 @@ enum ShardMessage {
 /// How the engine is set up.
 pub struct EngineConfig<'a> {
     pub spec: JoinSpec,
-    pub shards: usize,
+    pub layout: Layout,
     pub memory_max_bytes: u64,
-    /// Shard `i` keeps its state under `state_dir/shard-i`.
+    /// Unit `u` keeps its state under `state_dir/shard-i/part-p`.
     pub state_dir: &'a Path,
     /// Where barriers' snapshots go; `None` without checkpoints.
     pub checkpoints: Option<Sender<Part>>,
-    /// Per shard, the state of a restored checkpoint (empty for a fresh start).
-    pub restore: Vec<ShardRestore>,
+    /// Per unit, the state of a restored checkpoint (empty for a fresh start).
+    pub restore: Vec<UnitRestore>,
 }
 
 /// What a shard did, reported when it ends.
@@ -86,6 +162,7 @@ pub struct ShardReport {
 }
 
 pub struct Engine {
+    layout: Layout,
     senders: Vec<Sender<ShardMessage>>,
     handles: Vec<JoinHandle<anyhow::Result<ShardReport>>>,
     open: Vec<EventBatch>,
@@ -96,8 +173,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts `shards` shard threads, splitting `memory_max_bytes` between them; shard `i`
-    /// keeps its state under `state_dir/shard-i` and writes to `make_sink(i)`.
+    /// Starts `shards` shard threads for one partition, splitting `memory_max_bytes`
+    /// between them; shard `i` keeps its state under `state_dir/shard-i` and writes to
+    /// `make_sink(i)`.
     pub fn start<K: ResultSink>(
         spec: JoinSpec,
         shards: usize,
@@ -108,7 +186,10 @@ impl Engine {
         Engine::start_with(
             EngineConfig {
                 spec,
-                shards,
+                layout: Layout {
+                    shards,
+                    partitions: 1,
+                },
                 memory_max_bytes,
                 state_dir,
                 checkpoints: None,
@@ -125,64 +206,90 @@ impl Engine {
     ) -> anyhow::Result<Engine> {
         let EngineConfig {
             spec,
-            shards,
+            layout,
             memory_max_bytes,
             state_dir,
             checkpoints,
-            mut restore,
+            restore,
         } = config;
-        anyhow::ensure!(
-            restore.is_empty() || restore.len() == shards,
-            "the checkpoint has {} shards, the job {shards}",
-            restore.len()
-        );
-        let mut restore = restore.drain(..).map(Some).collect::<Vec<_>>();
-        restore.resize_with(shards, || None);
-        let tuning = RocksOptions {
-            fail_writes_after: fault_after("state-write"),
-            ..RocksOptions::default()
-        };
+        let shards = layout.shards;
+        let units = layout.units();
+        let mut restore: std::collections::HashMap<Unit, UnitRestore> =
+            restore.into_iter().map(|r| (r.unit, r)).collect();
+        if !restore.is_empty() {
+            let mut saved: Vec<Unit> = restore.keys().copied().collect();
+            saved.sort();
+            let mut wanted = units.clone();
+            wanted.sort();
+            anyhow::ensure!(
+                saved == wanted,
+                "the checkpoint holds {} units of state ({} shards, {} partitions), the job {} ({} shards, {} partitions); run it with the checkpoint's parallelism and partitions, or `braid run --reset` to start from scratch",
+                saved.len(),
+                saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
+                saved.iter().map(|u| u.partition).max().map_or(0, |p| p + 1),
+                wanted.len(),
+                shards,
+                layout.partitions
+            );
+        }
+        for i in 0..shards {
+            clear_shard_dir(&state_dir.join(format!("shard-{i}")))?;
+        }
         let mut senders = Vec::with_capacity(shards);
         let mut handles = Vec::with_capacity(shards);
         // Never more batches than the queues and the open ones hold, so it never blocks.
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
-        // Each shard's state is built (and restored) on a thread of its own, in parallel:
+        // Each unit's state is built (and restored) on a thread of its own, in parallel:
         // loading a join image rebuilds every hot segment's index. Together they stay
-        // within the budget: a load streams its image from a file and keeps its shard's
+        // within the budget: a load streams its image from a file and keeps its unit's
         // share of the budget as it goes, so parallel loads hold at most the budget plus
-        // a read buffer and a segment per shard.
-        let built: Vec<anyhow::Result<(Join<RocksStore>, BTreeSet<SegmentId>)>> =
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = restore
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, restored)| {
-                        let dir = state_dir.join(format!("shard-{i}"));
-                        let tuning = &tuning;
-                        scope.spawn(move || build_shard(i, &dir, tuning, spec, per_shard, restored))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .map_err(|_| anyhow::anyhow!("a shard panicked while starting"))?
-                    })
-                    .collect()
-            });
-        for (i, built) in built.into_iter().enumerate() {
-            let (join, checkpointed) = built?;
+        // a read buffer and a segment per unit.
+        let built: Vec<anyhow::Result<PartJoin>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = units
+                .iter()
+                .map(|&unit| {
+                    let in_shard = layout.partitions_of(unit.shard).len();
+                    let tuning = RocksOptions {
+                        fail_writes_after: fault_after("state-write"),
+                        block_cache_bytes: (SHARD_BLOCK_CACHE_BYTES / in_shard)
+                            .max(UNIT_BLOCK_CACHE_MIN_BYTES),
+                        ..RocksOptions::default()
+                    };
+                    let dir = state_dir.join(format!("shard-{}", unit.shard));
+                    let dir = dir.join(format!("part-{}", unit.partition));
+                    let restored = restore.remove(&unit);
+                    let budget = per_shard / in_shard;
+                    scope.spawn(move || build_unit(unit, &dir, &tuning, spec, budget, restored))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a shard panicked while starting"))?
+                })
+                .collect()
+        });
+        let mut built = built.into_iter();
+        for i in 0..shards {
+            let parts = (&mut built)
+                .take(layout.partitions_of(i).len())
+                .collect::<anyhow::Result<Vec<PartJoin>>>()?;
             let sink = make_sink(i)?;
             let (tx, rx) = bounded(SHARD_QUEUE_BATCHES);
             senders.push(tx);
             let recycle = recycle.clone();
+            let mut local = vec![usize::MAX; layout.partitions as usize];
+            for (j, part) in parts.iter().enumerate() {
+                local[part.unit.partition as usize] = j;
+            }
             let shard = Shard {
                 index: i,
-                join,
+                parts,
+                local,
                 staging: state_dir.join(format!("shard-{i}")).join("staging"),
                 checkpoints: checkpoints.clone(),
-                checkpointed,
             };
             handles.push(
                 std::thread::Builder::new()
@@ -191,6 +298,7 @@ impl Engine {
             );
         }
         Ok(Engine {
+            layout,
             senders,
             handles,
             open: (0..shards).map(|_| EventBatch::default()).collect(),
@@ -198,15 +306,15 @@ impl Engine {
         })
     }
 
-    /// Queues one event for its shard.
-    pub fn push(&mut self, event: &Event<'_>) -> anyhow::Result<()> {
-        let group = (event.key_hash >> 32) % KEY_GROUPS;
-        let shard = (group % self.senders.len() as u64) as usize;
+    /// Queues one event of a partition for its shard.
+    pub fn push(&mut self, partition: u32, event: &Event<'_>) -> anyhow::Result<()> {
+        let shard = self.layout.shard_of(partition, event.key_hash);
         let batch = &mut self.open[shard];
         let start = batch.bytes.len();
         batch.bytes.extend_from_slice(event.key);
         batch.bytes.extend_from_slice(event.payload);
         batch.events.push(BatchEvent {
+            partition,
             side: event.side,
             time: event.time,
             key_hash: event.key_hash,
@@ -221,9 +329,29 @@ impl Engine {
         Ok(())
     }
 
-    /// Sends every queued event, then the new watermark, to every shard.
-    pub fn advance(&mut self, watermark: Watermark) -> anyhow::Result<()> {
-        self.broadcast(|| ShardMessage::Advance(watermark))
+    /// Sends new watermarks of partitions (`(partition, watermark)`) to the shards
+    /// that hold them, behind every event queued for those shards.
+    pub fn advance(&mut self, moved: &[(u32, Watermark)]) -> anyhow::Result<()> {
+        for shard in 0..self.senders.len() {
+            let mine: Vec<(u32, Watermark)> = moved
+                .iter()
+                .filter(|(p, _)| {
+                    !self.layout.whole_partitions() || *p as usize % self.layout.shards == shard
+                })
+                .copied()
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            self.send(shard)?;
+            if self.senders[shard]
+                .send(ShardMessage::Advance(mine))
+                .is_err()
+            {
+                return Err(self.shard_failure(shard));
+            }
+        }
+        Ok(())
     }
 
     /// Sends every queued event, then the barrier of `epoch`, to every shard.
@@ -297,20 +425,38 @@ impl Drop for Engine {
     }
 }
 
-/// Opens shard `i`'s store in `dir` and its join, restored from a checkpoint if given;
-/// returns them with the segments the checkpoint already holds.
-fn build_shard(
-    i: usize,
+/// Removes what an earlier run left in a shard's folder besides its units' stores
+/// (which clear themselves): checkpoint staging, and the store of a braid version that
+/// kept one store per shard (recognised by its marker file).
+fn clear_shard_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut leftovers = vec![dir.join("staging")];
+    if dir.join(braid_state::MARKER_FILE).exists() {
+        leftovers.extend(["db", "ingest", "segments"].map(|d| dir.join(d)));
+    }
+    for path in leftovers.iter().filter(|p| p.exists()) {
+        std::fs::remove_dir_all(path)
+            .with_context(|| format!("cannot clear {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens a unit's store in `dir` and its join, restored from a checkpoint if given.
+fn build_unit(
+    unit: Unit,
     dir: &Path,
     tuning: &RocksOptions,
     spec: JoinSpec,
     memory_max_bytes: usize,
-    restored: Option<ShardRestore>,
-) -> anyhow::Result<(Join<RocksStore>, BTreeSet<SegmentId>)> {
+    restored: Option<UnitRestore>,
+) -> anyhow::Result<PartJoin> {
     let mut store = RocksStore::create(dir, tuning)?;
     let mut checkpointed = BTreeSet::new();
     let Some(r) = restored else {
-        return Ok((Join::new(spec, store, memory_max_bytes), checkpointed));
+        return Ok(PartJoin {
+            unit,
+            join: Join::new(spec, store, memory_max_bytes),
+            checkpointed,
+        });
     };
     for &id in &r.segments {
         let from = r.dir.join(braid_state::segment_file_name(id));
@@ -322,11 +468,17 @@ fn build_shard(
     let mut join = Join::new(spec, store, memory_max_bytes);
     load_image(&mut join, &r.image).with_context(|| {
         format!(
-            "cannot restore shard {i} from its join image {}, which matched its checksum (an image written by another braid version does not load; `braid run --reset` starts from scratch)",
+            "cannot restore partition {} of shard {} from its join image {}, which matched its checksum (an image written by another braid version does not load; `braid run --reset` starts from scratch)",
+            unit.partition,
+            unit.shard,
             r.image.display()
         )
     })?;
-    Ok((join, checkpointed))
+    Ok(PartJoin {
+        unit,
+        join,
+        checkpointed,
+    })
 }
 
 /// Loads a join image from its file, streaming: the load holds the state it rebuilds
@@ -338,20 +490,28 @@ fn load_image(join: &mut Join<RocksStore>, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One shard's join and its checkpointing.
-struct Shard {
-    index: usize,
+/// One partition's join on a shard.
+struct PartJoin {
+    unit: Unit,
     join: Join<RocksStore>,
-    staging: PathBuf,
-    checkpoints: Option<Sender<Part>>,
     /// Segments whose files an earlier barrier handed over.
     checkpointed: BTreeSet<SegmentId>,
 }
 
+/// One shard's joins and its checkpointing.
+struct Shard {
+    index: usize,
+    parts: Vec<PartJoin>,
+    /// By partition number: its index in `parts` (`usize::MAX` if not held here).
+    local: Vec<usize>,
+    staging: PathBuf,
+    checkpoints: Option<Sender<Part>>,
+}
+
 impl Shard {
     /// Hands the shard's state at a barrier to the committer: the pause of the pipeline
-    /// is this function (sealing the hot segments into an image that shares them, and a
-    /// few hard links); the committer writes the image.
+    /// is this function (sealing the hot segments into images that share them, and a
+    /// few hard links); the committer writes the images.
     fn barrier(&mut self, epoch: u64, sink: &mut impl ResultSink) -> anyhow::Result<()> {
         let started = Instant::now();
         let (pending, sink_state) = sink.barrier(epoch)?;
@@ -359,27 +519,36 @@ impl Shard {
             return Ok(());
         };
         let staging = self.staging.join(format!("{epoch}"));
-        std::fs::create_dir_all(&staging)
-            .with_context(|| format!("cannot create {}", staging.display()))?;
-        let image = self.join.snapshot();
-        let files = self.join.store().segment_files();
-        let mut new_files = Vec::new();
-        for (id, path) in files {
-            if !self.checkpointed.contains(id) {
-                let link = staging.join(path.file_name().expect("a file name"));
-                std::fs::hard_link(path, &link)
-                    .with_context(|| format!("cannot stage {}", path.display()))?;
-                new_files.push((*id, link));
+        let mut units = Vec::with_capacity(self.parts.len());
+        for part in &mut self.parts {
+            let dir = staging.join(format!("part-{}", part.unit.partition));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let image = part.join.snapshot();
+            let files = part.join.store().segment_files();
+            let mut new_files = Vec::new();
+            for (id, path) in files {
+                if !part.checkpointed.contains(id) {
+                    let link = dir.join(path.file_name().expect("a file name"));
+                    std::fs::hard_link(path, &link)
+                        .with_context(|| format!("cannot stage {}", path.display()))?;
+                    new_files.push((*id, link));
+                }
             }
+            let live: Vec<SegmentId> = files.keys().copied().collect();
+            part.checkpointed = live.iter().copied().collect();
+            units.push(UnitSnapshot {
+                unit: part.unit,
+                image: Some(image),
+                live,
+                new_files,
+                dir,
+            });
         }
-        let live: Vec<SegmentId> = files.keys().copied().collect();
-        self.checkpointed = live.iter().copied().collect();
         let snapshot = ShardSnapshot {
             shard: self.index,
             epoch,
-            image: Some(image),
-            live,
-            new_files,
+            units,
             staging,
             pending,
             sink: sink_state,
@@ -388,6 +557,10 @@ impl Shard {
         checkpoints
             .send(Part::Shard(snapshot))
             .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.join.memory_bytes()).sum()
     }
 }
 
@@ -401,26 +574,41 @@ fn run_shard<K: ResultSink>(
     for message in rx {
         match message {
             ShardMessage::Events(batch) => {
-                let events: Vec<Event<'_>> = batch
-                    .events
-                    .iter()
-                    .map(|e| {
-                        let key_end = e.start + e.key_len;
-                        Event {
-                            side: e.side,
-                            key: &batch.bytes[e.start..key_end],
-                            key_hash: e.key_hash,
-                            time: e.time,
-                            id: e.id,
-                            payload: &batch.bytes[key_end..key_end + e.payload_len],
-                        }
-                    })
-                    .collect();
-                shard.join.on_batch(&events, &mut sink)?;
-                drop(events);
-                if shard.join.memory_bytes() > report.peak_state_bytes {
-                    report.peak_state_bytes = shard.join.memory_bytes();
-                    report.events_at_peak = shard.join.counts().retained.iter().sum();
+                // Each partition's events, in the order read.
+                let mut by_part: Vec<Vec<Event<'_>>> =
+                    (0..shard.parts.len()).map(|_| Vec::new()).collect();
+                for e in &batch.events {
+                    let key_end = e.start + e.key_len;
+                    let j = shard.local[e.partition as usize];
+                    anyhow::ensure!(
+                        j != usize::MAX,
+                        "shard {} got an event of partition {}, which it does not hold (a bug)",
+                        shard.index,
+                        e.partition
+                    );
+                    by_part[j].push(Event {
+                        side: e.side,
+                        key: &batch.bytes[e.start..key_end],
+                        key_hash: e.key_hash,
+                        time: e.time,
+                        id: e.id,
+                        payload: &batch.bytes[key_end..key_end + e.payload_len],
+                    });
+                }
+                for (part, events) in shard.parts.iter_mut().zip(&by_part) {
+                    if !events.is_empty() {
+                        part.join.on_batch(events, &mut sink)?;
+                    }
+                }
+                drop(by_part);
+                let memory = shard.memory_bytes();
+                if memory > report.peak_state_bytes {
+                    report.peak_state_bytes = memory;
+                    report.events_at_peak = shard
+                        .parts
+                        .iter()
+                        .map(|p| p.join.counts().retained.iter().sum::<u64>())
+                        .sum();
                 }
                 let mut batch = batch;
                 batch.bytes.clear();
@@ -428,9 +616,22 @@ fn run_shard<K: ResultSink>(
                 // A full recycling queue only means the reader has enough batches.
                 let _ = recycle.try_send(batch);
             }
-            ShardMessage::Advance(watermark) => {
-                shard.join.advance(watermark, &mut sink)?;
-                report.disk_bytes_max = report.disk_bytes_max.max(shard.join.store().disk_bytes());
+            ShardMessage::Advance(moved) => {
+                for (partition, watermark) in moved {
+                    let j = shard.local[partition as usize];
+                    anyhow::ensure!(
+                        j != usize::MAX,
+                        "shard {} got a watermark of partition {partition}, which it does not hold (a bug)",
+                        shard.index
+                    );
+                    shard.parts[j].join.advance(watermark, &mut sink)?;
+                }
+                let disk = shard
+                    .parts
+                    .iter()
+                    .map(|p| p.join.store().disk_bytes())
+                    .sum::<u64>();
+                report.disk_bytes_max = report.disk_bytes_max.max(disk);
             }
             ShardMessage::Barrier(epoch) => {
                 if let Some(e) = sink.take_error() {
@@ -444,7 +645,9 @@ fn run_shard<K: ResultSink>(
         }
     }
     sink.finish()?;
-    report.counts = shard.join.counts();
+    for part in &shard.parts {
+        report.counts.add(&part.join.counts());
+    }
     tracing::info!(
         pairs = report.counts.pairs,
         spilled_segments = report.counts.spilled_segments,
@@ -453,4 +656,51 @@ fn run_shard<K: ResultSink>(
         "shard done"
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whole partitions spread over the shards when there are enough of them; pieces
+    /// of every partition on every shard, by key group, when there are fewer.
+    #[test]
+    fn layouts_place_every_key_of_a_partition_on_one_unit() {
+        let whole = Layout {
+            shards: 2,
+            partitions: 5,
+        };
+        assert_eq!(whole.partitions_of(0), [0, 2, 4]);
+        assert_eq!(whole.partitions_of(1), [1, 3]);
+        assert_eq!(whole.units().len(), 5);
+        let split = Layout {
+            shards: 3,
+            partitions: 2,
+        };
+        assert_eq!(split.partitions_of(2), [0, 1]);
+        assert_eq!(split.units().len(), 6);
+        let mut shards_used = BTreeSet::new();
+        for key_hash in (0..64u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+            assert_eq!(whole.shard_of(3, key_hash), 1);
+            let shard = split.shard_of(1, key_hash);
+            assert_eq!(shard, split.shard_of(0, key_hash), "a key's shard");
+            shards_used.insert(shard);
+            for layout in [whole, split] {
+                let unit = Unit {
+                    partition: 1,
+                    shard: layout.shard_of(1, key_hash),
+                };
+                assert!(layout.units().contains(&unit), "{unit:?} of {layout:?}");
+            }
+        }
+        assert_eq!(shards_used.len(), 3, "keys spread over every shard");
+        assert_eq!(
+            Unit {
+                partition: 4,
+                shard: 0
+            }
+            .path(),
+            "part-4/shard-0"
+        );
+    }
 }

@@ -42,6 +42,12 @@ pub trait Source {
     fn dormant(&self, _partition: u32) -> bool {
         false
     }
+    /// Whether partition p holds exactly the keys of partition p of any other
+    /// co-partitioned input (a Kafka topic keyed by the join key), so that partition
+    /// number p of the inputs can be joined on its own (SPEC §6).
+    fn co_partitioned(&self) -> bool {
+        false
+    }
     /// Whether an event of this time belongs to the partition's part of the input (the
     /// history files and the topic meet at `backfill.until`, each keeping its side).
     fn keeps(&self, _partition: u32, _time_ms: i64) -> bool {

@@ -102,7 +102,7 @@ fn manifest_files(manifest: &Path) -> Vec<String> {
     let body = &text[text.find('\n').expect("header") + 1..];
     let json: serde_json::Value = serde_json::from_str(body).expect("manifest JSON");
     let mut names = Vec::new();
-    for shard in json["shards"].as_array().expect("shards") {
+    for shard in json["units"].as_array().expect("units") {
         names.push(shard["image"]["name"].as_str().expect("name").to_string());
         for s in shard["segments"].as_array().expect("segments") {
             names.push(s["file"]["name"].as_str().expect("name").to_string());

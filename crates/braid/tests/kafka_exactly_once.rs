@@ -96,6 +96,7 @@ impl Setup {
         if let Err(e) = check_exact(&self.input, &got, &|_| false) {
             panic!("{context}: {e}");
         }
+        assert_state_per_partition(self.dir.path());
         eprintln!(
             "{context}: output exact: {} rows, {} late, {} dead",
             got.joined.len(),
@@ -104,6 +105,52 @@ impl Setup {
         );
         expected_rows(&self.input, &got.late).expect("checked above")
     }
+}
+
+/// The newest checkpoint keeps each partition's state apart (SPEC §6: partition p of
+/// the inputs is joined on its own): one unit per partition, on shard `p % 2` (the job
+/// has two shards and four partitions), its files under `files/part-p/`, and its local
+/// state in `state/shard-i/part-p`.
+fn assert_state_per_partition(dir: &std::path::Path) {
+    let manifests = dir.join("checkpoints").join("manifests");
+    let newest = std::fs::read_dir(&manifests)
+        .expect("the manifests folder")
+        .map(|e| e.expect("an entry").path())
+        .max()
+        .expect("a manifest");
+    let text = std::fs::read_to_string(&newest).expect("a manifest");
+    let body = &text[text.find('\n').expect("a header line") + 1..];
+    let manifest: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let units = manifest["units"].as_array().expect("units");
+    let mut partitions: Vec<u64> = units
+        .iter()
+        .map(|u| u["partition"].as_u64().expect("a partition"))
+        .collect();
+    partitions.sort_unstable();
+    assert_eq!(
+        partitions,
+        [0, 1, 2, 3],
+        "one unit per partition: {units:?}"
+    );
+    for unit in units {
+        let p = unit["partition"].as_u64().expect("a partition");
+        assert_eq!(unit["shard"].as_u64(), Some(p % 2), "{unit}");
+        let prefix = format!("files/part-{p}/shard-{}/", p % 2);
+        let mut names = vec![unit["image"]["name"].as_str().expect("an image")];
+        for segment in unit["segments"].as_array().expect("segments") {
+            names.push(segment["file"]["name"].as_str().expect("a segment file"));
+        }
+        for name in names {
+            assert!(name.starts_with(&prefix), "{name} is not under {prefix}");
+        }
+        let state = dir.join(format!("state/shard-{}/part-{p}", p % 2));
+        assert!(state.is_dir(), "no local state in {}", state.display());
+    }
+    let spilled = units
+        .iter()
+        .filter(|u| !u["segments"].as_array().expect("segments").is_empty())
+        .count();
+    eprintln!("state per partition: 4 units, {spilled} with spilled segments");
 }
 
 /// What a `read_committed` consumer saw of `out` after a kill.

@@ -6,11 +6,16 @@
 //!   braid starts, more is produced while it runs; SIGTERM must stop it with exit 0; a
 //!   second run resumes, the rest is produced, and the output over both runs must
 //!   equal the reference over the whole input exactly (`check::check_exact`).
-//! - `an_idle_partition_does_not_hold_the_watermark_back`: partition 3 of both topics
-//!   falls silent; with `idle_timeout = "1s"` the other partitions' unmatched
-//!   impressions must still be emitted while the job runs; then, with every partition
-//!   idle, partition 3 alone wakes up and its events must move the watermark past an
-//!   impression of its own, whose unmatched row must then be emitted (it counts again).
+//! - `a_silent_partition_holds_back_only_its_own_state`: partition 3 of both topics
+//!   falls silent but never counts as idle (`idle_timeout = "1h"`); the other
+//!   partitions' unmatched impressions must still be emitted while the job runs, since
+//!   partition p of the inputs is joined on its own with its own watermark (SPEC §6).
+//! - `an_idle_partition_does_not_hold_the_watermark_back`: the same with
+//!   `idle_timeout = "1s"`; then, with every partition idle, partition 3 of the
+//!   impressions alone wakes up and its events must move its watermark past an
+//!   impression of its own, whose unmatched row must then be emitted: the woken
+//!   partition counts again, and the silent partition 3 of the plays, idle, does not
+//!   hold it back.
 //!
 //! An unbounded job emits an unmatched impression only once the watermark passes it,
 //! so the tests end by producing flush events (`check::flush_events`) two days after
@@ -117,7 +122,21 @@ fn wait_for_rows(
             "{what}: committed after {:.1} s ({late} late records)",
             started.elapsed().as_secs_f64()
         ),
-        Err(e) => panic!("{e} after {OUTPUT_TIMEOUT:?}"),
+        Err(e) => {
+            let log = run.stderr();
+            // Checkpoints every 100 ms would fill it.
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("checkpoint committed"))
+                .take(40)
+                .collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{e} after {OUTPUT_TIMEOUT:?}; braid's log ends:\n{}",
+                tail.join("\n")
+            )
+        }
     }
 }
 
@@ -227,45 +246,63 @@ fn an_idle_partition_does_not_hold_the_watermark_back() {
     }
 }
 
-fn idle_partition_scenario() {
-    const T0: i64 = 1_700_000_000_000;
-    /// Phase 2's impressions per busy partition, one a minute: three hours.
-    const BUSY_MINUTES: i64 = 180;
-    const SILENT: i32 = 3;
-    /// Where partition 3's events resume: two hours past the busy partitions' last.
-    const WOKEN_AFTER_MINUTES: i64 = 300;
-    /// Events that move partition 3's time past its woken impression's window.
-    const PUSHERS: i64 = 64;
+/// Phase 1 and 2's start time.
+const T0: i64 = 1_700_000_000_000;
+/// Phase 2's impressions per busy partition, one a minute: three hours.
+const BUSY_MINUTES: i64 = 180;
+/// The partition that falls silent.
+const SILENT: i32 = 3;
+
+/// Partition p of the inputs is joined on its own, with its own watermark (SPEC §6):
+/// partition 3 of both topics falls silent while the others go on, and although it
+/// never counts as idle (`idle_timeout` is an hour), the other partitions' unmatched
+/// impressions must be emitted while the job runs. A watermark over all partitions
+/// would hold them until partition 3 moved.
+#[test]
+fn a_silent_partition_holds_back_only_its_own_state() {
+    let _serial = exclusive();
+    let (_dir, broker, mut run, data) = silent_partition("1h");
+    let bootstrap = broker.bootstrap();
+    let flush = flush_events(max_time(&data.input));
+    flush.produce(&bootstrap);
+    let mut input = data.input;
+    input.extend(flush);
+    complete_and_stop(&bootstrap, &input, &mut run, "silent partition");
+}
+
+/// Phases 1 and 2 of the partition tests, on a fresh broker and an unbounded job with
+/// `idle_timeout`; returns the job's folder, the broker, the run and the data produced.
+/// Before braid starts: 40 matched pairs a
+/// second apart on every partition (enough for the time guard to corroborate them),
+/// after which partition 3 of both topics falls silent. While braid runs: three hours
+/// on partitions 0-2, in half-hour chunks [`BUSY_CHUNK_PAUSE`] apart (so that no busy
+/// partition falls idle, and no partition runs far ahead of the others in event time),
+/// an impression a minute and a play ten minutes after it, of the same key for every
+/// third impression. Each busy partition's watermark reaches about T0 + 2.4 h (three
+/// hours less the guard's 32 events of lag and the plays' ten minutes), so the
+/// unmatched impressions of the first hour must come out although partition 3 has
+/// nothing past T0 + 40 s; waits until they do.
+fn silent_partition(idle_timeout: &str) -> (tempfile::TempDir, Broker, BraidRun, IdleData) {
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = Broker::start();
-    let bootstrap = broker.bootstrap();
-    create_job_topics(&bootstrap);
-    let mut job = KafkaJob::new(&bootstrap);
+    let bootstrap = &broker.bootstrap();
+    create_job_topics(bootstrap);
+    let mut job = KafkaJob::new(bootstrap);
     job.end = None;
-    job.idle_timeout = Some("1s".to_string());
+    job.idle_timeout = Some(idle_timeout.to_string());
     let job = job.write(dir.path());
     let mut data = IdleData {
         next_profile: 1,
         ..IdleData::default()
     };
-    // Phase 1, before braid starts: 40 matched pairs a second apart on every partition
-    // (enough for the time guard to corroborate them), after which partition 3 of both
-    // topics falls silent.
     let mut phase_1 = Input::default();
     for i in 0..40 {
         for p in 0..PARTITIONS {
             phase_1.extend(data.pair(p, T0 + i * 1_000, T0 + i * 1_000 + 500, true).0);
         }
     }
-    phase_1.produce(&bootstrap);
+    phase_1.produce(bootstrap);
     let mut run = start(dir.path(), &job, 1);
-    // Phase 2, while braid runs: three hours on partitions 0-2, in half-hour chunks
-    // [`CHUNK_PAUSE`] apart (so that no busy partition falls idle, and no partition
-    // runs far ahead of the others in event time), an impression a minute and a play
-    // ten minutes after it, of the same key for every third impression. Each busy
-    // partition's watermark reaches about T0 + 2.4 h (three hours less the guard's 32
-    // events of lag and the plays' ten minutes), so the unmatched impressions of the
-    // first hour must come out although partition 3 has nothing past T0 + 40 s.
     let mut early_unmatched = Vec::new();
     for chunk in 0..BUSY_MINUTES / 30 {
         let mut lines = Input::default();
@@ -280,17 +317,27 @@ fn idle_partition_scenario() {
                 }
             }
         }
-        lines.produce(&bootstrap);
+        lines.produce(bootstrap);
         std::thread::sleep(BUSY_CHUNK_PAUSE);
     }
     early_unmatched.sort();
     wait_for_rows(
-        &bootstrap,
+        bootstrap,
         &mut run,
         &early_unmatched,
         true,
         "unmatched impressions of the busy partitions' first hour, partition 3 silent",
     );
+    (dir, broker, run, data)
+}
+
+fn idle_partition_scenario() {
+    /// Where partition 3's events resume: two hours past the busy partitions' last.
+    const WOKEN_AFTER_MINUTES: i64 = 300;
+    /// Events that move partition 3's time past its woken impression's window.
+    const PUSHERS: i64 = 64;
+    let (_dir, broker, mut run, mut data) = silent_partition("1s");
+    let bootstrap = broker.bootstrap();
 
     // Phase 3: every partition falls idle (nothing for longer than idle_timeout), then
     // partition 3 of the impressions wakes up alone: one impression U well past

@@ -296,9 +296,9 @@ fn epoch_of(manifest_key: &str) -> u64 {
 fn segments_in(manifest: &str) -> usize {
     let (_, body) = manifest.split_once('\n').expect("a manifest's header line");
     let manifest: serde_json::Value = serde_json::from_str(body).expect("a manifest's JSON");
-    manifest["shards"]
+    manifest["units"]
         .as_array()
-        .expect("shards")
+        .expect("units")
         .iter()
         .map(|s| s["segments"].as_array().expect("segments").len())
         .sum()

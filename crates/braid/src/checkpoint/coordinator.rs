@@ -11,7 +11,7 @@ use braid_io::FileSink;
 use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore};
 use super::{
     epochs, fetch, manifest_name, read_manifest, Committed, Committer, CommitterConfig,
-    CommitterStart, Manifest, ShardRestore, FILES, MANIFESTS,
+    CommitterStart, Manifest, UnitRestore, FILES, MANIFESTS,
 };
 use crate::config::{CheckpointPlan, Output, Plan};
 use crate::kafka::output::{committed_epoch, Committed as KafkaCommitted, KafkaOutput};
@@ -48,7 +48,7 @@ pub fn join_fingerprint(plan: &Plan) -> String {
 /// The checkpoint a run resumes from.
 pub struct Restored {
     pub manifest: Manifest,
-    pub shards: Vec<ShardRestore>,
+    pub units: Vec<UnitRestore>,
 }
 
 /// Checkpointing of one run.
@@ -268,8 +268,8 @@ fn try_restore(
             fingerprint
         )));
     }
-    let shards = fetch(store, &manifest, staging).map_err(Unusable::Broken)?;
-    Ok(Restored { manifest, shards })
+    let units = fetch(store, &manifest, staging).map_err(Unusable::Broken)?;
+    Ok(Restored { manifest, units })
 }
 
 /// Puts a files output folder in the state a checkpoint describes: its pending files
@@ -365,9 +365,9 @@ mod tests {
             reader: ReaderState {
                 sources: Vec::new(),
                 watermark: "0".into(),
-                sent: "0".into(),
+                partitions: Vec::new(),
             },
-            shards: Vec::new(),
+            units: Vec::new(),
             sinks: vec![
                 SinkState {
                     dir: out.clone(),

@@ -83,10 +83,12 @@ fn write_detail(out: &mut String, m: &Manifest) -> anyhow::Result<()> {
             s.counts.dead
         )?;
     }
-    for (i, shard) in m.shards.iter().enumerate() {
+    for shard in &m.units {
         writeln!(
             out,
-            "  shard {i}: image {} ({} bytes, xxh3 {}), {} segment files, {:.1} MiB",
+            "  partition {} shard {}: image {} ({} bytes, xxh3 {}), {} segment files, {:.1} MiB",
+            shard.partition,
+            shard.shard,
             shard.image.name,
             shard.image.bytes,
             shard.image.xxh3,

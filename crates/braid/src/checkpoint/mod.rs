@@ -33,9 +33,11 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::counts::SourceCounts;
+use crate::engine::Unit;
 use store::{sync_dir, CheckpointStore};
 
-const MANIFEST_FORMAT: u32 = 1;
+/// 2: state in units (a partition's join on a shard), watermarks per partition.
+const MANIFEST_FORMAT: u32 = 2;
 /// The store's two folders; braid touches nothing else in it.
 pub const MANIFESTS: &str = "manifests";
 pub const FILES: &str = "files";
@@ -55,7 +57,7 @@ pub struct FileRef {
     pub xxh3: String,
 }
 
-/// One spilled segment of a shard and its file.
+/// One spilled segment of a unit and its file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SegmentRef {
     pub side: u8,
@@ -78,11 +80,24 @@ impl SegmentRef {
     }
 }
 
+/// The state of one partition's join on one shard. A partition's state is the units
+/// with its number: separable from the others', so that it can move on its own.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ShardState {
+pub struct UnitState {
+    pub partition: u32,
+    pub shard: usize,
     /// The join's in-memory state ([`braid_core::Join::snapshot`]).
     pub image: FileRef,
     pub segments: Vec<SegmentRef>,
+}
+
+impl UnitState {
+    pub fn unit(&self) -> Unit {
+        Unit {
+            partition: self.partition,
+            shard: self.shard,
+        }
+    }
 }
 
 /// Where a source stands at the cut.
@@ -171,7 +186,15 @@ impl SinkState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReaderState {
     pub sources: Vec<SourceState>,
-    /// The reader's watermark and the last one sent to the shards (`Watermark::raw`).
+    /// The lowest partition watermark (`Watermark::raw`).
+    pub watermark: String,
+    /// Per partition (of the join's state): its watermark, and the last one sent to the
+    /// shards.
+    pub partitions: Vec<WatermarkState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkState {
     pub watermark: String,
     pub sent: String,
 }
@@ -188,7 +211,7 @@ pub struct Manifest {
     /// The join's watermark in ms (`None` while it is still minus infinity).
     pub watermark_ms: Option<i64>,
     pub reader: ReaderState,
-    pub shards: Vec<ShardState>,
+    pub units: Vec<UnitState>,
     pub sinks: Vec<SinkState>,
     /// Output files this checkpoint publishes.
     pub pending: Vec<PendingFile>,
@@ -200,7 +223,7 @@ impl Manifest {
     }
 
     pub fn files(&self) -> impl Iterator<Item = &FileRef> {
-        self.shards
+        self.units
             .iter()
             .flat_map(|s| std::iter::once(&s.image).chain(s.segments.iter().map(|g| &g.file)))
     }
@@ -326,18 +349,28 @@ pub fn run_nonce() -> String {
 pub struct ShardSnapshot {
     pub shard: usize,
     pub epoch: u64,
-    /// The join's state at the barrier, written by the committer into `staging` and
-    /// dropped as soon as it is written (it holds sealed segments' memory).
-    pub image: Option<JoinImage>,
-    /// Every live segment, and the files of those spilled since the last barrier,
-    /// hard-linked into `staging`.
-    pub live: Vec<SegmentId>,
-    pub new_files: Vec<(SegmentId, PathBuf)>,
+    /// Each of its units' state.
+    pub units: Vec<UnitSnapshot>,
+    /// The epoch's staging folder (the units' folders are in it), removed once
+    /// committed.
     pub staging: PathBuf,
     pub pending: Vec<PendingFile>,
     pub sink: Option<SinkState>,
     /// How long the shard stood still for the barrier.
     pub pause: Duration,
+}
+
+/// One unit's state at a barrier.
+pub struct UnitSnapshot {
+    pub unit: Unit,
+    /// The join's state at the barrier, written by the committer into `dir` and
+    /// dropped as soon as it is written (it holds sealed segments' memory).
+    pub image: Option<JoinImage>,
+    /// Every live segment, and the files of those spilled since the last barrier,
+    /// hard-linked into `dir`.
+    pub live: Vec<SegmentId>,
+    pub new_files: Vec<(SegmentId, PathBuf)>,
+    pub dir: PathBuf,
 }
 
 /// What the reader hands over at a barrier.
@@ -370,15 +403,15 @@ pub struct Committed {
 /// What the committer starts from: the restored checkpoint's files.
 #[derive(Default)]
 pub struct CommitterStart {
-    pub uploaded: HashMap<(usize, SegmentId), FileRef>,
+    pub uploaded: HashMap<(Unit, SegmentId), FileRef>,
 }
 
 impl CommitterStart {
     pub fn from_manifest(manifest: &Manifest) -> CommitterStart {
         let mut uploaded = HashMap::new();
-        for (shard, state) in manifest.shards.iter().enumerate() {
+        for state in &manifest.units {
             for segment in &state.segments {
-                uploaded.insert((shard, segment.id()), segment.file.clone());
+                uploaded.insert((state.unit(), segment.id()), segment.file.clone());
             }
         }
         CommitterStart { uploaded }
@@ -483,7 +516,7 @@ struct CommitterState {
     store: Box<dyn CheckpointStore>,
     config: CommitterConfig,
     nonce: String,
-    uploaded: HashMap<(usize, SegmentId), FileRef>,
+    uploaded: HashMap<(Unit, SegmentId), FileRef>,
     /// The files of each manifest read or written, by epoch.
     files_of: BTreeMap<u64, BTreeSet<String>>,
 }
@@ -528,8 +561,8 @@ impl CommitterState {
     /// one request per file, and a checkpoint can hold hundreds of new ones).
     fn upload_all(
         &self,
-        files: &[(usize, SegmentId, &Path)],
-    ) -> anyhow::Result<Vec<(usize, SegmentId, FileRef)>> {
+        files: &[(Unit, SegmentId, &Path)],
+    ) -> anyhow::Result<Vec<(Unit, SegmentId, FileRef)>> {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results = std::sync::Mutex::new(Vec::with_capacity(files.len()));
         let failed = std::sync::Mutex::new(None);
@@ -537,11 +570,12 @@ impl CommitterState {
             for _ in 0..UPLOADS_IN_FLIGHT.min(files.len()) {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(shard, id, path)) = files.get(i) else {
+                    let Some(&(unit, id, path)) = files.get(i) else {
                         return;
                     };
                     let name = format!(
-                        "{FILES}/shard-{shard}/{}-{}",
+                        "{FILES}/{}/{}-{}",
+                        unit.path(),
                         self.nonce,
                         path.file_name().expect("a file name").to_string_lossy()
                     );
@@ -549,7 +583,7 @@ impl CommitterState {
                         Ok(file) => results
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push((shard, id, file)),
+                            .push((unit, id, file)),
                         Err(e) => {
                             failed
                                 .lock()
@@ -602,27 +636,29 @@ impl CommitterState {
         let mut sinks = reader.sinks.clone();
         let mut pause = reader.pause;
         let images = write_images(&mut shards)?;
-        let new_files: Vec<(usize, SegmentId, &Path)> = shards
+        let new_files: Vec<(Unit, SegmentId, &Path)> = shards
             .iter()
-            .flat_map(|s| {
-                s.new_files
-                    .iter()
-                    .map(|(id, p)| (s.shard, *id, p.as_path()))
-            })
+            .flat_map(|s| &s.units)
+            .flat_map(|u| u.new_files.iter().map(|(id, p)| (u.unit, *id, p.as_path())))
             .collect();
-        for (shard, id, file) in self.upload_all(&new_files)? {
+        for (unit, id, file) in self.upload_all(&new_files)? {
             uploaded_bytes += file.bytes;
-            self.uploaded.insert((shard, id), file);
+            self.uploaded.insert((unit, id), file);
         }
-        for (s, image_path) in shards.iter().zip(&images) {
+        for s in &shards {
             pause = pause.max(s.pause);
-            let image_name = format!("{FILES}/shard-{}/{}-e{epoch}.image", s.shard, self.nonce);
+            pending.extend(s.pending.iter().cloned());
+            sinks.extend(s.sink.clone());
+        }
+        let units = shards.iter().flat_map(|s| &s.units);
+        for (u, image_path) in units.zip(&images) {
+            let image_name = format!("{FILES}/{}/{}-e{epoch}.image", u.unit.path(), self.nonce);
             let image = self.put_checked_file(image_name, image_path)?;
             uploaded_bytes += image.bytes;
-            let mut segments = Vec::with_capacity(s.live.len());
-            for id in &s.live {
-                let file = self.uploaded.get(&(s.shard, *id)).with_context(|| {
-                    format!("shard {}: segment {id:?} has no uploaded file", s.shard)
+            let mut segments = Vec::with_capacity(u.live.len());
+            for id in &u.live {
+                let file = self.uploaded.get(&(u.unit, *id)).with_context(|| {
+                    format!("{}: segment {id:?} has no uploaded file", u.unit.path())
                 })?;
                 segments.push(SegmentRef {
                     side: id.side.index() as u8,
@@ -631,9 +667,12 @@ impl CommitterState {
                     file: file.clone(),
                 });
             }
-            states.push(ShardState { image, segments });
-            pending.extend(s.pending.iter().cloned());
-            sinks.extend(s.sink.clone());
+            states.push(UnitState {
+                partition: u.unit.partition,
+                shard: u.unit.shard,
+                image,
+                segments,
+            });
         }
         // Outputs must survive a crash before the manifest says they exist.
         let mut dirs = BTreeSet::new();
@@ -654,7 +693,7 @@ impl CommitterState {
             created_unix_ms: now_unix_ms(),
             watermark_ms: reader.watermark_ms,
             reader: reader.state,
-            shards: states,
+            units: states,
             sinks,
             pending,
         };
@@ -685,9 +724,10 @@ impl CommitterState {
             let _ = std::fs::remove_dir_all(&s.staging);
         }
         // Forget the files of segments that are gone; keep the newest manifests.
-        let live: BTreeSet<(usize, SegmentId)> = shards
+        let live: BTreeSet<(Unit, SegmentId)> = shards
             .iter()
-            .flat_map(|s| s.live.iter().map(move |id| (s.shard, *id)))
+            .flat_map(|s| &s.units)
+            .flat_map(|u| u.live.iter().map(move |id| (u.unit, *id)))
             .collect();
         self.uploaded.retain(|k, _| live.contains(k));
         self.files_of
@@ -734,15 +774,16 @@ impl CommitterState {
     }
 }
 
-/// Writes each shard's join image into its staging folder, one thread per shard;
-/// returns the files.
+/// Writes each unit's join image into its staging folder, one thread per unit;
+/// returns the files, in the order of the shards' units.
 fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<PathBuf>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .iter_mut()
-            .map(|s| {
-                let image = s.image.take().expect("each image is written once");
-                let path = s.staging.join("join.image");
+            .flat_map(|s| &mut s.units)
+            .map(|u| {
+                let image = u.image.take().expect("each image is written once");
+                let path = u.dir.join("join.image");
                 scope.spawn(move || {
                     let file = std::fs::File::create(&path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
@@ -792,9 +833,10 @@ pub fn parse_watermark(text: &str) -> anyhow::Result<Watermark> {
     })?))
 }
 
-/// A shard's state fetched from the store and verified, waiting in `dir` for the
-/// engine to move it into the shard's state folder.
-pub struct ShardRestore {
+/// A unit's state fetched from the store and verified, waiting in `dir` for the
+/// engine to move it into the unit's state folder.
+pub struct UnitRestore {
+    pub unit: Unit,
     /// The join image's file in `dir`. It stays on disk: the engine streams it into the
     /// join, so a restore never holds an image in memory.
     pub image: PathBuf,
@@ -802,22 +844,21 @@ pub struct ShardRestore {
     pub segments: Vec<SegmentId>,
 }
 
-/// Fetches and verifies every file of `manifest` into `staging/shard-i/`, shards in
-/// parallel. Any missing file or checksum mismatch fails the whole restore.
+/// Fetches and verifies every file of `manifest` into `staging/part-p/shard-i/`, units
+/// in parallel. Any missing file or checksum mismatch fails the whole restore.
 pub fn fetch(
     store: &dyn CheckpointStore,
     manifest: &Manifest,
     staging: &Path,
-) -> anyhow::Result<Vec<ShardRestore>> {
+) -> anyhow::Result<Vec<UnitRestore>> {
     let _ = std::fs::remove_dir_all(staging);
     std::thread::scope(|scope| {
         let handles: Vec<_> = manifest
-            .shards
+            .units
             .iter()
-            .enumerate()
-            .map(|(i, shard)| {
-                let dir = staging.join(format!("shard-{i}"));
-                scope.spawn(move || fetch_shard(store, shard, dir))
+            .map(|unit| {
+                let dir = staging.join(unit.unit().path());
+                scope.spawn(move || fetch_unit(store, unit, dir))
             })
             .collect();
         handles
@@ -841,15 +882,15 @@ fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fetches a shard's join image and segment files into `dir` as files (streamed by the
+/// Fetches a unit's join image and segment files into `dir` as files (streamed by the
 /// store: linked or copied from a folder, downloaded in pieces from S3) and checks each
 /// against the manifest, reading it back through a buffer of `CHECKSUM_BUFFER_BYTES`:
 /// nothing is ever held whole in memory.
-fn fetch_shard(
+fn fetch_unit(
     store: &dyn CheckpointStore,
-    shard: &ShardState,
+    shard: &UnitState,
     dir: PathBuf,
-) -> anyhow::Result<ShardRestore> {
+) -> anyhow::Result<UnitRestore> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let image = dir.join("join.image");
     let segments: Vec<SegmentId> = shard.segments.iter().map(SegmentRef::id).collect();
@@ -864,7 +905,8 @@ fn fetch_shard(
         let (sum, bytes) = checksum_file(&to)?;
         verify(file, sum, bytes)?;
     }
-    Ok(ShardRestore {
+    Ok(UnitRestore {
+        unit: shard.unit(),
         image,
         dir,
         segments,

@@ -431,6 +431,12 @@ impl Source for KafkaSource {
         partition < self.topic_partitions() && self.reading_history()
     }
 
+    /// A topic is; its history files are not (their events have no partition), so a
+    /// source with `[source.backfill]` is joined as one partition.
+    fn co_partitioned(&self) -> bool {
+        self.backfill.is_none()
+    }
+
     fn keeps(&self, partition: u32, time_ms: i64) -> bool {
         match &self.backfill {
             None => true,
