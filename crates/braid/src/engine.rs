@@ -456,6 +456,7 @@ fn build_unit(
             unit,
             join: Join::new(spec, store, memory_max_bytes),
             checkpointed,
+            changed: true,
         });
     };
     for &id in &r.segments {
@@ -478,6 +479,7 @@ fn build_unit(
         unit,
         join,
         checkpointed,
+        changed: true,
     })
 }
 
@@ -496,6 +498,9 @@ struct PartJoin {
     join: Join<RocksStore>,
     /// Segments whose files an earlier barrier handed over.
     checkpointed: BTreeSet<SegmentId>,
+    /// Whether it took events or a watermark since the last barrier (else the last
+    /// checkpoint's image still holds its state).
+    changed: bool,
 }
 
 /// One shard's joins and its checkpointing.
@@ -524,7 +529,8 @@ impl Shard {
             let dir = staging.join(format!("part-{}", part.unit.partition));
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
-            let image = part.join.snapshot();
+            let image = part.changed.then(|| part.join.snapshot());
+            part.changed = false;
             let files = part.join.store().segment_files();
             let mut new_files = Vec::new();
             for (id, path) in files {
@@ -539,7 +545,7 @@ impl Shard {
             part.checkpointed = live.iter().copied().collect();
             units.push(UnitSnapshot {
                 unit: part.unit,
-                image: Some(image),
+                image,
                 live,
                 new_files,
                 dir,
@@ -597,6 +603,7 @@ fn run_shard<K: ResultSink>(
                 }
                 for (part, events) in shard.parts.iter_mut().zip(&by_part) {
                     if !events.is_empty() {
+                        part.changed = true;
                         part.join.on_batch(events, &mut sink)?;
                     }
                 }
@@ -624,6 +631,7 @@ fn run_shard<K: ResultSink>(
                         "shard {} got a watermark of partition {partition}, which it does not hold (a bug)",
                         shard.index
                     );
+                    shard.parts[j].changed = true;
                     shard.parts[j].join.advance(watermark, &mut sink)?;
                 }
                 let disk = shard

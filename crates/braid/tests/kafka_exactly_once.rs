@@ -112,15 +112,7 @@ impl Setup {
 /// has two shards and four partitions), its files under `files/part-p/`, and its local
 /// state in `state/shard-i/part-p`.
 fn assert_state_per_partition(dir: &std::path::Path) {
-    let manifests = dir.join("checkpoints").join("manifests");
-    let newest = std::fs::read_dir(&manifests)
-        .expect("the manifests folder")
-        .map(|e| e.expect("an entry").path())
-        .max()
-        .expect("a manifest");
-    let text = std::fs::read_to_string(&newest).expect("a manifest");
-    let body = &text[text.find('\n').expect("a header line") + 1..];
-    let manifest: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let manifest = common::newest_manifest(&dir.join("checkpoints"));
     let units = manifest["units"].as_array().expect("units");
     let mut partitions: Vec<u64> = units
         .iter()

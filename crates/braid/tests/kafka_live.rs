@@ -261,8 +261,32 @@ const SILENT: i32 = 3;
 #[test]
 fn a_silent_partition_holds_back_only_its_own_state() {
     let _serial = exclusive();
-    let (_dir, broker, mut run, data) = silent_partition("1h");
+    let (dir, broker, mut run, data) = silent_partition("1h");
     let bootstrap = broker.bootstrap();
+    // Partition 3 has not changed since its first events: its image is not written
+    // again at every checkpoint (every 100 ms), the last one written is used again.
+    let manifest = common::newest_manifest(&dir.path().join("checkpoints"));
+    let epoch = manifest["epoch"].as_u64().expect("an epoch");
+    let units = manifest["units"].as_array().expect("units");
+    let image_epoch = |p: u64| {
+        let unit = units
+            .iter()
+            .find(|u| u["partition"].as_u64() == Some(p))
+            .expect("a unit per partition");
+        let name = unit["image"]["name"].as_str().expect("an image");
+        let digits = name
+            .rsplit("-e")
+            .next()
+            .and_then(|n| n.strip_suffix(".image"));
+        digits
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("an image's epoch")
+    };
+    assert!(
+        image_epoch(3) + 5 < epoch,
+        "partition 3's image is of epoch {}, the checkpoint's {epoch}",
+        image_epoch(3)
+    );
     let flush = flush_events(max_time(&data.input));
     flush.produce(&bootstrap);
     let mut input = data.input;

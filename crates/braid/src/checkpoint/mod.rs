@@ -364,7 +364,8 @@ pub struct ShardSnapshot {
 pub struct UnitSnapshot {
     pub unit: Unit,
     /// The join's state at the barrier, written by the committer into `dir` and
-    /// dropped as soon as it is written (it holds sealed segments' memory).
+    /// dropped as soon as it is written (it holds sealed segments' memory); `None` when
+    /// the join has not changed since the last barrier, whose image is used again.
     pub image: Option<JoinImage>,
     /// Every live segment, and the files of those spilled since the last barrier,
     /// hard-linked into `dir`.
@@ -405,6 +406,9 @@ pub struct Committed {
 pub struct CommitterStart {
     pub uploaded: HashMap<(Unit, SegmentId), FileRef>,
 }
+
+// The images of the last commit are not taken from a restored manifest: a restored
+// join is marked changed, so its first image is written anew.
 
 impl CommitterStart {
     pub fn from_manifest(manifest: &Manifest) -> CommitterStart {
@@ -456,6 +460,7 @@ impl Committer {
                     config,
                     nonce: run_nonce(),
                     uploaded: start.uploaded,
+                    images: HashMap::new(),
                     files_of: BTreeMap::new(),
                 };
                 loop {
@@ -517,6 +522,8 @@ struct CommitterState {
     config: CommitterConfig,
     nonce: String,
     uploaded: HashMap<(Unit, SegmentId), FileRef>,
+    /// Each unit's image in the last checkpoint committed, for a unit unchanged since.
+    images: HashMap<Unit, FileRef>,
     /// The files of each manifest read or written, by epoch.
     files_of: BTreeMap<u64, BTreeSet<String>>,
 }
@@ -651,10 +658,20 @@ impl CommitterState {
             sinks.extend(s.sink.clone());
         }
         let units = shards.iter().flat_map(|s| &s.units);
+        let mut images_now = HashMap::new();
         for (u, image_path) in units.zip(&images) {
-            let image_name = format!("{FILES}/{}/{}-e{epoch}.image", u.unit.path(), self.nonce);
-            let image = self.put_checked_file(image_name, image_path)?;
-            uploaded_bytes += image.bytes;
+            let image = match image_path {
+                Some(path) => {
+                    let name = format!("{FILES}/{}/{}-e{epoch}.image", u.unit.path(), self.nonce);
+                    let image = self.put_checked_file(name, path)?;
+                    uploaded_bytes += image.bytes;
+                    image
+                }
+                None => self.images.get(&u.unit).cloned().with_context(|| {
+                    format!("{}: unchanged, but no earlier image (a bug)", u.unit.path())
+                })?,
+            };
+            images_now.insert(u.unit, image.clone());
             let mut segments = Vec::with_capacity(u.live.len());
             for id in &u.live {
                 let file = self.uploaded.get(&(u.unit, *id)).with_context(|| {
@@ -730,6 +747,7 @@ impl CommitterState {
             .flat_map(|u| u.live.iter().map(move |id| (u.unit, *id)))
             .collect();
         self.uploaded.retain(|k, _| live.contains(k));
+        self.images = images_now;
         self.files_of
             .insert(epoch, manifest.files().map(|f| f.name.clone()).collect());
         self.collect_garbage()?;
@@ -774,17 +792,17 @@ impl CommitterState {
     }
 }
 
-/// Writes each unit's join image into its staging folder, one thread per unit;
-/// returns the files, in the order of the shards' units.
-fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<PathBuf>> {
+/// Writes each changed unit's join image into its staging folder, one thread per unit;
+/// returns the files (`None` for a unit unchanged), in the order of the shards' units.
+fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<Option<PathBuf>>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .iter_mut()
             .flat_map(|s| &mut s.units)
             .map(|u| {
-                let image = u.image.take().expect("each image is written once");
+                let image = u.image.take()?;
                 let path = u.dir.join("join.image");
-                scope.spawn(move || {
+                Some(scope.spawn(move || {
                     let file = std::fs::File::create(&path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     let mut out = std::io::BufWriter::with_capacity(IMAGE_BUFFER_BYTES, file);
@@ -793,14 +811,17 @@ fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<PathBuf>> {
                         .and_then(|()| std::io::Write::flush(&mut out))
                         .with_context(|| format!("cannot write {}", path.display()))?;
                     Ok(path)
-                })
+                }))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
+            .map(|h| match h {
+                Some(h) => h
+                    .join()
                     .map_err(|_| anyhow::anyhow!("an image writer panicked"))?
+                    .map(Some),
+                None => Ok(None),
             })
             .collect()
     })

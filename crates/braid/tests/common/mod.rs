@@ -321,3 +321,20 @@ impl TestRng {
         lo + self.next() % (hi - lo)
     }
 }
+
+/// The newest manifest in a checkpoint folder, as JSON (the header line dropped).
+pub fn newest_manifest(checkpoints: &Path) -> Value {
+    let newest = std::fs::read_dir(checkpoints.join("manifests"))
+        .expect("the manifests folder")
+        .map(|e| e.expect("an entry").path())
+        .max_by_key(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .expect("a manifest");
+    let text = std::fs::read_to_string(&newest).expect("a manifest");
+    let body = &text[text.find('\n').expect("a header line") + 1..];
+    serde_json::from_str(body).expect("a manifest is JSON")
+}
