@@ -415,6 +415,8 @@ fn ceiling(
     out: &str,
     group: &str,
 ) -> anyhow::Result<Ceiling> {
+    // Timed from here, as braid's run is: connecting and starting transactions count.
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     let consumer = consumer(&options.brokers, group, &[])?;
     let mut config = ClientConfig::new();
     config
@@ -427,7 +429,6 @@ fn ceiling(
     producer.init_transactions(CALL_TIMEOUT)?;
     let inputs = [topics.impressions.as_str(), topics.plays.as_str()];
     let interval = Duration::from_millis(options.checkpoint_interval_ms as u64);
-    let (started, cpu) = (Instant::now(), cpu_seconds());
     let total = assign_all(&consumer, &inputs)?;
     producer.begin_transaction()?;
     let mut epoch_started = Instant::now();

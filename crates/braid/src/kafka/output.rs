@@ -136,9 +136,16 @@ impl KafkaOutput {
         for topic in [&output.topic, &output.late_topic, &output.dead_topic] {
             check_topic(&checker, &output.brokers, topic)?;
         }
-        for p in &producers {
-            init(p, &output.brokers)?;
-        }
+        // Each `init_transactions` waits on the broker (finding the coordinator,
+        // fencing, aborting): the two wait together.
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| init(&producers[1], &output.brokers));
+            let first = init(&producers[0], &output.brokers);
+            let other = other
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("init_transactions panicked")));
+            first.and(other)
+        })?;
         let mut groups = Vec::new();
         for source in &plan.sources {
             if let Input::Kafka(k) = &source.input {
