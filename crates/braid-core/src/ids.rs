@@ -51,8 +51,10 @@ impl IdSet {
     /// Remembers `id` as held by `bucket`; false if it was already remembered.
     pub fn insert(&mut self, id: u128, bucket: i64) -> bool {
         let key = IdKey(id as u64, (id >> 64) as u64);
-        let part = Arc::make_mut(&mut self.parts[(key.1 >> 58) as usize % ID_PARTS]);
-        let before = part.capacity();
+        let slot = &mut self.parts[(key.1 >> 58) as usize % ID_PARTS];
+        // Read before a shared part is copied: the copy's capacity may differ.
+        let before = slot.capacity();
+        let part = Arc::make_mut(slot);
         let inserted = match part.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
@@ -96,11 +98,9 @@ impl IdSet {
         Ok(ids)
     }
 
+    /// O(1): the join asks after every event.
     pub fn memory_bytes(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| p.capacity() * ID_ENTRY_BYTES)
-            .sum()
+        self.capacity * ID_ENTRY_BYTES
     }
 }
 
@@ -119,5 +119,26 @@ mod tests {
         assert!(!ids.insert(7 << 64, 3), "bucket 2 is still retained");
         let counted: usize = ids.parts.iter().map(|p| p.capacity()).sum();
         assert_eq!(ids.memory_bytes(), counted * ID_ENTRY_BYTES);
+    }
+
+    /// The kept capacity stays the parts' own while parts are shared with a snapshot
+    /// and copied on write (the capacity is read before a copy, so it stays exact
+    /// whatever capacity a copy gets), and when ids are forgotten.
+    #[test]
+    fn memory_stays_exact_across_copies_on_write() {
+        let mut ids = IdSet::default();
+        let counted = |ids: &IdSet| -> usize {
+            ids.parts.iter().map(|p| p.capacity()).sum::<usize>() * ID_ENTRY_BYTES
+        };
+        for round in 0..5u128 {
+            let snapshot = ids.clone();
+            for i in 0..2_000u128 {
+                ids.insert((i * 7_919 + round * 1_000_003) << 58 | i, round as i64);
+                assert_eq!(ids.memory_bytes(), counted(&ids), "round {round}, id {i}");
+            }
+            drop(snapshot);
+            ids.forget_up_to(round as i64 - 2);
+            assert_eq!(ids.memory_bytes(), counted(&ids));
+        }
     }
 }
