@@ -123,10 +123,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut engine = Engine::start_with(
         EngineConfig {
             spec,
-            layout: Layout {
-                shards: options.parallelism,
-                partitions: 1,
-            },
+            layout: Layout::one_partition(options.parallelism),
             memory_max_bytes: options.memory_max_bytes,
             state_dir: &options.state_dir,
             checkpoints: checkpoints.as_ref().map(|c| c.committer.parts()),
@@ -284,10 +281,7 @@ fn time_restore(
     let engine = Engine::start_with(
         EngineConfig {
             spec,
-            layout: Layout {
-                shards: options.parallelism,
-                partitions: 1,
-            },
+            layout: Layout::one_partition(options.parallelism),
             memory_max_bytes: options.memory_max_bytes,
             state_dir: &state_dir,
             checkpoints: None,

@@ -362,6 +362,12 @@ impl<'p> Reading<'p> {
                 .map(|_| TimeGuard::new(plan.time_guard))
                 .collect()
         };
+        let marks = Watermarks::grouped(
+            group_of,
+            plan.max_out_of_orderness_ms,
+            plan.idle_timeout_ms,
+            0,
+        );
         Reading {
             plan,
             engine,
@@ -383,20 +389,8 @@ impl<'p> Reading<'p> {
             ],
             guards: [guards(0), guards(1)],
             verdicts: Vec::new(),
-            sent: vec![
-                Watermark::MIN;
-                group_of
-                    .iter()
-                    .flatten()
-                    .max()
-                    .map_or(1, |&g| g as usize + 1)
-            ],
-            marks: Watermarks::grouped(
-                group_of,
-                plan.max_out_of_orderness_ms,
-                plan.idle_timeout_ms,
-                0,
-            ),
+            sent: vec![Watermark::MIN; marks.groups() as usize],
+            marks,
             readers,
             counts: Default::default(),
             batch: LineBatch::default(),
@@ -658,23 +652,24 @@ impl<'p> Reading<'p> {
             &mut self.verdicts,
         );
         if arrival == Arrival::Admit {
-            self.route(s, line.bytes, line.position, decoded)?;
+            self.route(s, p as u32, line.bytes, line.position, decoded)?;
         }
         self.settle(s)?;
         self.observe(s, p, now_ms);
         Ok(())
     }
 
-    /// Sends a decoded event to `_late/` or to the join. The key is the decoder's.
+    /// Sends a decoded event of partition `p` of source `s` to `_late/` or to the join. The
+    /// key is the decoder's.
     fn route(
         &mut self,
         s: usize,
+        p: u32,
         line: &[u8],
         position: Position,
         decoded: Decoded,
     ) -> anyhow::Result<()> {
         let allowed_lateness_ms = self.plan.spec.allowed_lateness_ms;
-        let p = self.readers[s].partition_of(position);
         let group = self.marks.group_of(s, PartitionId(p));
         let watermark = self.marks.group(group);
         if watermark.is_late(decoded.time, allowed_lateness_ms) {
@@ -721,7 +716,10 @@ impl<'p> Reading<'p> {
             result = match verdict {
                 Verdict::Release(held) => {
                     match self.decoders[s].decode_at(&held.line, held.record_time) {
-                        Ok(decoded) => self.route(s, &held.line, held.position, decoded),
+                        Ok(decoded) => {
+                            let p = self.readers[s].partition_of(held.position);
+                            self.route(s, p, &held.line, held.position, decoded)
+                        }
                         Err(e) => Err(anyhow::anyhow!(
                             "a held line no longer decodes: {e} (a bug: it decoded when read)"
                         )),

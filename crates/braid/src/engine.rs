@@ -62,6 +62,14 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Everything as one partition (files, the generator, benchmarks).
+    pub fn one_partition(shards: usize) -> Layout {
+        Layout {
+            shards,
+            partitions: 1,
+        }
+    }
+
     /// Whole partitions per shard (at least as many partitions as shards), or pieces
     /// of every partition on every shard, split by key group.
     fn whole_partitions(&self) -> bool {
@@ -81,8 +89,13 @@ impl Layout {
     /// The partitions a shard holds (a piece of each when they are fewer than shards).
     pub fn partitions_of(&self, shard: usize) -> Vec<u32> {
         (0..self.partitions)
-            .filter(|&p| !self.whole_partitions() || p as usize % self.shards == shard)
+            .filter(|&p| self.holds(shard, p))
             .collect()
+    }
+
+    /// Whether a shard holds (a piece of) a partition.
+    fn holds(&self, shard: usize, partition: u32) -> bool {
+        !self.whole_partitions() || partition as usize % self.shards == shard
     }
 
     /// Every unit, by shard and then partition.
@@ -186,10 +199,7 @@ impl Engine {
         Engine::start_with(
             EngineConfig {
                 spec,
-                layout: Layout {
-                    shards,
-                    partitions: 1,
-                },
+                layout: Layout::one_partition(shards),
                 memory_max_bytes,
                 state_dir,
                 checkpoints: None,
@@ -335,9 +345,7 @@ impl Engine {
         for shard in 0..self.senders.len() {
             let mine: Vec<(u32, Watermark)> = moved
                 .iter()
-                .filter(|(p, _)| {
-                    !self.layout.whole_partitions() || *p as usize % self.layout.shards == shard
-                })
+                .filter(|(p, _)| self.layout.holds(shard, *p))
                 .copied()
                 .collect();
             if mine.is_empty() {

@@ -401,14 +401,12 @@ pub struct Committed {
     pub uploaded_bytes: u64,
 }
 
-/// What the committer starts from: the restored checkpoint's files.
+/// What the committer starts from: the restored checkpoint's segment files. (Not its
+/// images: a restored unit counts as changed, so its first image is written anew.)
 #[derive(Default)]
 pub struct CommitterStart {
     pub uploaded: HashMap<(Unit, SegmentId), FileRef>,
 }
-
-// The images of the last commit are not taken from a restored manifest: a restored
-// join is marked changed, so its first image is written anew.
 
 impl CommitterStart {
     pub fn from_manifest(manifest: &Manifest) -> CommitterStart {
