@@ -28,7 +28,12 @@ use common::kafka::check::{check_safe, flush_events, max_time, read_outputs, Inp
 use common::kafka::run::{complete_and_stop, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
 use common::kafka::{create_job_topics, exclusive, Broker, OffsetWatch, OUT, OUT_DEAD, OUT_LATE};
 
+/// Events of the live scenario.
 const EVENTS: u64 = 20_000;
+/// Events of the bounded scenario: enough that the run lasts seconds (the job's state
+/// spills at 1 MiB), so that the outage can come while records flow (20,000 were all
+/// read and written before the test saw any output).
+const EVENTS_MID_RUN: u64 = 60_000;
 const OUTAGE: Duration = Duration::from_secs(2);
 /// How long a run may take, outage included (librdkafka retries for a while).
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -37,7 +42,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 fn setup(dir: &Path, bounded: bool) -> (Input, Broker, std::path::PathBuf) {
     let seed = common::seed();
     eprintln!("seed {seed} (replay with BRAID_SEED={seed})");
-    generate(dir, EVENTS, seed);
+    generate(dir, if bounded { EVENTS_MID_RUN } else { EVENTS }, seed);
     let input = Input::generated(dir);
     let broker = Broker::start();
     create_job_topics(&broker.bootstrap());

@@ -87,8 +87,9 @@ impl ProducerContext for OutputContext {
 type OutputProducer = ThreadedProducer<OutputContext>;
 
 /// One Kafka source's group, for the offsets committed in each transaction.
+/// A consumer group and the topics whose offsets braid commits in it.
 struct Group {
-    topic: String,
+    topics: Vec<String>,
     group: String,
     metadata: ConsumerGroupMetadata,
 }
@@ -146,9 +147,13 @@ impl KafkaOutput {
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("init_transactions panicked")));
             first.and(other)
         })?;
-        let mut groups = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         for source in &plan.sources {
             if let Input::Kafka(k) = &source.input {
+                if let Some(g) = groups.iter_mut().find(|g| g.group == k.group) {
+                    g.topics.push(k.topic.clone());
+                    continue;
+                }
                 let consumer = group_consumer(&source.name, k)?;
                 let metadata = consumer.group_metadata().with_context(|| {
                     format!(
@@ -157,7 +162,7 @@ impl KafkaOutput {
                     )
                 })?;
                 groups.push(Group {
-                    topic: k.topic.clone(),
+                    topics: vec![k.topic.clone()],
                     group: k.group.clone(),
                     metadata,
                 });
@@ -241,20 +246,23 @@ impl KafkaOutput {
             anyhow::bail!("epoch {epoch}: a record was not delivered to Kafka ({e}); its transaction cannot commit");
         }
         for group in &self.groups {
-            let Some(offsets) = manifest.reader.sources.iter().find_map(|s| match &s.at {
-                SourceAt::Kafka { topic, offsets, .. } if *topic == group.topic => Some(offsets),
-                _ => None,
-            }) else {
-                anyhow::bail!(
-                    "epoch {epoch}: the checkpoint has no offsets of topic `{}`",
-                    group.topic
-                );
-            };
             let mut list = TopicPartitionList::new();
-            for (p, &offset) in offsets.iter().enumerate() {
-                let mut e = list.add_partition(&group.topic, p as i32);
-                e.set_offset(Offset::Offset(offset))?;
-                e.set_metadata(format!("{EPOCH_TAG}{epoch}"));
+            for topic in &group.topics {
+                let Some(offsets) = manifest.reader.sources.iter().find_map(|s| match &s.at {
+                    SourceAt::Kafka {
+                        topic: t, offsets, ..
+                    } if t == topic => Some(offsets),
+                    _ => None,
+                }) else {
+                    anyhow::bail!(
+                        "epoch {epoch}: the checkpoint has no offsets of topic `{topic}`"
+                    );
+                };
+                for (p, &offset) in offsets.iter().enumerate() {
+                    let mut e = list.add_partition(topic, p as i32);
+                    e.set_offset(Offset::Offset(offset))?;
+                    e.set_metadata(format!("{EPOCH_TAG}{epoch}"));
+                }
             }
             retry(
                 deadline,
