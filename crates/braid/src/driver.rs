@@ -162,7 +162,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         .map(|r| std::mem::take(&mut r.units))
         .unwrap_or_default();
     let parts = checkpointing.as_ref().map(|c| c.committer.parts());
-    let readers = source::open_both(&plan.sources)?;
+    let readers = [
+        source::open(&plan.sources[0])?,
+        source::open(&plan.sources[1])?,
+    ];
     let group_of = state_partitions(plan, &readers);
     let engine_config = EngineConfig {
         spec: plan.spec,

@@ -9,7 +9,7 @@ use braid_io::{FileSource, LineBatch, Position};
 
 use crate::checkpoint::SourceAt;
 use crate::config::{Input, SourcePlan};
-use crate::kafka::source::{Consumers, KafkaSource};
+use crate::kafka::source::KafkaSource;
 
 pub trait Source {
     /// Reads up to `max` lines into `batch`; false once a bounded source is exhausted.
@@ -55,17 +55,8 @@ pub trait Source {
     }
 }
 
-/// Opens a job's two sources (Kafka sources on the same brokers and group share a
-/// consumer).
-pub fn open_both(sources: &[SourcePlan]) -> anyhow::Result<[Box<dyn Source>; 2]> {
-    let mut consumers = Consumers::default();
-    Ok([
-        open(&sources[0], &mut consumers)?,
-        open(&sources[1], &mut consumers)?,
-    ])
-}
-
-fn open(source: &SourcePlan, consumers: &mut Consumers) -> anyhow::Result<Box<dyn Source>> {
+/// Opens a job's source.
+pub fn open(source: &SourcePlan) -> anyhow::Result<Box<dyn Source>> {
     Ok(match &source.input {
         Input::Files { files, .. } => Box::new(FileSource::from_files(
             &source.name,
@@ -82,7 +73,6 @@ fn open(source: &SourcePlan, consumers: &mut Consumers) -> anyhow::Result<Box<dy
             &source.name,
             kafka,
             source.max_line_bytes,
-            consumers,
         )?),
     })
 }
