@@ -166,7 +166,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         source::open(&plan.sources[0])?,
         source::open(&plan.sources[1])?,
     ];
-    let group_of = state_partitions(plan, &readers);
+    let group_of = state_partitions(plan, &readers)?;
     let engine_config = EngineConfig {
         spec: plan.spec,
         layout: Layout {
@@ -294,25 +294,24 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
 
 /// Which partition of the join's state each partition of each source feeds (SPEC §6):
 /// partition p of co-partitioned Kafka topics is joined on its own, with its own
-/// watermark; anything else (files, the generator, a topic with history files, topics
-/// of different partition counts) is joined as one partition, 0.
-fn state_partitions(plan: &Plan, readers: &[Box<dyn Source>; 2]) -> Vec<Vec<u32>> {
+/// watermark; anything else (files, the generator, a topic with history files) is
+/// joined as one partition, 0. Kafka topics of different partition counts are not
+/// co-partitioned: an error that says how to fix it.
+fn state_partitions(plan: &Plan, readers: &[Box<dyn Source>; 2]) -> anyhow::Result<Vec<Vec<u32>>> {
     let counts = [readers[0].partitions(), readers[1].partitions()];
     let co_partitioned = readers.iter().all(|r| r.co_partitioned());
-    if co_partitioned && counts[0] != counts[1] {
-        tracing::warn!(
-            "source `{}` has {} partitions and `{}` {}: they are not co-partitioned, so they are joined as one partition, which cannot be split across instances; give both topics the same partition count, keyed by the join key",
-            plan.sources[0].name,
-            counts[0],
-            plan.sources[1].name,
-            counts[1]
-        );
-    }
-    let own = co_partitioned && counts[0] == counts[1];
-    counts
+    anyhow::ensure!(
+        !co_partitioned || counts[0] == counts[1],
+        "source `{}` has {} partitions and source `{}` has {}: a join of Kafka topics needs them co-partitioned (the same partition count, and records with equal join keys in the same partition number, as a producer keying them by the join key gives); recreate one topic with the other's partition count, or copy it into one that has it",
+        plan.sources[0].name,
+        counts[0],
+        plan.sources[1].name,
+        counts[1]
+    );
+    Ok(counts
         .iter()
-        .map(|&n| (0..n).map(|p| if own { p } else { 0 }).collect())
-        .collect()
+        .map(|&n| (0..n).map(|p| if co_partitioned { p } else { 0 }).collect())
+        .collect())
 }
 
 /// The state of one run's reading loop.

@@ -121,6 +121,28 @@ fn a_missing_output_topic_stops_the_job_naming_it() {
     );
 }
 
+/// Topics of different partition counts cannot be joined partition by partition (nor
+/// split across instances): the job stops naming both counts and the fix.
+#[test]
+fn inputs_of_different_partition_counts_stop_the_job() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap();
+    let job = job_with_a_missing_topic(dir.path(), &broker, "impressions", "impressions-3");
+    create_topic(&bootstrap, "impressions-3", PARTITIONS - 1);
+    let (code, err) = run_until_it_stops(dir.path(), &job);
+    assert_eq!(code, Some(1), "{err}");
+    for expected in [
+        format!("has {} partitions", PARTITIONS - 1),
+        format!("has {PARTITIONS}"),
+        "co-partitioned".to_string(),
+        "recreate one topic".to_string(),
+    ] {
+        assert!(err.contains(&expected), "stderr says {expected:?}: {err}");
+    }
+}
+
 #[test]
 fn a_transaction_timeout_below_the_checkpoint_interval_is_a_job_file_error() {
     let dir = tempfile::tempdir().expect("temp dir");
