@@ -118,9 +118,12 @@ pub struct RunOptions {
     pub reset: bool,
 }
 
-/// A sink's file numbering in a restored checkpoint (0 for a fresh start).
+/// Where a sink's file numbering continues: at the restored checkpoint's number, and
+/// past any committed file of the same prefix already in the folder (written by a run
+/// with more shards than the checkpoint's, before a restore with fewer: its files are
+/// committed output, never overwritten). 0 for a fresh start.
 fn next_file(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) -> u64 {
-    checkpointing
+    let saved = checkpointing
         .and_then(|c| c.restored.as_ref())
         .and_then(|r| {
             r.manifest
@@ -128,7 +131,15 @@ fn next_file(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) ->
                 .iter()
                 .find(|s| s.dir == dir && s.prefix == prefix)
         })
-        .map_or(0, |s| s.next_file)
+        .map_or(0, |s| s.next_file);
+    let past_existing = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| FileSink::file_number(&e.ok()?.file_name().to_string_lossy(), prefix))
+        .map(|n| n + 1)
+        .max()
+        .unwrap_or(0);
+    saved.max(past_existing)
 }
 
 /// A files sink: two-phase (published by checkpoints) when the job checkpoints.
@@ -859,6 +870,25 @@ mod tests {
     use braid_core::{EventTime, TimeGuardConfig};
 
     use super::*;
+
+    /// A shard's sink continues past committed files of its prefix already in the
+    /// folder (a run with more shards wrote them before a restore with fewer), and
+    /// only of its prefix.
+    #[test]
+    fn a_sink_numbers_its_files_past_those_in_its_folder() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert_eq!(next_file(None, dir.path(), "part-2"), 0, "an empty folder");
+        for name in [
+            "part-2-000003.ndjson",
+            "part-20-000009.ndjson",
+            "part-2-x.ndjson",
+        ] {
+            std::fs::write(dir.path().join(name), b"{}\n").expect("write");
+        }
+        assert_eq!(next_file(None, dir.path(), "part-2"), 4);
+        assert_eq!(next_file(None, dir.path(), "part-20"), 10);
+        assert_eq!(next_file(None, dir.path(), "part-1"), 0);
+    }
 
     /// A guard's state survives the checkpoint's form (and its JSON) unchanged.
     #[test]

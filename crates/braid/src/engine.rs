@@ -98,6 +98,39 @@ impl Layout {
         !self.whole_partitions() || partition as usize % self.shards == shard
     }
 
+    /// The unit that holds the whole of a partition, if partitions are whole.
+    fn unit_of(&self, partition: u32) -> Option<Unit> {
+        self.whole_partitions().then(|| Unit {
+            partition,
+            shard: partition as usize % self.shards,
+        })
+    }
+
+    /// Places a checkpoint's units in this layout: as they are if they are its units,
+    /// or, when the checkpoint holds each partition whole in one unit and so does this
+    /// layout, each partition's unit on the shard that now holds the partition (a
+    /// restore with another `parallelism`). Pieces of partitions split by key group are
+    /// not re-split: `None`.
+    fn place(&self, saved: &[Unit]) -> Option<Vec<Unit>> {
+        let mut wanted = self.units();
+        wanted.sort();
+        let mut as_saved = saved.to_vec();
+        as_saved.sort();
+        if as_saved == wanted {
+            return Some(saved.to_vec());
+        }
+        let mut partitions: Vec<u32> = saved.iter().map(|u| u.partition).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let whole = partitions.len() == saved.len()
+            && partitions.len() == self.partitions as usize
+            && partitions.iter().enumerate().all(|(i, &p)| p as usize == i);
+        if !whole {
+            return None;
+        }
+        saved.iter().map(|u| self.unit_of(u.partition)).collect()
+    }
+
     /// Every unit, by shard and then partition.
     pub fn units(&self) -> Vec<Unit> {
         (0..self.shards)
@@ -224,24 +257,37 @@ impl Engine {
         } = config;
         let shards = layout.shards;
         let units = layout.units();
-        let mut restore: std::collections::HashMap<Unit, UnitRestore> =
-            restore.into_iter().map(|r| (r.unit, r)).collect();
-        if !restore.is_empty() {
-            let mut saved: Vec<Unit> = restore.keys().copied().collect();
-            saved.sort();
-            let mut wanted = units.clone();
-            wanted.sort();
-            anyhow::ensure!(
-                saved == wanted,
-                "the checkpoint holds {} units of state ({} shards, {} partitions), the job {} ({} shards, {} partitions); run it with the checkpoint's parallelism and partitions, or `braid run --reset` to start from scratch",
+        let saved: Vec<Unit> = restore.iter().map(|r| r.unit).collect();
+        let placed = match (saved.is_empty(), layout.place(&saved)) {
+            (true, _) => Vec::new(),
+            (false, Some(placed)) => placed,
+            (false, None) => anyhow::bail!(
+                "the checkpoint holds {} units of state ({} shards, {} partitions), the job {} ({} shards, {} partitions); a partition split over shards by key is not re-split yet: run the job with the checkpoint's parallelism, or `braid run --reset` to start from scratch",
                 saved.len(),
                 saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
                 saved.iter().map(|u| u.partition).max().map_or(0, |p| p + 1),
-                wanted.len(),
+                units.len(),
                 shards,
                 layout.partitions
+            ),
+        };
+        if placed != saved {
+            tracing::info!(
+                from = saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
+                to = shards,
+                "restoring whole partitions onto another number of shards"
             );
         }
+        let mut restore: std::collections::HashMap<Unit, (UnitRestore, bool)> = restore
+            .into_iter()
+            .zip(placed)
+            .map(|(r, unit)| {
+                // A partition moved to another shard is a new unit to the checkpoint
+                // store: its segment files are uploaded again under its new path.
+                let moved = unit != r.unit;
+                (unit, (UnitRestore { unit, ..r }, moved))
+            })
+            .collect();
         for i in 0..shards {
             clear_shard_dir(&state_dir.join(format!("shard-{i}")))?;
         }
@@ -448,18 +494,19 @@ fn clear_shard_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens a unit's store in `dir` and its join, restored from a checkpoint if given.
+/// Opens a unit's store in `dir` and its join, restored from a checkpoint if given
+/// (and whether the unit moved to another shard: its files are then uploaded anew).
 fn build_unit(
     unit: Unit,
     dir: &Path,
     tuning: &RocksOptions,
     spec: JoinSpec,
     memory_max_bytes: usize,
-    restored: Option<UnitRestore>,
+    restored: Option<(UnitRestore, bool)>,
 ) -> anyhow::Result<PartJoin> {
     let mut store = RocksStore::create(dir, tuning)?;
     let mut checkpointed = BTreeSet::new();
-    let Some(r) = restored else {
+    let Some((r, moved)) = restored else {
         return Ok(PartJoin {
             unit,
             join: Join::new(spec, store, memory_max_bytes),
@@ -473,7 +520,9 @@ fn build_unit(
             .with_context(|| format!("cannot move restored {} into the state", from.display()))?;
     }
     store.ingest_segments(&r.segments)?;
-    checkpointed.extend(r.segments.iter().copied());
+    if !moved {
+        checkpointed.extend(r.segments.iter().copied());
+    }
     let mut join = Join::new(spec, store, memory_max_bytes);
     load_image(&mut join, &r.image).with_context(|| {
         format!(
@@ -677,6 +726,40 @@ fn run_shard<K: ResultSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint of whole partitions restores onto any number of shards that keeps
+    /// them whole, each partition on the shard that now holds it; pieces split by key
+    /// group, or another partition count, do not.
+    #[test]
+    fn whole_partitions_move_to_another_number_of_shards() {
+        let layout = |shards, partitions| Layout { shards, partitions };
+        for (from, to) in [(2, 3), (3, 1), (1, 4), (4, 2)] {
+            let saved = layout(from, 4).units();
+            let placed = layout(to, 4).place(&saved).expect("whole partitions move");
+            for (old, new) in saved.iter().zip(&placed) {
+                assert_eq!(old.partition, new.partition, "{from} → {to} shards");
+                assert_eq!(new.shard, new.partition as usize % to);
+            }
+            let mut placed = placed;
+            placed.sort();
+            let mut wanted = layout(to, 4).units();
+            wanted.sort();
+            assert_eq!(placed, wanted, "{from} → {to} shards: every unit, once");
+        }
+        let same = layout(3, 2).units();
+        assert_eq!(layout(3, 2).place(&same), Some(same), "the same layout");
+        assert_eq!(layout(2, 2).place(&layout(3, 2).units()), None, "pieces");
+        assert_eq!(
+            layout(3, 2).place(&layout(2, 2).units()),
+            None,
+            "into pieces"
+        );
+        assert_eq!(
+            layout(2, 5).place(&layout(2, 4).units()),
+            None,
+            "partitions"
+        );
+    }
 
     /// Whole partitions spread over the shards when there are enough of them; pieces
     /// of every partition on every shard, by key group, when there are fewer.

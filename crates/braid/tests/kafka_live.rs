@@ -17,6 +17,12 @@
 //!   partition counts again, and the silent partition 3 of the plays, idle, does not
 //!   hold it back.
 //!
+//! - `a_restart_with_another_parallelism_moves_whole_partitions`: three runs with 2, 3
+//!   and 1 shards, input produced before each and each stopped with SIGTERM: the 4
+//!   partitions' state is restored onto the new shards (not rebuilt: a restore that
+//!   lost it would miss the pairs of plays with impressions read by an earlier run), and
+//!   the output over the three runs must equal the reference exactly.
+//!
 //! An unbounded job emits an unmatched impression only once the watermark passes it,
 //! so the tests end by producing flush events (`check::flush_events`) two days after
 //! everything else to every partition of both topics; the rows of flush events
@@ -188,6 +194,56 @@ fn sigterm_stops_cleanly_and_the_next_run_resumes() {
         "what run 1 committed is not all in the final output:{}",
         describe_difference(&after_first, &all)
     );
+}
+
+#[test]
+fn a_restart_with_another_parallelism_moves_whole_partitions() {
+    let _serial = exclusive();
+    let seed = common::seed();
+    eprintln!("seed {seed} (replay with BRAID_SEED={seed})");
+    let dir = tempfile::tempdir().expect("temp dir");
+    generate(dir.path(), EVENTS, seed);
+    let mut input = Input::generated(dir.path());
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap();
+    create_job_topics(&bootstrap);
+    let mut job = KafkaJob::new(&bootstrap);
+    job.end = None;
+    let [half, quarter, rest] = thirds(&input);
+    for (run, (parallelism, part)) in [(2, half), (3, quarter)].into_iter().enumerate() {
+        job.parallelism = parallelism;
+        let path = job.write(dir.path());
+        let before = read_committed(&bootstrap, OUT).len();
+        part.produce(&bootstrap);
+        let mut braid = start(dir.path(), &path, run + 1);
+        let grown = wait_until(OUTPUT_TIMEOUT, || {
+            if let Some(status) = braid.try_wait() {
+                panic!(
+                    "run {} ended ({status}) while live:\n{}",
+                    run + 1,
+                    braid.stderr()
+                );
+            }
+            match read_committed(&bootstrap, OUT).len() {
+                n if n > before => Ok(n),
+                _ => Err("no new output committed yet".to_string()),
+            }
+        });
+        let rows = grown.unwrap_or_else(|e| panic!("run {}: {e}:\n{}", run + 1, braid.stderr()));
+        eprintln!(
+            "run {} ({parallelism} shards): {rows} rows committed",
+            run + 1
+        );
+        braid.stop_cleanly(&format!("run {}", run + 1));
+    }
+    job.parallelism = 1;
+    let path = job.write(dir.path());
+    let mut last = start(dir.path(), &path, 3);
+    let flush = flush_events(max_time(&input));
+    rest.produce(&bootstrap);
+    flush.produce(&bootstrap);
+    input.extend(flush);
+    complete_and_stop(&bootstrap, &input, &mut last, "run 3 (1 shard)");
 }
 
 /// The idle-partition test's data: keys and times chosen per partition.

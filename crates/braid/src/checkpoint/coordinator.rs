@@ -31,18 +31,27 @@ pub fn open_store(plan: &CheckpointPlan) -> anyhow::Result<Box<dyn CheckpointSto
 }
 
 /// A description of the join's settings; a checkpoint restores only into the same.
+/// The number of shards is not part of it: whole partitions move between shards (see
+/// `engine::Layout::place`).
 pub fn join_fingerprint(plan: &Plan) -> String {
     let s = &plan.spec;
     format!(
-        "{:?} join of {} and {} within [{}, {}] ms, lateness {} ms, {} shards",
+        "{:?} join of {} and {} within [{}, {}] ms, lateness {} ms",
         s.kind,
         plan.sources[0].name,
         plan.sources[1].name,
         s.lower_ms,
         s.upper_ms,
         s.allowed_lateness_ms,
-        plan.parallelism
     )
+}
+
+/// A manifest's fingerprint without the `, N shards` that earlier versions added.
+fn without_shards(fingerprint: &str) -> &str {
+    match fingerprint.rsplit_once(", ") {
+        Some((rest, last)) if last.ends_with(" shards") => rest,
+        _ => fingerprint,
+    }
 }
 
 /// The checkpoint a run resumes from.
@@ -257,7 +266,7 @@ fn try_restore(
     staging: &Path,
 ) -> Result<Restored, Unusable> {
     let manifest = read_manifest(store, epoch).map_err(Unusable::Broken)?;
-    if manifest.join != fingerprint || manifest.job != plan.name {
+    if without_shards(&manifest.join) != fingerprint || manifest.job != plan.name {
         return Err(Unusable::Incompatible(anyhow::anyhow!(
             "checkpoint {epoch} in {} is of job `{}` ({}), but {} describes job `{}` ({}); restore the job file's settings, point [checkpoint] dir elsewhere, or run with --reset",
             store.describe(),

@@ -23,6 +23,7 @@ pub struct KafkaJob {
     pub output_topic: String,
     pub idle_timeout: Option<String>,
     pub checkpoint_interval: String,
+    pub parallelism: usize,
     /// Lines added under `[output.properties]`.
     pub output_properties: Vec<(String, String)>,
 }
@@ -36,6 +37,7 @@ impl KafkaJob {
             output_topic: OUT.to_string(),
             idle_timeout: None,
             checkpoint_interval: "100ms".to_string(),
+            parallelism: 2,
             output_properties: Vec::new(),
         }
     }
@@ -67,7 +69,10 @@ id = "event_id"
 
     /// Writes `dir/job.toml`; state and checkpoints go under `dir`.
     pub fn write(&self, dir: &Path) -> PathBuf {
-        let mut text = String::from("name = \"kafka-test\"\nparallelism = 2\n\n");
+        let mut text = format!(
+            "name = \"kafka-test\"\nparallelism = {}\n\n",
+            self.parallelism
+        );
         text.push_str(&self.source(IMPRESSIONS, &self.impressions_topic));
         text.push_str(&self.source(PLAYS, PLAYS));
         text.push_str(
