@@ -8,4 +8,5 @@
 mod reads;
 mod rocks;
 
+pub use reads::ReadThreads;
 pub use rocks::{segment_file_name, RocksOptions, RocksStore, MARKER_FILE};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use braid_core::{SegmentEntry, SegmentId, Side, StateStore, StoreError};
 
-use crate::reads::{point_read_options, ReadPool};
+use crate::reads::{point_read_options, ReadPool, ReadThreads};
 use rocksdb::{
     BlockBasedOptions, Cache, DBCompressionType, IngestExternalFileOptions, Options, ReadOptions,
     SstFileWriter, DB,
@@ -29,6 +29,9 @@ pub struct RocksOptions {
     /// Fault injection for tests: fail the segment write after this many succeeded,
     /// as a full disk would.
     pub fail_writes_after: Option<u64>,
+    /// Threads for point reads, shared with other stores (a shard's units); `None`:
+    /// the store starts its own.
+    pub read_threads: Option<Arc<ReadThreads>>,
 }
 
 impl Default for RocksOptions {
@@ -37,12 +40,13 @@ impl Default for RocksOptions {
             block_cache_bytes: 8 << 20,
             compress: true,
             fail_writes_after: None,
+            read_threads: None,
         }
     }
 }
 
 pub struct RocksStore {
-    /// Declared before `db`: its threads hold the database and end first.
+    /// Its reads in flight hold the database until they end.
     pool: ReadPool,
     db: Arc<DB>,
     dir: PathBuf,
@@ -97,7 +101,15 @@ impl RocksStore {
         let db = DB::open(&options, dir.join("db")).map_err(|e| failed("open", dir, e))?;
         let db = Arc::new(db);
         Ok(RocksStore {
-            pool: ReadPool::start(&db).map_err(|e| failed("start readers", dir, e))?,
+            pool: ReadPool::new(
+                match &tuning.read_threads {
+                    Some(threads) => Arc::clone(threads),
+                    None => {
+                        ReadThreads::start("braid").map_err(|e| failed("start readers", dir, e))?
+                    }
+                },
+                &db,
+            ),
             point_read: point_read_options(),
             db,
             dir: dir.to_path_buf(),

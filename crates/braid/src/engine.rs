@@ -17,6 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -25,7 +26,7 @@ use braid_core::{
     Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, SegmentId, Side, Watermark,
 };
 use braid_io::PendingFile;
-use braid_state::{RocksOptions, RocksStore};
+use braid_state::{ReadThreads, RocksOptions, RocksStore};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::checkpoint::{
@@ -296,6 +297,11 @@ impl Engine {
         // Never more batches than the queues and the open ones hold, so it never blocks.
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
+        // A shard's units share its read threads: it serves one unit at a time.
+        let read_threads = (0..shards)
+            .map(|i| ReadThreads::start(&format!("braid-shard-{i}")))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("cannot start the state's read threads")?;
         // Each unit's state is built (and restored) on a thread of its own, in parallel:
         // loading a join image rebuilds every hot segment's index. Together they stay
         // within the budget: a load streams its image from a file and keeps its unit's
@@ -310,6 +316,7 @@ impl Engine {
                         fail_writes_after: fault_after("state-write"),
                         block_cache_bytes: (SHARD_BLOCK_CACHE_BYTES / in_shard)
                             .max(UNIT_BLOCK_CACHE_MIN_BYTES),
+                        read_threads: Some(Arc::clone(&read_threads[unit.shard])),
                         ..RocksOptions::default()
                     };
                     let dir = state_dir.join(format!("shard-{}", unit.shard));
