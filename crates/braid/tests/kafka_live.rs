@@ -146,19 +146,26 @@ fn wait_for_rows(
     }
 }
 
-#[test]
-fn sigterm_stops_cleanly_and_the_next_run_resumes() {
-    let _serial = exclusive();
+/// A generated data set (seed printed), a fresh broker with the job's topics, and an
+/// unbounded job on them.
+fn live_job() -> (tempfile::TempDir, Input, Broker, KafkaJob) {
     let seed = common::seed();
     eprintln!("seed {seed} (replay with BRAID_SEED={seed})");
     let dir = tempfile::tempdir().expect("temp dir");
     generate(dir.path(), EVENTS, seed);
-    let mut input = Input::generated(dir.path());
+    let input = Input::generated(dir.path());
     let broker = Broker::start();
-    let bootstrap = broker.bootstrap();
-    create_job_topics(&bootstrap);
-    let mut job = KafkaJob::new(&bootstrap);
+    create_job_topics(&broker.bootstrap());
+    let mut job = KafkaJob::new(&broker.bootstrap());
     job.end = None;
+    (dir, input, broker, job)
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_the_next_run_resumes() {
+    let _serial = exclusive();
+    let (dir, mut input, broker, job) = live_job();
+    let bootstrap = broker.bootstrap();
     let job = job.write(dir.path());
     let [first_half, quarter, rest] = thirds(&input);
 
@@ -199,16 +206,8 @@ fn sigterm_stops_cleanly_and_the_next_run_resumes() {
 #[test]
 fn a_restart_with_another_parallelism_moves_whole_partitions() {
     let _serial = exclusive();
-    let seed = common::seed();
-    eprintln!("seed {seed} (replay with BRAID_SEED={seed})");
-    let dir = tempfile::tempdir().expect("temp dir");
-    generate(dir.path(), EVENTS, seed);
-    let mut input = Input::generated(dir.path());
-    let broker = Broker::start();
+    let (dir, mut input, broker, mut job) = live_job();
     let bootstrap = broker.bootstrap();
-    create_job_topics(&bootstrap);
-    let mut job = KafkaJob::new(&bootstrap);
-    job.end = None;
     let [half, quarter, rest] = thirds(&input);
     for (run, (parallelism, part)) in [(2, half), (3, quarter)].into_iter().enumerate() {
         job.parallelism = parallelism;
