@@ -86,6 +86,12 @@ impl KafkaSource {
                     )
                 })
         };
+        // Every partition's low (earliest) or high (latest) watermark.
+        let ends = |high: bool| -> anyhow::Result<Vec<i64>> {
+            (0..partitions)
+                .map(|p| watermarks(p).map(|(low, top)| if high { top } else { low }))
+                .collect()
+        };
         let at_time = |ms: i64| -> anyhow::Result<Vec<i64>> {
             let mut query = TopicPartitionList::new();
             for p in 0..partitions {
@@ -111,22 +117,14 @@ impl KafkaSource {
         };
         let next = match (&plan.backfill, plan.start) {
             (Some(b), _) => at_time(b.until_ms.saturating_sub(b.seam_slack_ms))?,
-            (None, KafkaStart::Earliest) => (0..partitions)
-                .map(|p| Ok(watermarks(p)?.0))
-                .collect::<anyhow::Result<_>>()?,
-            (None, KafkaStart::Latest) => (0..partitions)
-                .map(|p| Ok(watermarks(p)?.1))
-                .collect::<anyhow::Result<_>>()?,
+            (None, KafkaStart::Earliest) => ends(false)?,
+            (None, KafkaStart::Latest) => ends(true)?,
             (None, KafkaStart::Time(ms)) => at_time(ms)?,
         };
         let end = match plan.end {
             None => None,
             // Under read_committed the high watermark is the last stable offset.
-            Some(KafkaEnd::Latest) => Some(
-                (0..partitions)
-                    .map(|p| Ok(watermarks(p)?.1))
-                    .collect::<anyhow::Result<_>>()?,
-            ),
+            Some(KafkaEnd::Latest) => Some(ends(true)?),
             Some(KafkaEnd::Time(ms)) => Some(at_time(ms)?),
         };
         let n = partitions as usize;
