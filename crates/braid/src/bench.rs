@@ -14,11 +14,11 @@ use braid_core::{Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side,
 use braid_io::flink_peer;
 use serde_json::json;
 
-use crate::checkpoint::coordinator::Checkpointing;
-use crate::checkpoint::store::LocalStore;
+use crate::checkpoint::coordinator::{open_store_at, Checkpointing};
+use crate::checkpoint::store::CheckpointStore;
 use crate::checkpoint::{
     fetch, read_manifest, watermark_text, Committer, CommitterConfig, CommitterStart, Part,
-    ReaderSnapshot, ReaderState, SourceAt, SourceState, WatermarkState,
+    ReaderSnapshot, ReaderState, SourceAt, SourceState, WatermarkState, FILES, MANIFESTS,
 };
 use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, Layout, ShardReport};
@@ -38,6 +38,28 @@ pub struct BenchOptions {
     pub state_dir: std::path::PathBuf,
     /// Checkpoint this often (flink-peer), into `state_dir/../checkpoints`.
     pub checkpoint_interval_ms: Option<i64>,
+    /// flink-peer: checkpoint into this store instead (a folder or `s3://bucket/prefix`);
+    /// what it holds is deleted first.
+    pub checkpoint_store: Option<String>,
+}
+
+/// The flink-peer benchmark's checkpoint store, emptied.
+fn bench_store(options: &BenchOptions) -> anyhow::Result<Box<dyn CheckpointStore>> {
+    let dir = options.state_dir.with_file_name("checkpoints");
+    let at = match &options.checkpoint_store {
+        Some(at) => at.clone(),
+        None => {
+            let _ = std::fs::remove_dir_all(&dir);
+            dir.to_string_lossy().into_owned()
+        }
+    };
+    let store = open_store_at(&at)?;
+    for prefix in [MANIFESTS, FILES] {
+        for name in store.list(prefix)? {
+            store.delete(&name)?;
+        }
+    }
+    Ok(store)
 }
 
 /// Sends a barrier and the flink-peer benchmark's part of the checkpoint: the event
@@ -98,25 +120,21 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         upper_ms: flink_peer::WINDOW_MS,
         allowed_lateness_ms: 0,
     };
-    let checkpoint_dir = options.state_dir.with_file_name("checkpoints");
     let mut checkpoints = match options.checkpoint_interval_ms {
-        Some(ms) => {
-            let _ = std::fs::remove_dir_all(&checkpoint_dir);
-            Some(Checkpointing::new(
-                Committer::start(
-                    Box::new(LocalStore::open(&checkpoint_dir)?),
-                    CommitterConfig {
-                        on_commit: None,
-                        job: "bench".into(),
-                        join: "flink-peer".into(),
-                        shards: options.parallelism,
-                        keep: 3,
-                    },
-                    CommitterStart::default(),
-                )?,
-                std::time::Duration::from_millis(ms as u64),
-            ))
-        }
+        Some(ms) => Some(Checkpointing::new(
+            Committer::start(
+                bench_store(options)?,
+                CommitterConfig {
+                    on_commit: None,
+                    job: "bench".into(),
+                    join: "flink-peer".into(),
+                    shards: options.parallelism,
+                    keep: 3,
+                },
+                CommitterStart::default(),
+            )?,
+            std::time::Duration::from_millis(ms as u64),
+        )),
         None => None,
     };
     let started = Instant::now();
@@ -182,7 +200,6 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let rss_before_restore = peak_rss_bytes();
     let restore = match &checkpoints {
         Some(c) => Some(time_restore(
-            &checkpoint_dir,
             c.committed.last().expect("just committed").epoch,
             spec,
             options,
@@ -266,17 +283,24 @@ fn reset_peak_rss() -> bool {
 /// Restores checkpoint `epoch` into fresh state, as `braid run` does after a crash:
 /// fetch and verify every file, ingest the segments, load the join images.
 fn time_restore(
-    checkpoint_dir: &Path,
     epoch: u64,
     spec: JoinSpec,
     options: &BenchOptions,
 ) -> anyhow::Result<RestoreTiming> {
-    let store = LocalStore::open(checkpoint_dir)?;
+    let store = match &options.checkpoint_store {
+        Some(at) => open_store_at(at)?,
+        None => open_store_at(
+            &options
+                .state_dir
+                .with_file_name("checkpoints")
+                .to_string_lossy(),
+        )?,
+    };
     let state_dir = options.state_dir.with_file_name("restored");
     let apart = reset_peak_rss();
     let started = Instant::now();
-    let manifest = read_manifest(&store, epoch)?;
-    let shards = fetch(&store, &manifest, &state_dir.join("restore"))?;
+    let manifest = read_manifest(store.as_ref(), epoch)?;
+    let shards = fetch(store.as_ref(), &manifest, &state_dir.join("restore"))?;
     let fetch_seconds = started.elapsed().as_secs_f64();
     let engine = Engine::start_with(
         EngineConfig {

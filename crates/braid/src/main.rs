@@ -127,6 +127,11 @@ struct BenchArgs {
     /// checkpoint interval (default 10s).
     #[arg(long)]
     checkpoint_interval: Option<String>,
+    /// flink-peer: checkpoint into this store instead of DIR/checkpoints (a folder or
+    /// `s3://bucket/prefix`, with the AWS_* variables of `[checkpoint] dir`); what it
+    /// holds is deleted first.
+    #[arg(long)]
+    checkpoint_store: Option<String>,
     /// kafka: the broker, HOST:PORT.
     #[arg(long)]
     brokers: Option<String>,
@@ -289,6 +294,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 parse_duration_ms(i).map_err(|e| UsageError(format!("--checkpoint-interval: {e}")))
             })
             .transpose()?,
+        checkpoint_store: args.checkpoint_store.clone(),
     };
     let line = match args.workload {
         Workload::FlinkPeer => braid::bench::flink_peer(&options)?,

@@ -19,10 +19,15 @@ use std::sync::Arc;
 
 /// Opens the checkpoint store a job names: a folder, or `s3://bucket/prefix`.
 pub fn open_store(plan: &CheckpointPlan) -> anyhow::Result<Box<dyn CheckpointStore>> {
-    let store: Box<dyn CheckpointStore> = if plan.dir.starts_with("s3://") {
-        Box::new(super::s3::S3Store::open(&plan.dir)?)
+    open_store_at(&plan.dir)
+}
+
+/// Opens a checkpoint store: a folder, or `s3://bucket/prefix`.
+pub fn open_store_at(dir: &str) -> anyhow::Result<Box<dyn CheckpointStore>> {
+    let store: Box<dyn CheckpointStore> = if dir.starts_with("s3://") {
+        Box::new(super::s3::S3Store::open(dir)?)
     } else {
-        Box::new(LocalStore::open(Path::new(&plan.dir))?)
+        Box::new(LocalStore::open(Path::new(dir))?)
     };
     Ok(match fault_after("checkpoint-put") {
         Some(n) => Box::new(FaultyStore::new(store, n)),
