@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use braid_io::FileSink;
 
-use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore};
+use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore, SlowStore};
 use super::{
     epochs, fetch, manifest_name, read_manifest, Committed, Committer, CommitterConfig,
     CommitterStart, Manifest, UnitRestore, FILES, MANIFESTS,
@@ -28,6 +28,10 @@ pub fn open_store_at(dir: &str) -> anyhow::Result<Box<dyn CheckpointStore>> {
         Box::new(super::s3::S3Store::open(dir)?)
     } else {
         Box::new(LocalStore::open(Path::new(dir))?)
+    };
+    let store: Box<dyn CheckpointStore> = match fault_after("checkpoint-latency-ms") {
+        Some(ms) => Box::new(SlowStore::new(store, ms)),
+        None => store,
     };
     Ok(match fault_after("checkpoint-put") {
         Some(n) => Box::new(FaultyStore::new(store, n)),

@@ -45,6 +45,8 @@ pub const FILES: &str = "files";
 const IMAGE_BUFFER_BYTES: usize = 1 << 20;
 /// Segment files uploaded at once by the committer.
 const UPLOADS_IN_FLIGHT: usize = 8;
+/// Files fetched at once by a restore (an object store answers one request per file).
+const FETCHES_IN_FLIGHT: usize = 8;
 /// Bytes read at a time when checksumming a file.
 const CHECKSUM_BUFFER_BYTES: usize = 1 << 20;
 
@@ -568,49 +570,15 @@ impl CommitterState {
         &self,
         files: &[(Unit, SegmentId, &Path)],
     ) -> anyhow::Result<Vec<(Unit, SegmentId, FileRef)>> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results = std::sync::Mutex::new(Vec::with_capacity(files.len()));
-        let failed = std::sync::Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..UPLOADS_IN_FLIGHT.min(files.len()) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(unit, id, path)) = files.get(i) else {
-                        return;
-                    };
-                    let name = format!(
-                        "{FILES}/{}/{}-{}",
-                        unit.path(),
-                        self.nonce,
-                        path.file_name().expect("a file name").to_string_lossy()
-                    );
-                    match self.put_checked_file(name, path) {
-                        Ok(file) => results
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push((unit, id, file)),
-                        Err(e) => {
-                            failed
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .get_or_insert(e);
-                            // Let the other uploads run dry: nothing more starts.
-                            next.store(files.len(), std::sync::atomic::Ordering::Relaxed);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = failed
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        {
-            return Err(e);
-        }
-        Ok(results
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        in_parallel(files, UPLOADS_IN_FLIGHT, |&(unit, id, path)| {
+            let name = format!(
+                "{FILES}/{}/{}-{}",
+                unit.path(),
+                self.nonce,
+                path.file_name().expect("a file name").to_string_lossy()
+            );
+            Ok((unit, id, self.put_checked_file(name, path)?))
+        })
     }
 
     /// Syncs a local file (a link in the store must be durable too), checksums it and
@@ -863,31 +831,90 @@ pub struct UnitRestore {
     pub segments: Vec<SegmentId>,
 }
 
-/// Fetches and verifies every file of `manifest` into `staging/part-p/shard-i/`, units
-/// in parallel. Any missing file or checksum mismatch fails the whole restore.
+/// Fetches and verifies every file of `manifest` into `staging/part-p/shard-i/`,
+/// [`FETCHES_IN_FLIGHT`] at a time. Any missing file or checksum mismatch fails the
+/// whole restore.
 pub fn fetch(
     store: &dyn CheckpointStore,
     manifest: &Manifest,
     staging: &Path,
 ) -> anyhow::Result<Vec<UnitRestore>> {
     let _ = std::fs::remove_dir_all(staging);
+    let mut restores = Vec::with_capacity(manifest.units.len());
+    let mut files: Vec<(&FileRef, PathBuf)> = Vec::new();
+    for unit in &manifest.units {
+        let dir = staging.join(unit.unit().path());
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let image = dir.join("join.image");
+        files.push((&unit.image, image.clone()));
+        for s in &unit.segments {
+            files.push((&s.file, dir.join(braid_state::segment_file_name(s.id()))));
+        }
+        restores.push(UnitRestore {
+            unit: unit.unit(),
+            image,
+            dir,
+            segments: unit.segments.iter().map(SegmentRef::id).collect(),
+        });
+    }
+    // Each file as a file (streamed by the store: linked or copied from a folder,
+    // downloaded in pieces from S3), checked against the manifest through a buffer of
+    // `CHECKSUM_BUFFER_BYTES`: nothing is ever held whole in memory.
+    in_parallel(&files, FETCHES_IN_FLIGHT, |(file, to)| {
+        store.get_file(&file.name, to)?;
+        let (sum, bytes) = checksum_file(to)?;
+        verify(file, sum, bytes)
+    })?;
+    Ok(restores)
+}
+
+/// Runs `work` on every item, `threads` at a time; the results in the items' order,
+/// or the first error (once it happens, no more items start).
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T) -> anyhow::Result<R> + Sync,
+) -> anyhow::Result<Vec<R>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::with_capacity(items.len()));
+    let failed = std::sync::Mutex::new(None);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = manifest
-            .units
-            .iter()
-            .map(|unit| {
-                let dir = staging.join(unit.unit().path());
-                scope.spawn(move || fetch_unit(store, unit, dir))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a restore thread panicked"))?
-            })
-            .collect()
-    })
+        for _ in 0..threads.min(items.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else {
+                    return;
+                };
+                match work(item) {
+                    Ok(r) => results
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((i, r)),
+                    Err(e) => {
+                        failed
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get_or_insert(e);
+                        // Let the others run dry: nothing more starts.
+                        next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        return Err(e);
+    }
+    let mut results = results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    results.sort_by_key(|&(i, _)| i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
 }
 
 fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
@@ -901,33 +928,32 @@ fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fetches a unit's join image and segment files into `dir` as files (streamed by the
-/// store: linked or copied from a folder, downloaded in pieces from S3) and checks each
-/// against the manifest, reading it back through a buffer of `CHECKSUM_BUFFER_BYTES`:
-/// nothing is ever held whole in memory.
-fn fetch_unit(
-    store: &dyn CheckpointStore,
-    shard: &UnitState,
-    dir: PathBuf,
-) -> anyhow::Result<UnitRestore> {
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let image = dir.join("join.image");
-    let segments: Vec<SegmentId> = shard.segments.iter().map(SegmentRef::id).collect();
-    let files = std::iter::once((&shard.image, image.clone())).chain(
-        shard
-            .segments
-            .iter()
-            .map(|s| (&s.file, dir.join(braid_state::segment_file_name(s.id())))),
-    );
-    for (file, to) in files {
-        store.get_file(&file.name, &to)?;
-        let (sum, bytes) = checksum_file(&to)?;
-        verify(file, sum, bytes)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Results come back in the items' order whatever order the threads finish in; an
+    /// error is returned, and no item starts after it.
+    #[test]
+    fn in_parallel_keeps_order_and_stops_at_an_error() {
+        let items: Vec<u64> = (0..100).collect();
+        let doubled = in_parallel(&items, 8, |&i| {
+            std::thread::sleep(std::time::Duration::from_micros((100 - i) * 10));
+            Ok(i * 2)
+        })
+        .expect("no error");
+        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        let started = std::sync::atomic::AtomicUsize::new(0);
+        let failed = in_parallel(&items, 4, |&i| {
+            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i == 10 {
+                anyhow::bail!("item {i} failed");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            Ok(i)
+        });
+        assert_eq!(failed.expect_err("an error").to_string(), "item 10 failed");
+        let started = started.into_inner();
+        assert!(started < 20, "{started} items started; the error stops the rest");
     }
-    Ok(UnitRestore {
-        unit: shard.unit(),
-        image,
-        dir,
-        segments,
-    })
 }

@@ -228,6 +228,56 @@ impl CheckpointStore for FaultyStore {
     }
 }
 
+/// A store whose every request first waits `latency` (fault injection: an object
+/// store's round trip, for benchmarks of the store's request pattern).
+pub struct SlowStore {
+    inner: Box<dyn CheckpointStore>,
+    latency: std::time::Duration,
+}
+
+impl SlowStore {
+    pub fn new(inner: Box<dyn CheckpointStore>, latency_ms: u64) -> SlowStore {
+        SlowStore {
+            inner,
+            latency: std::time::Duration::from_millis(latency_ms),
+        }
+    }
+}
+
+impl CheckpointStore for SlowStore {
+    fn describe(&self) -> String {
+        format!(
+            "{} (+{} ms a request)",
+            self.inner.describe(),
+            self.latency.as_millis()
+        )
+    }
+    fn put_file(&self, name: &str, from: &Path) -> anyhow::Result<()> {
+        std::thread::sleep(self.latency);
+        self.inner.put_file(name, from)
+    }
+    fn put_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        std::thread::sleep(self.latency);
+        self.inner.put_bytes(name, bytes)
+    }
+    fn get_file(&self, name: &str, to: &Path) -> anyhow::Result<()> {
+        std::thread::sleep(self.latency);
+        self.inner.get_file(name, to)
+    }
+    fn get_bytes(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        std::thread::sleep(self.latency);
+        self.inner.get_bytes(name)
+    }
+    fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        std::thread::sleep(self.latency);
+        self.inner.list(prefix)
+    }
+    fn delete(&self, name: &str) -> anyhow::Result<()> {
+        std::thread::sleep(self.latency);
+        self.inner.delete(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
