@@ -954,6 +954,9 @@ mod tests {
         });
         assert_eq!(failed.expect_err("an error").to_string(), "item 10 failed");
         let started = started.into_inner();
-        assert!(started < 20, "{started} items started; the error stops the rest");
+        assert!(
+            started < 20,
+            "{started} items started; the error stops the rest"
+        );
     }
 }
