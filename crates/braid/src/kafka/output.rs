@@ -32,7 +32,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::source::group_consumer;
 use super::{client_config, Context, BROKER_OUTAGE_MAX, REQUEST_TIMEOUT};
 use crate::checkpoint::{Manifest, SinkState, SourceAt};
-use crate::config::{Input, KafkaOutputPlan, Plan};
+use crate::config::{Input, KafkaOutputPlan, KafkaSourcePlan, Plan};
 use crate::engine::ResultSink;
 use crate::results::RecordShape;
 
@@ -340,61 +340,31 @@ pub enum Committed {
     Epoch(u64),
 }
 
-/// Reads the epoch tagged on the committed offsets of the job's Kafka sources; every
+/// Reads the epoch tagged on the committed offsets of the job's Kafka sources, asking
+/// for every source at once (each look-up finds the group's coordinator first); every
 /// source must agree.
 pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
+    let answers: Vec<anyhow::Result<Committed>> = std::thread::scope(|scope| {
+        let lookups: Vec<_> = plan
+            .sources
+            .iter()
+            .filter_map(|source| match &source.input {
+                Input::Kafka(k) => Some(scope.spawn(move || source_epoch(&source.name, k))),
+                _ => None,
+            })
+            .collect();
+        lookups
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("a committed-offsets look-up panicked"))
+                })
+            })
+            .collect()
+    });
     let mut found: Option<Committed> = None;
-    for source in &plan.sources {
-        let Input::Kafka(k) = &source.input else {
-            continue;
-        };
-        let consumer = group_consumer(&source.name, k)?;
-        let partitions = super::source::partition_count(&consumer, &k.brokers, &k.topic)
-            .map_err(|e| anyhow::anyhow!("source `{}`: {e}", source.name))?;
-        let mut query = TopicPartitionList::new();
-        for p in 0..partitions {
-            query.add_partition(&k.topic, p);
-        }
-        let committed = consumer
-            .committed_offsets(query, REQUEST_TIMEOUT)
-            .with_context(|| {
-                format!(
-                    "source `{}`: cannot read group `{}`'s committed offsets at {}",
-                    source.name, k.group, k.brokers
-                )
-            })?;
-        let mut epochs = Vec::new();
-        for e in committed.elements() {
-            if let Offset::Offset(_) = e.offset() {
-                let epoch = e
-                    .metadata()
-                    .strip_prefix(EPOCH_TAG)
-                    .and_then(|n| n.parse::<u64>().ok());
-                match epoch {
-                    Some(n) => epochs.push(n),
-                    None => anyhow::bail!(
-                        "source `{}`: group `{}` has offsets committed on {}[{}] that braid did not commit (metadata `{}`); give the job its own group",
-                        source.name,
-                        k.group,
-                        k.topic,
-                        e.partition(),
-                        e.metadata()
-                    ),
-                }
-            }
-        }
-        epochs.sort_unstable();
-        epochs.dedup();
-        let this = match epochs.as_slice() {
-            [] => Committed::Nothing,
-            [e] => Committed::Epoch(*e),
-            _ => anyhow::bail!(
-                "source `{}`: group `{}`'s partitions of {} were committed by different epochs {epochs:?} (by different jobs?)",
-                source.name,
-                k.group,
-                k.topic
-            ),
-        };
+    for this in answers {
+        let this = this?;
         match &found {
             None => found = Some(this),
             Some(f) if *f == this => {}
@@ -404,6 +374,55 @@ pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
         }
     }
     Ok(found.unwrap_or(Committed::Nothing))
+}
+
+/// The epoch tagged on the committed offsets of one Kafka source's group.
+fn source_epoch(name: &str, k: &KafkaSourcePlan) -> anyhow::Result<Committed> {
+    let consumer = group_consumer(name, k)?;
+    let partitions = super::source::partition_count(&consumer, &k.brokers, &k.topic)
+        .map_err(|e| anyhow::anyhow!("source `{name}`: {e}"))?;
+    let mut query = TopicPartitionList::new();
+    for p in 0..partitions {
+        query.add_partition(&k.topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(query, REQUEST_TIMEOUT)
+        .with_context(|| {
+            format!(
+                "source `{name}`: cannot read group `{}`'s committed offsets at {}",
+                k.group, k.brokers
+            )
+        })?;
+    let mut epochs = Vec::new();
+    for e in committed.elements() {
+        if let Offset::Offset(_) = e.offset() {
+            let epoch = e
+                .metadata()
+                .strip_prefix(EPOCH_TAG)
+                .and_then(|n| n.parse::<u64>().ok());
+            match epoch {
+                Some(n) => epochs.push(n),
+                None => anyhow::bail!(
+                    "source `{name}`: group `{}` has offsets committed on {}[{}] that braid did not commit (metadata `{}`); give the job its own group",
+                    k.group,
+                    k.topic,
+                    e.partition(),
+                    e.metadata()
+                ),
+            }
+        }
+    }
+    epochs.sort_unstable();
+    epochs.dedup();
+    match epochs.as_slice() {
+        [] => Ok(Committed::Nothing),
+        [e] => Ok(Committed::Epoch(*e)),
+        _ => anyhow::bail!(
+            "source `{name}`: group `{}`'s partitions of {} were committed by different epochs {epochs:?} (by different jobs?)",
+            k.group,
+            k.topic
+        ),
+    }
 }
 
 /// The Kafka key of a record: its join key as a JSON array, e.g. `[42,"t7"]`.
