@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::check::{check_exact, describe_difference, expected_rows, read_outputs, Input};
 use common::kafka::run::{BraidRun, KafkaJob};
-use common::kafka::{create_job_topics, exclusive, read_committed, Broker, OffsetWatch, OUT};
+use common::kafka::{create_job_topics, exclusive, read_committed_now, Broker, OffsetWatch, OUT};
 use common::{generate, is_sub_multiset, TestRng};
 
 const EVENTS: u64 = 40_000;
@@ -239,7 +239,7 @@ fn crash_schedule(seed: u64) -> usize {
         kills += 1;
         // The killed run's open transaction holds the last stable offset down until the
         // next run initialises the same transactional id: this sees what committed.
-        let rows = read_committed(&setup.broker.bootstrap(), OUT);
+        let rows = read_committed_now(&setup.broker.bootstrap(), OUT);
         assert!(
             rows.windows(2).all(|w| w[0] != w[1]),
             "seed {seed}: after kill {kills} ({moment}) `out` holds a row twice"
@@ -309,7 +309,7 @@ fn fault_then_recover(fault: &str, seed: u64) {
          (None: still running):\n{stderr}"
     );
     eprintln!("{fault}: the run ended with {status:?}");
-    let visible = read_committed(&setup.broker.bootstrap(), OUT);
+    let visible = read_committed_now(&setup.broker.bootstrap(), OUT);
     let want = setup.finish_and_check(fault);
     assert!(
         is_sub_multiset(&visible, &want),

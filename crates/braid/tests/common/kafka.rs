@@ -445,6 +445,21 @@ pub fn read_committed(bootstrap: &str, topic: &str) -> Vec<String> {
     to_strings(topic, read_values(bootstrap, topic, "read_committed"))
 }
 
+/// The committed records of `topic` readable now, sorted: as [`read_committed`], but
+/// once no record has come for [`SETTLE`] the read ends short of the last stable offsets
+/// (and says so). For a look right after a crash: noida-db's last stable offset can sit
+/// above a killed producer's open transaction (braid has two: the epoch waiting for its
+/// commit and the next), and no read reaches it until a new producer aborts them.
+pub fn read_committed_now(bootstrap: &str, topic: &str) -> Vec<String> {
+    to_strings(
+        topic,
+        read_values_settling(bootstrap, topic, "read_committed", Some(SETTLE)),
+    )
+}
+
+/// How long [`read_committed_now`] waits for one more record.
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// The values of every record of `topic`, committed or not (for debugging), sorted.
 pub fn read_uncommitted(bootstrap: &str, topic: &str) -> Vec<String> {
     to_strings(topic, read_values(bootstrap, topic, "read_uncommitted"))
@@ -466,6 +481,16 @@ fn to_strings(topic: &str, values: Vec<Vec<u8>>) -> Vec<String> {
 /// stable offset). The end test is the consumer's position: the offset after the last
 /// record can stay below the bound, behind transaction markers.
 pub fn read_values(bootstrap: &str, topic: &str, isolation: &str) -> Vec<Vec<u8>> {
+    read_values_settling(bootstrap, topic, isolation, None)
+}
+
+/// [`read_values`], ending early once no record has come for `settle`.
+fn read_values_settling(
+    bootstrap: &str,
+    topic: &str,
+    isolation: &str,
+    settle: Option<Duration>,
+) -> Vec<Vec<u8>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "braid-tests-reader")
@@ -500,12 +525,21 @@ pub fn read_values(bootstrap: &str, topic: &str, isolation: &str) -> Vec<Vec<u8>
     consumer.assign(&assignment).expect("assign");
     let mut values = Vec::new();
     let started = Instant::now();
+    let mut last_record = Instant::now();
     let mut pending: HashSet<i32> = bounds.keys().copied().collect();
     while !pending.is_empty() {
+        if settle.is_some_and(|s| last_record.elapsed() > s) {
+            eprintln!(
+                "reading {topic} ({isolation}): nothing for {settle:?}, partitions {pending:?} short of {bounds:?} after {} records (open transactions)",
+                values.len()
+            );
+            break;
+        }
         match consumer.poll(Duration::from_millis(100)) {
             // Records past the bounds (or in a partition empty when they were taken)
             // came after the snapshot: not read.
             Some(Ok(m)) if bounds.get(&m.partition()).is_some_and(|&b| m.offset() < b) => {
+                last_record = Instant::now();
                 values.push(m.payload().unwrap_or_default().to_vec());
             }
             Some(Err(e)) => eprintln!("reading {topic}: {e}"),
