@@ -43,17 +43,19 @@ pub struct BenchOptions {
     pub checkpoint_store: Option<String>,
 }
 
-/// The flink-peer benchmark's checkpoint store, emptied.
+/// Where the flink-peer benchmark checkpoints: `--checkpoint-store`, else a folder
+/// beside its state.
+fn bench_store_at(options: &BenchOptions) -> String {
+    options.checkpoint_store.clone().unwrap_or_else(|| {
+        let dir = options.state_dir.with_file_name("checkpoints");
+        dir.to_string_lossy().into_owned()
+    })
+}
+
+/// The flink-peer benchmark's checkpoint store, emptied (what any earlier run left in
+/// its `manifests/` and `files/` deleted).
 fn bench_store(options: &BenchOptions) -> anyhow::Result<Box<dyn CheckpointStore>> {
-    let dir = options.state_dir.with_file_name("checkpoints");
-    let at = match &options.checkpoint_store {
-        Some(at) => at.clone(),
-        None => {
-            let _ = std::fs::remove_dir_all(&dir);
-            dir.to_string_lossy().into_owned()
-        }
-    };
-    let store = open_store_at(&at)?;
+    let store = open_store_at(&bench_store_at(options))?;
     for prefix in [MANIFESTS, FILES] {
         for name in store.list(prefix)? {
             store.delete(&name)?;
@@ -287,15 +289,7 @@ fn time_restore(
     spec: JoinSpec,
     options: &BenchOptions,
 ) -> anyhow::Result<RestoreTiming> {
-    let store = match &options.checkpoint_store {
-        Some(at) => open_store_at(at)?,
-        None => open_store_at(
-            &options
-                .state_dir
-                .with_file_name("checkpoints")
-                .to_string_lossy(),
-        )?,
-    };
+    let store = open_store_at(&bench_store_at(options))?;
     let state_dir = options.state_dir.with_file_name("restored");
     let apart = reset_peak_rss();
     let started = Instant::now();

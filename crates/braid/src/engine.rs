@@ -279,16 +279,10 @@ impl Engine {
                 "restoring whole partitions onto another number of shards"
             );
         }
-        let mut restore: std::collections::HashMap<Unit, (UnitRestore, bool)> = restore
-            .into_iter()
-            .zip(placed)
-            .map(|(r, unit)| {
-                // A partition moved to another shard is a new unit to the checkpoint
-                // store: its segment files are uploaded again under its new path.
-                let moved = unit != r.unit;
-                (unit, (UnitRestore { unit, ..r }, moved))
-            })
-            .collect();
+        // Each restored unit under the unit that now holds it (its own `unit` says where
+        // it was checkpointed).
+        let mut restore: std::collections::HashMap<Unit, UnitRestore> =
+            placed.into_iter().zip(restore).collect();
         for i in 0..shards {
             clear_shard_dir(&state_dir.join(format!("shard-{i}")))?;
         }
@@ -502,18 +496,18 @@ fn clear_shard_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Opens a unit's store in `dir` and its join, restored from a checkpoint if given
-/// (and whether the unit moved to another shard: its files are then uploaded anew).
+/// (possibly checkpointed on another shard).
 fn build_unit(
     unit: Unit,
     dir: &Path,
     tuning: &RocksOptions,
     spec: JoinSpec,
     memory_max_bytes: usize,
-    restored: Option<(UnitRestore, bool)>,
+    restored: Option<UnitRestore>,
 ) -> anyhow::Result<PartJoin> {
     let mut store = RocksStore::create(dir, tuning)?;
     let mut checkpointed = BTreeSet::new();
-    let Some((r, moved)) = restored else {
+    let Some(r) = restored else {
         return Ok(PartJoin {
             unit,
             join: Join::new(spec, store, memory_max_bytes),
@@ -527,7 +521,9 @@ fn build_unit(
             .with_context(|| format!("cannot move restored {} into the state", from.display()))?;
     }
     store.ingest_segments(&r.segments)?;
-    if !moved {
+    // A partition moved to another shard is a new unit to the checkpoint store: its
+    // segment files are uploaded again under its new path.
+    if r.unit == unit {
         checkpointed.extend(r.segments.iter().copied());
     }
     let mut join = Join::new(spec, store, memory_max_bytes);

@@ -161,6 +161,15 @@ fn live_job() -> (tempfile::TempDir, Input, Broker, KafkaJob) {
     (dir, input, broker, job)
 }
 
+/// Produces the last part of the input, then flush events after all of it (added to
+/// `input`, whose rows the comparison leaves out), so that a live job emits everything.
+fn produce_the_rest(bootstrap: &str, input: &mut Input, rest: &Input) {
+    let flush = flush_events(max_time(input));
+    rest.produce(bootstrap);
+    flush.produce(bootstrap);
+    input.extend(flush);
+}
+
 #[test]
 fn sigterm_stops_cleanly_and_the_next_run_resumes() {
     let _serial = exclusive();
@@ -190,10 +199,7 @@ fn sigterm_stops_cleanly_and_the_next_run_resumes() {
     let after_first = read_committed(&bootstrap, OUT);
 
     let mut second = start(dir.path(), &job, 2);
-    let flush = flush_events(max_time(&input));
-    rest.produce(&bootstrap);
-    flush.produce(&bootstrap);
-    input.extend(flush);
+    produce_the_rest(&bootstrap, &mut input, &rest);
     complete_and_stop(&bootstrap, &input, &mut second, "run 2");
     let all = read_committed(&bootstrap, OUT);
     assert!(
@@ -238,10 +244,7 @@ fn a_restart_with_another_parallelism_moves_whole_partitions() {
     job.parallelism = 1;
     let path = job.write(dir.path());
     let mut last = start(dir.path(), &path, 3);
-    let flush = flush_events(max_time(&input));
-    rest.produce(&bootstrap);
-    flush.produce(&bootstrap);
-    input.extend(flush);
+    produce_the_rest(&bootstrap, &mut input, &rest);
     complete_and_stop(&bootstrap, &input, &mut last, "run 3 (1 shard)");
 }
 

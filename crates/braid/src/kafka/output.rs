@@ -86,8 +86,8 @@ impl ProducerContext for OutputContext {
 
 type OutputProducer = ThreadedProducer<OutputContext>;
 
-/// One Kafka source's group, for the offsets committed in each transaction.
-/// A consumer group and the topics whose offsets braid commits in it.
+/// A consumer group and the topics whose offsets braid commits in it, in each
+/// transaction.
 struct Group {
     topics: Vec<String>,
     group: String,
