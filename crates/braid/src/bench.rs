@@ -81,6 +81,7 @@ fn bench_barrier(
             at: SourceAt::Events { events },
             partitions: Vec::new(),
             guards: Vec::new(),
+            partition_counts: Vec::new(),
             counts: SourceCounts::default(),
         }],
         watermark: watermark_text(watermark),

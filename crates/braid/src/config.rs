@@ -250,6 +250,61 @@ pub struct Plan {
     pub memory_max_bytes: u64,
     pub checkpoint: Option<CheckpointPlan>,
     pub parallelism: usize,
+    /// `--instance NAME`: this process is one of several sharing the job (SPEC §6).
+    pub instance: Option<String>,
+}
+
+impl Plan {
+    /// Makes this plan instance `name` of a job several processes share: its local
+    /// state under `[state] dir/NAME`. Such a job reads co-partitioned Kafka topics,
+    /// writes to Kafka and checkpoints to a store every instance sees.
+    pub fn as_instance(mut self, name: &str) -> Result<Plan, JobError> {
+        let fail = |message: String| JobError {
+            file: self.file.clone(),
+            message,
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(fail(format!(
+                "--instance `{name}`: use letters, digits, `-`, `_` and `.` only (it names a folder and a Kafka group member)"
+            )));
+        }
+        for source in &self.sources {
+            match &source.input {
+                Input::Kafka(k) if k.backfill.is_none() => {}
+                _ => {
+                    return Err(fail(format!(
+                        "--instance: source `{}` is not a Kafka topic without history files; instances share the partitions of Kafka topics only",
+                        source.name
+                    )))
+                }
+            }
+        }
+        if !matches!(self.output, Output::Kafka(_)) {
+            return Err(fail(
+                "--instance: [output] must be Kafka (kind = \"kafka\"); instances commit their output through Kafka transactions".into(),
+            ));
+        }
+        if self.checkpoint.is_none() {
+            return Err(fail(
+                "--instance: the job needs [checkpoint], with a dir every instance sees (a shared folder or s3://): a partition's state moves between instances through it".into(),
+            ));
+        }
+        self.state_dir = self.state_dir.join(name);
+        self.instance = Some(name.to_string());
+        Ok(self)
+    }
+
+    /// The Kafka consumer group of the job's first Kafka source.
+    pub fn kafka_group(&self) -> Option<&KafkaSourcePlan> {
+        self.sources.iter().find_map(|s| match &s.input {
+            Input::Kafka(k) => Some(k),
+            _ => None,
+        })
+    }
 }
 
 /// Reads and validates a job file.
@@ -436,6 +491,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         memory_max_bytes,
         checkpoint,
         parallelism,
+        instance: None,
     })
 }
 

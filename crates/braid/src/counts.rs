@@ -13,3 +13,12 @@ pub struct SourceCounts {
     #[serde(default)]
     pub time_jumps: u64,
 }
+
+impl SourceCounts {
+    pub fn add(&mut self, other: &SourceCounts) {
+        self.input += other.input;
+        self.late += other.late;
+        self.dead += other.dead;
+        self.time_jumps += other.time_jumps;
+    }
+}

@@ -115,6 +115,7 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
         &RunOptions {
             progress,
             reset: false,
+            ..Default::default()
         },
     )?;
     println!("{summary}");

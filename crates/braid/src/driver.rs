@@ -19,10 +19,10 @@ use braid_io::{
     format_rfc3339_ms, Decoded, Decoder, FileSink, Line, LineBatch, PendingFile, Position,
 };
 
-use crate::checkpoint::coordinator::{recover_output, Checkpointing};
+use crate::checkpoint::coordinator::{recover_output, Checkpointing, HandedOver};
 use crate::checkpoint::{
     parse_watermark, watermark_text, GuardState, HeldState, Part, ReaderSnapshot, ReaderState,
-    SinkState, SourceState, WatermarkState,
+    SinkState, SourceAt, SourceState, WatermarkState,
 };
 use crate::config::{Output, Plan};
 use crate::counts::SourceCounts;
@@ -112,10 +112,16 @@ impl SideOutput {
     }
 }
 
+#[derive(Default)]
 pub struct RunOptions {
     pub progress: bool,
     /// Delete the job's checkpoints and start from the beginning of the inputs.
     pub reset: bool,
+    /// `--instance`: the partitions the group assigned this process (`None`: all).
+    pub owned: Option<Arc<Vec<u32>>>,
+    /// `--instance`: set when the group takes the partitions away; the run then ends
+    /// with a checkpoint that commits them.
+    pub revoked: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Where a sink's file numbering continues: at the restored checkpoint's number, and
@@ -159,10 +165,17 @@ fn file_sink(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) ->
 /// their end, unbounded ones until `SIGTERM` or `SIGINT` (then a final checkpoint).
 pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let mut checkpointing = match &plan.checkpoint {
-        Some(c) => Some(Checkpointing::open(plan, c, options.reset)?),
-        None => None,
+    let mut checkpointing = match (&plan.checkpoint, &options.owned) {
+        (Some(c), Some(owned)) if plan.instance.is_some() => {
+            Some(Checkpointing::open_instance(plan, c, owned)?)
+        }
+        (Some(c), _) => Some(Checkpointing::open(plan, c, options.reset)?),
+        (None, _) => None,
     };
+    let handed_over = checkpointing
+        .as_mut()
+        .map(|c| std::mem::take(&mut c.handed_over))
+        .unwrap_or_default();
     let manifest = checkpointing
         .as_ref()
         .and_then(|c| c.restored.as_ref())
@@ -172,10 +185,17 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         .and_then(|c| c.restored.as_mut())
         .map(|r| std::mem::take(&mut r.units))
         .unwrap_or_default();
+    let handed_units: Vec<_> = handed_over.iter().map(|h| h.units.len()).collect();
+    let mut restore = restore;
+    let mut handed_over = handed_over;
+    for h in &mut handed_over {
+        restore.append(&mut h.units);
+    }
     let parts = checkpointing.as_ref().map(|c| c.committer.parts());
+    let owned = options.owned.as_deref().map(Vec::as_slice);
     let readers = [
-        source::open(&plan.sources[0])?,
-        source::open(&plan.sources[1])?,
+        source::open(&plan.sources[0], owned)?,
+        source::open(&plan.sources[1], owned)?,
     ];
     let group_of = state_partitions(plan, &readers)?;
     let engine_config = EngineConfig {
@@ -183,6 +203,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         layout: Layout {
             shards: plan.parallelism,
             partitions: group_of.iter().flatten().max().map_or(1, |&p| p + 1),
+            owned: options.owned.clone(),
         },
         memory_max_bytes: plan.memory_max_bytes,
         state_dir: &plan.state_dir,
@@ -242,11 +263,36 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     if let Some(m) = &manifest {
         reading.restore(&m.reader)?;
     }
+    if !handed_over.is_empty() {
+        reading.take_over(&handed_over)?;
+    }
+    let restore_ms = restore_ms
+        .or_else(|| (!handed_over.is_empty()).then(|| started.elapsed().as_secs_f64() * 1e3));
+    if !handed_over.is_empty() {
+        tracing::info!(
+            partitions = handed_over
+                .iter()
+                .map(|h| h.partitions.len())
+                .sum::<usize>(),
+            units = handed_units.iter().sum::<usize>(),
+            restore_ms = restore_ms.unwrap_or(0.0),
+            "partitions restored"
+        );
+    }
     let mut progress = Progress::new(options.progress);
     let mut stopped = false;
     while !reading.done() {
         if crate::signals::stop_requested() {
             tracing::info!("stop requested: taking a final checkpoint");
+            stopped = true;
+            break;
+        }
+        if options
+            .revoked
+            .as_ref()
+            .is_some_and(|r| r.load(std::sync::atomic::Ordering::Acquire))
+        {
+            tracing::info!("partitions revoked: committing them before they go");
             stopped = true;
             break;
         }
@@ -269,10 +315,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         c.wait()?;
     }
     let held = reading.held();
+    let counts = [reading.totals(0), reading.totals(1)];
     let Reading {
         engine,
         mut side_output,
-        counts,
         ..
     } = reading;
     let reports: Vec<ShardReport> = engine.finish()?;
@@ -350,7 +396,9 @@ struct Reading<'p> {
     marks: Watermarks,
     /// Per partition of the join's state: the watermark last sent to the shards.
     sent: Vec<Watermark>,
-    counts: [SourceCounts; 2],
+    /// Per source and partition: what the reader counted (a partition's counts move
+    /// with it to another instance).
+    counts: [Vec<SourceCounts>; 2],
     batch: LineBatch,
     record: Vec<u8>,
     key: Vec<u8>,
@@ -402,7 +450,10 @@ impl<'p> Reading<'p> {
             sent: vec![Watermark::MIN; marks.groups() as usize],
             marks,
             readers,
-            counts: Default::default(),
+            counts: [
+                vec![SourceCounts::default(); partitions[0] as usize],
+                vec![SourceCounts::default(); partitions[1] as usize],
+            ],
             batch: LineBatch::default(),
             record: Vec::new(),
             key: Vec::new(),
@@ -450,7 +501,7 @@ impl<'p> Reading<'p> {
                 self.finished[s].len(),
                 saved.partitions.len()
             );
-            self.counts[s] = saved.counts;
+            self.counts[s] = saved.partition_counts(self.finished[s].len());
             for (p, &(_, exhausted)) in saved.partitions.iter().enumerate() {
                 self.finished[s][p] = exhausted;
             }
@@ -481,6 +532,84 @@ impl<'p> Reading<'p> {
         Ok(())
     }
 
+    /// Continues, for each partition handed over (`--instance`), where the checkpoint
+    /// it came from stood; the other partitions start fresh.
+    fn take_over(&mut self, handed_over: &[HandedOver]) -> anyhow::Result<()> {
+        let now_ms = self.now_ms();
+        let mut partitions: Vec<Vec<(Option<i64>, bool)>> = (0..2)
+            .map(|s| vec![(None, false); self.finished[s].len()])
+            .collect();
+        let mut groups = vec![Watermark::MIN; self.sent.len()];
+        for (s, restored) in partitions.iter_mut().enumerate() {
+            let mut at = self.readers[s].position();
+            let SourceAt::Kafka { offsets, end, .. } = &mut at else {
+                anyhow::bail!("only Kafka sources are handed over");
+            };
+            for h in handed_over {
+                let saved = h
+                    .reader
+                    .sources
+                    .get(s)
+                    .filter(|saved| saved.name == self.plan.sources[s].name)
+                    .with_context(|| {
+                        format!(
+                            "checkpoint {} has no source `{}`",
+                            h.tag, self.plan.sources[s].name
+                        )
+                    })?;
+                let SourceAt::Kafka {
+                    offsets: their_offsets,
+                    end: their_end,
+                    ..
+                } = &saved.at
+                else {
+                    anyhow::bail!(
+                        "checkpoint {} holds no Kafka offsets of `{}`",
+                        h.tag,
+                        saved.name
+                    );
+                };
+                let n = offsets.len();
+                anyhow::ensure!(
+                    their_offsets.len() == n && saved.partitions.len() == n,
+                    "topic of source `{}` has {n} partitions, checkpoint {} {}: braid cannot re-split state over a changed partition count",
+                    saved.name,
+                    h.tag,
+                    their_offsets.len()
+                );
+                let counts = saved.partition_counts(n);
+                for &p in &h.partitions {
+                    let p = p as usize;
+                    offsets[p] = their_offsets[p];
+                    // A partition ends where its first owner said it does.
+                    if let (Some(end), Some(theirs)) = (end.as_mut(), their_end) {
+                        end[p] = theirs[p];
+                    }
+                    restored[p] = saved.partitions[p];
+                    self.finished[s][p] = saved.partitions[p].1;
+                    self.counts[s][p] = counts[p];
+                    if let Some(guard) = saved.guards.get(p) {
+                        self.guards[s][p].restore(guard_from_checkpoint(guard));
+                    }
+                }
+            }
+            self.readers[s]
+                .seek(&at)
+                .with_context(|| format!("cannot resume source `{}`", self.plan.sources[s].name))?;
+        }
+        for h in handed_over {
+            for &p in &h.partitions {
+                let saved = h.reader.partitions.get(p as usize).with_context(|| {
+                    format!("checkpoint {} has no watermark of partition {p}", h.tag)
+                })?;
+                groups[p as usize] = parse_watermark(&saved.watermark)?;
+                self.sent[p as usize] = parse_watermark(&saved.sent)?;
+            }
+        }
+        self.marks.restore(&partitions, &groups, now_ms);
+        Ok(())
+    }
+
     /// Cuts the sources here: closes the side outputs' files as pending, sends the
     /// barrier behind every event read so far, and hands the reader's part to the
     /// committer.
@@ -497,7 +626,8 @@ impl<'p> Reading<'p> {
                 name: self.plan.sources[s].name.clone(),
                 at: self.readers[s].position(),
                 partitions: partitions[s].clone(),
-                counts: self.counts[s],
+                counts: self.totals(s),
+                partition_counts: self.counts[s].clone(),
                 guards: self.guards[s].iter().map(guard_to_checkpoint).collect(),
             })
             .collect();
@@ -531,7 +661,16 @@ impl<'p> Reading<'p> {
     }
 
     fn input_total(&self) -> u64 {
-        self.counts.iter().map(|c| c.input).sum()
+        (0..2).map(|s| self.totals(s).input).sum()
+    }
+
+    /// What the reader counted of source `s`, over its partitions.
+    fn totals(&self, s: usize) -> SourceCounts {
+        let mut total = SourceCounts::default();
+        for c in &self.counts[s] {
+            total.add(c);
+        }
+        total
     }
 
     fn now_ms(&self) -> u64 {
@@ -581,7 +720,7 @@ impl<'p> Reading<'p> {
         }
         if !more {
             self.exhausted[s] = true;
-            tracing::info!(source = %self.plan.sources[s].name, records = self.counts[s].input, "source exhausted");
+            tracing::info!(source = %self.plan.sources[s].name, records = self.totals(s).input, "source exhausted");
         }
         // A partition that waits its turn to be read is not idle; one that has
         // delivered everything there was is, once idle_timeout passes.
@@ -642,7 +781,8 @@ impl<'p> Reading<'p> {
         let decoded = match decoded {
             Ok(d) => d,
             Err(error) => {
-                self.counts[s].input += 1;
+                let p = self.readers[s].partition_of(line.position) as usize;
+                self.counts[s][p].input += 1;
                 return self.dead_letter(s, line.bytes, line.position, &error.to_string());
             }
         };
@@ -651,7 +791,7 @@ impl<'p> Reading<'p> {
             // The other part of the input (history or topic) has it.
             return Ok(());
         }
-        self.counts[s].input += 1;
+        self.counts[s][p].input += 1;
         let arrival = self.guards[s][p].offer(
             decoded.time,
             || HeldLine {
@@ -683,7 +823,7 @@ impl<'p> Reading<'p> {
         let group = self.marks.group_of(s, PartitionId(p));
         let watermark = self.marks.group(group);
         if watermark.is_late(decoded.time, allowed_lateness_ms) {
-            self.counts[s].late += 1;
+            self.counts[s][p as usize].late += 1;
             self.record.clear();
             write!(
                 self.record,
@@ -736,7 +876,8 @@ impl<'p> Reading<'p> {
                     }
                 }
                 Verdict::Reject(rejected) => {
-                    self.counts[s].time_jumps += 1;
+                    let p = self.readers[s].partition_of(rejected.item.position) as usize;
+                    self.counts[s][p].time_jumps += 1;
                     let error = time_jump_error(&rejected, self.plan.time_guard.max_jump_ms);
                     let held = rejected.item;
                     self.dead_letter(s, &held.line, held.position, &error)
@@ -769,7 +910,8 @@ impl<'p> Reading<'p> {
         position: Position,
         error: &str,
     ) -> anyhow::Result<()> {
-        self.counts[s].dead += 1;
+        let p = self.readers[s].partition_of(position) as usize;
+        self.counts[s][p].dead += 1;
         let raw = String::from_utf8_lossy(&line[..line.len().min(DEAD_RAW_BYTES_MAX)]);
         let record = serde_json::json!({
             "source": self.plan.sources[s].name,

@@ -56,10 +56,13 @@ impl Unit {
 }
 
 /// Where the partitions' state lives among the shards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub shards: usize,
     pub partitions: u32,
+    /// The partitions this process owns (`--instance`: those the group assigned it);
+    /// `None`: all.
+    pub owned: Option<Arc<Vec<u32>>>,
 }
 
 impl Layout {
@@ -68,6 +71,7 @@ impl Layout {
         Layout {
             shards,
             partitions: 1,
+            owned: None,
         }
     }
 
@@ -96,7 +100,13 @@ impl Layout {
 
     /// Whether a shard holds (a piece of) a partition.
     fn holds(&self, shard: usize, partition: u32) -> bool {
-        !self.whole_partitions() || partition as usize % self.shards == shard
+        self.owns(partition)
+            && (!self.whole_partitions() || partition as usize % self.shards == shard)
+    }
+
+    /// Whether this process owns a partition.
+    pub fn owns(&self, partition: u32) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains(&partition))
     }
 
     /// The unit that holds the whole of a partition, if partitions are whole.
@@ -123,9 +133,15 @@ impl Layout {
         let mut partitions: Vec<u32> = saved.iter().map(|u| u.partition).collect();
         partitions.sort_unstable();
         partitions.dedup();
-        let whole = partitions.len() == saved.len()
-            && partitions.len() == self.partitions as usize
-            && partitions.iter().enumerate().all(|(i, &p)| p as usize == i);
+        // Each saved partition whole in one unit; every partition of the layout, or
+        // with `owned` some of those (an instance restores the partitions it owns,
+        // some perhaps never checkpointed).
+        let distinct = partitions.len() == saved.len();
+        let whole = distinct
+            && match &self.owned {
+                None => partitions.iter().copied().eq(0..self.partitions),
+                Some(owned) => partitions.iter().all(|p| owned.contains(p)),
+            };
         if !whole {
             return None;
         }
@@ -521,9 +537,9 @@ fn build_unit(
             .with_context(|| format!("cannot move restored {} into the state", from.display()))?;
     }
     store.ingest_segments(&r.segments)?;
-    // A partition moved to another shard is a new unit to the checkpoint store: its
-    // segment files are uploaded again under its new path.
-    if r.unit == unit {
+    // A partition moved to another shard or from another instance is a new unit to
+    // the checkpoint store: its segment files are uploaded again under its new path.
+    if r.unit == unit && r.uploaded_here {
         checkpointed.extend(r.segments.iter().copied());
     }
     let mut join = Join::new(spec, store, memory_max_bytes);
@@ -735,7 +751,11 @@ mod tests {
     /// group, or another partition count, do not.
     #[test]
     fn whole_partitions_move_to_another_number_of_shards() {
-        let layout = |shards, partitions| Layout { shards, partitions };
+        let layout = |shards, partitions| Layout {
+            shards,
+            partitions,
+            owned: None,
+        };
         for (from, to) in [(2, 3), (3, 1), (1, 4), (4, 2)] {
             let saved = layout(from, 4).units();
             let placed = layout(to, 4).place(&saved).expect("whole partitions move");
@@ -762,6 +782,40 @@ mod tests {
             None,
             "partitions"
         );
+        // An instance owning partitions 1 and 3 of 4, with a checkpoint of 3 only.
+        let instance = Layout {
+            owned: Some(Arc::new(vec![1, 3])),
+            ..layout(2, 4)
+        };
+        assert_eq!(
+            instance.units(),
+            [
+                Unit {
+                    partition: 1,
+                    shard: 1
+                },
+                Unit {
+                    partition: 3,
+                    shard: 1
+                }
+            ]
+        );
+        let saved = [Unit {
+            partition: 3,
+            shard: 0,
+        }];
+        assert_eq!(
+            instance.place(&saved),
+            Some(vec![Unit {
+                partition: 3,
+                shard: 1
+            }])
+        );
+        let not_owned = [Unit {
+            partition: 2,
+            shard: 0,
+        }];
+        assert_eq!(instance.place(&not_owned), None, "a partition not owned");
     }
 
     /// Whole partitions spread over the shards when there are enough of them; pieces
@@ -771,6 +825,7 @@ mod tests {
         let whole = Layout {
             shards: 2,
             partitions: 5,
+            owned: None,
         };
         assert_eq!(whole.partitions_of(0), [0, 2, 4]);
         assert_eq!(whole.partitions_of(1), [1, 3]);
@@ -778,6 +833,7 @@ mod tests {
         let split = Layout {
             shards: 3,
             partitions: 2,
+            owned: None,
         };
         assert_eq!(split.partitions_of(2), [0, 1]);
         assert_eq!(split.units().len(), 6);
@@ -787,7 +843,7 @@ mod tests {
             let shard = split.shard_of(1, key_hash);
             assert_eq!(shard, split.shard_of(0, key_hash), "a key's shard");
             shards_used.insert(shard);
-            for layout in [whole, split] {
+            for layout in [&whole, &split] {
                 let unit = Unit {
                     partition: 1,
                     shard: layout.shard_of(1, key_hash),

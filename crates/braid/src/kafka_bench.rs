@@ -149,6 +149,7 @@ pub fn kafka(options: &KafkaBenchOptions) -> anyhow::Result<Value> {
         &RunOptions {
             progress: false,
             reset: false,
+            ..Default::default()
         },
     )?;
     let braid_seconds = braid_started.elapsed().as_secs_f64();

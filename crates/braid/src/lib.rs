@@ -12,6 +12,7 @@ pub mod counts;
 pub mod demo;
 pub mod driver;
 pub mod engine;
+pub mod instance;
 pub mod kafka;
 pub mod kafka_bench;
 pub mod progress;

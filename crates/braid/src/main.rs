@@ -47,6 +47,10 @@ enum Command {
         /// Delete the job's checkpoints and start from the beginning of its inputs.
         #[arg(long)]
         reset: bool,
+        /// Run as instance NAME of a job several processes share through Kafka's
+        /// consumer group (its local state goes under `[state] dir/NAME`).
+        #[arg(long, value_name = "NAME", conflicts_with = "reset")]
+        instance: Option<String>,
     },
     /// Check a job file and print the resolved plan.
     Validate { job: PathBuf },
@@ -192,11 +196,37 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
             let plan = braid::config::load(&job)?;
             print!("{}", braid::checkpoint::list::describe(&plan, inspect)?);
         }
-        Command::Run { job, reset } => {
+        Command::Run {
+            job,
+            reset,
+            instance: Some(name),
+        } => {
+            debug_assert!(!reset);
+            let plan = braid::config::load(&job)?.as_instance(&name)?;
+            braid::signals::install();
+            match braid::instance::run_instance(&plan, progress)? {
+                Some(summary) => {
+                    println!("{summary}");
+                    summary.check().map_err(anyhow::Error::msg)?;
+                }
+                None => println!("instance `{name}` owned no partition"),
+            }
+        }
+        Command::Run {
+            job,
+            reset,
+            instance: None,
+        } => {
             let plan = braid::config::load(&job)?;
             braid::signals::install();
-            let summary =
-                braid::driver::run(&plan, &braid::driver::RunOptions { progress, reset })?;
+            let summary = braid::driver::run(
+                &plan,
+                &braid::driver::RunOptions {
+                    progress,
+                    reset,
+                    ..Default::default()
+                },
+            )?;
             // With results on stdout, the summary must not mix with them.
             if plan.output == braid::config::Output::Stdout {
                 eprintln!("{summary}");

@@ -56,7 +56,8 @@ pub trait Source {
 }
 
 /// Opens a job's source.
-pub fn open(source: &SourcePlan) -> anyhow::Result<Box<dyn Source>> {
+/// Opens a source; of a Kafka topic, only the partitions `owned` (`None`: all).
+pub fn open(source: &SourcePlan, owned: Option<&[u32]>) -> anyhow::Result<Box<dyn Source>> {
     Ok(match &source.input {
         Input::Files { files, .. } => Box::new(FileSource::from_files(
             &source.name,
@@ -73,6 +74,7 @@ pub fn open(source: &SourcePlan) -> anyhow::Result<Box<dyn Source>> {
             &source.name,
             kafka,
             source.max_line_bytes,
+            owned,
         )?),
     })
 }

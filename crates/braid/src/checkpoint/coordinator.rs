@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use braid_io::FileSink;
 
-use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore, SlowStore};
+use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore, PrefixStore, SlowStore};
 use super::{
     epochs, fetch, manifest_name, read_manifest, Committed, Committer, CommitterConfig,
-    CommitterStart, Manifest, UnitRestore, FILES, MANIFESTS,
+    CommitterStart, Manifest, ReaderState, UnitRestore, FILES, INSTANCES, MANIFESTS,
 };
 use crate::config::{CheckpointPlan, Output, Plan};
-use crate::kafka::output::{committed_epoch, Committed as KafkaCommitted, KafkaOutput};
+use crate::kafka::output::{
+    committed_epoch, committed_tags, Committed as KafkaCommitted, KafkaOutput, Tag,
+};
 use std::sync::Arc;
 
 /// Opens the checkpoint store a job names: a folder, or `s3://bucket/prefix`.
@@ -69,6 +71,22 @@ pub struct Restored {
     pub units: Vec<UnitRestore>,
 }
 
+/// Partitions an instance takes over from one manifest (its own or another
+/// instance's): the reader's state at that checkpoint, of which only theirs counts.
+pub struct HandedOver {
+    pub tag: Tag,
+    pub reader: ReaderState,
+    pub partitions: Vec<u32>,
+    /// Their units, fetched (taken by the engine at start).
+    pub units: Vec<UnitRestore>,
+}
+
+/// Where instance `name`'s part of a shared store is (`None`: a job's own store, run
+/// as one process).
+pub fn instance_prefix(name: Option<&str>) -> String {
+    name.map_or(String::new(), |n| format!("{INSTANCES}/{n}"))
+}
+
 /// Checkpointing of one run.
 pub struct Checkpointing {
     pub committer: Committer,
@@ -80,6 +98,8 @@ pub struct Checkpointing {
     pub committed: Vec<Committed>,
     /// The Kafka output, whose transactions commit the epochs.
     pub kafka: Option<Arc<KafkaOutput>>,
+    /// `--instance`: the partitions restored, by the manifest they came from.
+    pub handed_over: Vec<HandedOver>,
 }
 
 impl Checkpointing {
@@ -170,9 +190,108 @@ impl Checkpointing {
             all.first().map_or(1, |e| e + 1)
         };
         let kafka = match &plan.output {
-            Output::Kafka(output) => Some(KafkaOutput::open(plan, output, next_epoch)?),
+            Output::Kafka(output) => Some(KafkaOutput::open(plan, output, next_epoch, None)?),
             _ => None,
         };
+        let mut checkpointing =
+            Checkpointing::start(plan, config, store, fingerprint, start, kafka, next_epoch)?;
+        checkpointing.restored = restored;
+        Ok(checkpointing)
+    }
+
+    /// Opens instance `plan.instance`'s checkpoints in the shared store and restores
+    /// each partition of `owned` from the checkpoint its committed offsets name: its
+    /// own, another instance's (a hand-over) or none (a fresh partition). Only the
+    /// Kafka commit says which checkpoint holds a partition, so there is no fallback
+    /// to an older one.
+    pub fn open_instance(
+        plan: &Plan,
+        config: &CheckpointPlan,
+        owned: &Arc<Vec<u32>>,
+    ) -> anyhow::Result<Checkpointing> {
+        let Output::Kafka(output) = &plan.output else {
+            anyhow::bail!("an instance writes to Kafka");
+        };
+        let me = plan.instance.as_deref();
+        let store = PrefixStore::new(open_store(config)?, &instance_prefix(me));
+        let own_epochs = epochs(&store)?;
+        let fingerprint = join_fingerprint(plan);
+        let mut by_manifest: std::collections::BTreeMap<Tag, Vec<u32>> = Default::default();
+        for (p, tag) in committed_tags(plan, owned)? {
+            by_manifest.entry(tag).or_default().push(p);
+        }
+        let staging = plan.state_dir.join("restore");
+        let _ = std::fs::remove_dir_all(&staging);
+        let mut start = CommitterStart::default();
+        let mut handed_over = Vec::new();
+        for (tag, mut partitions) in by_manifest {
+            partitions.sort_unstable();
+            let from = tag.instance.as_deref();
+            let theirs = PrefixStore::new(open_store(config)?, &instance_prefix(from));
+            let mut manifest = read_manifest(&theirs, tag.epoch).with_context(|| {
+                format!(
+                    "Kafka says partitions {partitions:?} were last committed at {tag}, whose checkpoint in {} cannot be read; is [checkpoint] dir the store every instance shares?",
+                    theirs.describe()
+                )
+            })?;
+            if without_shards(&manifest.join) != fingerprint || manifest.job != plan.name {
+                anyhow::bail!(
+                    "checkpoint {} in {} is of job `{}` ({}), but {} describes job `{}` ({}); every instance must run the same job file",
+                    tag.epoch,
+                    theirs.describe(),
+                    manifest.job,
+                    manifest.join,
+                    plan.file.display(),
+                    plan.name,
+                    fingerprint
+                );
+            }
+            manifest.units.retain(|u| partitions.contains(&u.partition));
+            let name = format!("{}-{}", from.unwrap_or("job"), tag.epoch);
+            let mut fetched = fetch(&theirs, &manifest, &staging.join(name))?;
+            if from == me {
+                start
+                    .uploaded
+                    .extend(CommitterStart::from_manifest(&manifest).uploaded);
+            } else {
+                for unit in &mut fetched {
+                    unit.uploaded_here = false;
+                }
+            }
+            tracing::info!(%tag, ?partitions, units = fetched.len(), "restoring partitions");
+            handed_over.push(HandedOver {
+                tag,
+                reader: manifest.reader,
+                partitions,
+                units: fetched,
+            });
+        }
+        let next_epoch = own_epochs.first().map_or(1, |e| e + 1);
+        let kafka = KafkaOutput::open(plan, output, next_epoch, Some(Arc::clone(owned)))?;
+        let mut checkpointing = Checkpointing::start(
+            plan,
+            config,
+            Box::new(store),
+            fingerprint,
+            start,
+            Some(kafka),
+            next_epoch,
+        )?;
+        checkpointing.handed_over = handed_over;
+        Ok(checkpointing)
+    }
+
+    /// Starts the committer on `store`; with a Kafka output, its transactions commit
+    /// the epochs.
+    fn start(
+        plan: &Plan,
+        config: &CheckpointPlan,
+        store: Box<dyn CheckpointStore>,
+        fingerprint: String,
+        start: CommitterStart,
+        kafka: Option<Arc<KafkaOutput>>,
+        next_epoch: u64,
+    ) -> anyhow::Result<Checkpointing> {
         let on_commit = kafka
             .clone()
             .map(|k| -> super::OnCommit { Box::new(move |m| k.commit(m)) });
@@ -189,7 +308,6 @@ impl Checkpointing {
         )?;
         let mut checkpointing =
             Checkpointing::new(committer, Duration::from_millis(config.interval_ms as u64));
-        checkpointing.restored = restored;
         checkpointing.next_epoch = next_epoch;
         checkpointing.kafka = kafka;
         Ok(checkpointing)
@@ -206,6 +324,7 @@ impl Checkpointing {
             in_flight: false,
             committed: Vec::new(),
             kafka: None,
+            handed_over: Vec::new(),
         }
     }
 

@@ -41,6 +41,8 @@ const MANIFEST_FORMAT: u32 = 2;
 /// The store's two folders; braid touches nothing else in it.
 pub const MANIFESTS: &str = "manifests";
 pub const FILES: &str = "files";
+/// Under it, each instance's part of a shared store (`--instance`).
+pub const INSTANCES: &str = "instances";
 /// Write buffer of a join image.
 const IMAGE_BUFFER_BYTES: usize = 1 << 20;
 /// Segment files uploaded at once by the committer.
@@ -133,10 +135,27 @@ pub struct SourceState {
     pub at: SourceAt,
     /// Per partition: the largest event time delivered, and whether it is exhausted.
     pub partitions: Vec<(Option<i64>, bool)>,
+    /// Over every partition.
     pub counts: SourceCounts,
+    /// Per partition (empty in checkpoints of earlier versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partition_counts: Vec<SourceCounts>,
     /// Per partition: its time guard (README "Times far ahead").
     #[serde(default)]
     pub guards: Vec<GuardState>,
+}
+
+impl SourceState {
+    /// The counts per partition of `partitions`; a checkpoint of an earlier version
+    /// has only the total, which goes to partition 0.
+    pub fn partition_counts(&self, partitions: usize) -> Vec<SourceCounts> {
+        if self.partition_counts.len() == partitions {
+            return self.partition_counts.clone();
+        }
+        let mut counts = vec![SourceCounts::default(); partitions.max(1)];
+        counts[0] = self.counts;
+        counts
+    }
 }
 
 /// A partition's time guard at the cut: its corroborated time, the times awaiting
@@ -829,6 +848,9 @@ pub struct UnitRestore {
     pub image: PathBuf,
     pub dir: PathBuf,
     pub segments: Vec<SegmentId>,
+    /// Whether its segment files are in this process's part of the store (false for
+    /// a partition handed over by another instance: they are uploaded again).
+    pub uploaded_here: bool,
 }
 
 /// Fetches and verifies every file of `manifest` into `staging/part-p/shard-i/`,
@@ -856,6 +878,7 @@ pub fn fetch(
             image,
             dir,
             segments: unit.segments.iter().map(SegmentRef::id).collect(),
+            uploaded_here: true,
         });
     }
     // Each file as a file (streamed by the store: linked or copied from a folder,

@@ -278,6 +278,59 @@ impl CheckpointStore for SlowStore {
     }
 }
 
+/// One instance's part of a shared store (`--instance`): every name under `prefix/`.
+pub struct PrefixStore {
+    inner: Box<dyn CheckpointStore>,
+    /// Empty, or ends in `/`.
+    prefix: String,
+}
+
+impl PrefixStore {
+    pub fn new(inner: Box<dyn CheckpointStore>, prefix: &str) -> PrefixStore {
+        let prefix = match prefix {
+            "" => String::new(),
+            p => format!("{}/", p.trim_end_matches('/')),
+        };
+        PrefixStore { inner, prefix }
+    }
+
+    fn name(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+}
+
+impl CheckpointStore for PrefixStore {
+    fn describe(&self) -> String {
+        match self.prefix.as_str() {
+            "" => self.inner.describe(),
+            p => format!("{} ({p})", self.inner.describe()),
+        }
+    }
+    fn put_file(&self, name: &str, from: &Path) -> anyhow::Result<()> {
+        self.inner.put_file(&self.name(name), from)
+    }
+    fn put_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        self.inner.put_bytes(&self.name(name), bytes)
+    }
+    fn get_file(&self, name: &str, to: &Path) -> anyhow::Result<()> {
+        self.inner.get_file(&self.name(name), to)
+    }
+    fn get_bytes(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        self.inner.get_bytes(&self.name(name))
+    }
+    fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .inner
+            .list(&self.name(prefix))?
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(&self.prefix).map(str::to_string))
+            .collect())
+    }
+    fn delete(&self, name: &str) -> anyhow::Result<()> {
+        self.inner.delete(&self.name(name))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +365,26 @@ mod tests {
         let err = store.put_bytes("b", b"2").unwrap_err().to_string();
         assert!(err.contains("No space left"), "{err}");
         assert_eq!(store.list("").unwrap(), vec!["a"]);
+    }
+
+    #[test]
+    fn a_prefix_store_keeps_its_names_apart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = PrefixStore::new(
+            Box::new(LocalStore::open(dir.path()).expect("store")),
+            "instances/a",
+        );
+        let b = PrefixStore::new(
+            Box::new(LocalStore::open(dir.path()).expect("store")),
+            "instances/b",
+        );
+        a.put_bytes("manifests/1", b"a1").expect("put");
+        b.put_bytes("manifests/1", b"b1").expect("put");
+        assert_eq!(a.list("manifests").expect("list"), ["manifests/1"]);
+        assert_eq!(a.get_bytes("manifests/1").expect("get"), b"a1");
+        assert_eq!(b.get_bytes("manifests/1").expect("get"), b"b1");
+        a.delete("manifests/1").expect("delete");
+        assert!(a.list("manifests").expect("list").is_empty());
+        assert_eq!(b.list("manifests").expect("list"), ["manifests/1"]);
     }
 }

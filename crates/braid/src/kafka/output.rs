@@ -16,6 +16,7 @@
 //! process fences its predecessor and aborts its open transactions when it calls
 //! `init_transactions`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ use crate::results::RecordShape;
 /// What braid writes into the offsets it commits: the epoch whose transaction they
 /// belong to.
 const EPOCH_TAG: &str = "braid epoch ";
+/// Between the epoch and the instance's name in a tag.
+const INSTANCE_TAG: &str = " of ";
 /// Bounds librdkafka's queue of records waiting to be sent (the default is 1 GiB).
 const PRODUCER_QUEUE_KBYTES: &str = "65536";
 /// How long a send waits for room in that queue before trying again.
@@ -98,6 +101,10 @@ pub struct KafkaOutput {
     plan: KafkaOutputPlan,
     producers: [OutputProducer; 2],
     groups: Vec<Group>,
+    /// `--instance`: its name (in the epoch tag) and the partitions whose offsets it
+    /// commits (those the group assigned it).
+    instance: Option<String>,
+    owned: Option<Arc<Vec<u32>>>,
 }
 
 impl KafkaOutput {
@@ -107,9 +114,15 @@ impl KafkaOutput {
         plan: &Plan,
         output: &KafkaOutputPlan,
         first_epoch: u64,
+        owned: Option<Arc<Vec<u32>>>,
     ) -> anyhow::Result<Arc<KafkaOutput>> {
         let producer = |parity: u64| -> anyhow::Result<OutputProducer> {
-            let id = format!("braid.{}.{parity}", plan.name);
+            // An instance's producers are its own: a restarted instance fences its
+            // predecessor of the same name.
+            let id = match &plan.instance {
+                Some(name) => format!("braid.{}.{name}.{parity}", plan.name),
+                None => format!("braid.{}.{parity}", plan.name),
+            };
             let producer: OutputProducer =
                 client_config(&output.brokers, PRODUCER_DEFAULTS, &output.properties)
                     .set("transactional.id", &id)
@@ -172,6 +185,8 @@ impl KafkaOutput {
             plan: output.clone(),
             producers,
             groups,
+            instance: plan.instance.clone(),
+            owned,
         });
         out.begin(first_epoch)?;
         Ok(out)
@@ -258,10 +273,22 @@ impl KafkaOutput {
                         "epoch {epoch}: the checkpoint has no offsets of topic `{topic}`"
                     );
                 };
+                let tag = Tag {
+                    epoch,
+                    instance: self.instance.clone(),
+                }
+                .to_string();
                 for (p, &offset) in offsets.iter().enumerate() {
+                    if self
+                        .owned
+                        .as_ref()
+                        .is_some_and(|o| !o.contains(&(p as u32)))
+                    {
+                        continue;
+                    }
                     let mut e = list.add_partition(topic, p as i32);
                     e.set_offset(Offset::Offset(offset))?;
-                    e.set_metadata(format!("{EPOCH_TAG}{epoch}"));
+                    e.set_metadata(tag.clone());
                 }
             }
             retry(
@@ -344,24 +371,7 @@ pub enum Committed {
 /// for every source at once (each look-up finds the group's coordinator first); every
 /// source must agree.
 pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
-    let answers: Vec<anyhow::Result<Committed>> = std::thread::scope(|scope| {
-        let lookups: Vec<_> = plan
-            .sources
-            .iter()
-            .filter_map(|source| match &source.input {
-                Input::Kafka(k) => Some(scope.spawn(move || source_epoch(&source.name, k))),
-                _ => None,
-            })
-            .collect();
-        lookups
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(anyhow::anyhow!("a committed-offsets look-up panicked"))
-                })
-            })
-            .collect()
-    });
+    let answers = ask_every_source(plan, &|name, k| source_epoch(name, k));
     let mut found: Option<Committed> = None;
     for this in answers {
         let this = this?;
@@ -374,6 +384,32 @@ pub fn committed_epoch(plan: &Plan) -> anyhow::Result<Committed> {
         }
     }
     Ok(found.unwrap_or(Committed::Nothing))
+}
+
+/// Asks `ask` of every Kafka source at once (each look-up first finds its group's
+/// coordinator, ~150 ms); the answers in the sources' order.
+fn ask_every_source<T: Send>(
+    plan: &Plan,
+    ask: &(dyn Fn(&str, &KafkaSourcePlan) -> anyhow::Result<T> + Sync),
+) -> Vec<anyhow::Result<T>> {
+    std::thread::scope(|scope| {
+        let lookups: Vec<_> = plan
+            .sources
+            .iter()
+            .filter_map(|source| match &source.input {
+                Input::Kafka(k) => Some(scope.spawn(move || ask(&source.name, k))),
+                _ => None,
+            })
+            .collect();
+        lookups
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("a committed-offsets look-up panicked"))
+                })
+            })
+            .collect()
+    })
 }
 
 /// The epoch tagged on the committed offsets of one Kafka source's group.
@@ -396,12 +432,17 @@ fn source_epoch(name: &str, k: &KafkaSourcePlan) -> anyhow::Result<Committed> {
     let mut epochs = Vec::new();
     for e in committed.elements() {
         if let Offset::Offset(_) = e.offset() {
-            let epoch = e
-                .metadata()
-                .strip_prefix(EPOCH_TAG)
-                .and_then(|n| n.parse::<u64>().ok());
-            match epoch {
-                Some(n) => epochs.push(n),
+            match Tag::parse(e.metadata()) {
+                Some(Tag {
+                    instance: Some(instance),
+                    ..
+                }) => anyhow::bail!(
+                    "source `{name}`: group `{}`'s offsets on {}[{}] were committed by instance `{instance}` of a job shared by several processes; run it with `--instance NAME`",
+                    k.group,
+                    k.topic,
+                    e.partition()
+                ),
+                Some(tag) => epochs.push(tag.epoch),
                 None => anyhow::bail!(
                     "source `{name}`: group `{}` has offsets committed on {}[{}] that braid did not commit (metadata `{}`); give the job its own group",
                     k.group,
@@ -423,6 +464,94 @@ fn source_epoch(name: &str, k: &KafkaSourcePlan) -> anyhow::Result<Committed> {
             k.topic
         ),
     }
+}
+
+/// What braid writes in the metadata of the offsets it commits: the epoch whose
+/// manifest holds the state at those offsets, and with `--instance` whose manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag {
+    pub epoch: u64,
+    pub instance: Option<String>,
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{EPOCH_TAG}{}", self.epoch)?;
+        match &self.instance {
+            Some(name) => write!(f, "{INSTANCE_TAG}{name}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Tag {
+    pub fn parse(metadata: &str) -> Option<Tag> {
+        let rest = metadata.strip_prefix(EPOCH_TAG)?;
+        let (epoch, instance) = match rest.split_once(INSTANCE_TAG) {
+            Some((epoch, name)) => (epoch, Some(name.to_string())),
+            None => (rest, None),
+        };
+        Some(Tag {
+            epoch: epoch.parse().ok()?,
+            instance,
+        })
+    }
+}
+
+/// Per partition of `owned`, the tag of the offsets committed on it (none: never
+/// committed), from every Kafka source's group at once; the sources' offsets of a
+/// partition are committed in one transaction, so they agree.
+pub fn committed_tags(plan: &Plan, owned: &[u32]) -> anyhow::Result<HashMap<u32, Tag>> {
+    let answers = ask_every_source(plan, &|name, k| partition_tags(name, k, owned));
+    let mut found: Option<HashMap<u32, Tag>> = None;
+    for this in answers {
+        let this = this?;
+        match &found {
+            None => found = Some(this),
+            Some(f) if *f == this => {}
+            Some(f) => anyhow::bail!(
+                "the sources' groups disagree on the checkpoints of their partitions ({f:?} and {this:?}): were their offsets committed by another job?"
+            ),
+        }
+    }
+    Ok(found.unwrap_or_default())
+}
+
+/// The tags on one Kafka source group's committed offsets of the partitions `owned`.
+fn partition_tags(
+    name: &str,
+    k: &KafkaSourcePlan,
+    owned: &[u32],
+) -> anyhow::Result<HashMap<u32, Tag>> {
+    let consumer = group_consumer(name, k)?;
+    let mut query = TopicPartitionList::new();
+    for &p in owned {
+        query.add_partition(&k.topic, p as i32);
+    }
+    let committed = consumer
+        .committed_offsets(query, REQUEST_TIMEOUT)
+        .with_context(|| {
+            format!(
+                "source `{name}`: cannot read group `{}`'s committed offsets at {}",
+                k.group, k.brokers
+            )
+        })?;
+    let mut tags = HashMap::new();
+    for e in committed.elements() {
+        if let Offset::Offset(_) = e.offset() {
+            let Some(tag) = Tag::parse(e.metadata()) else {
+                anyhow::bail!(
+                    "source `{name}`: group `{}` has offsets committed on {}[{}] that braid did not commit (metadata `{}`); give the job its own group",
+                    k.group,
+                    k.topic,
+                    e.partition(),
+                    e.metadata()
+                );
+            };
+            tags.insert(e.partition() as u32, tag);
+        }
+    }
+    Ok(tags)
 }
 
 /// The Kafka key of a record: its join key as a JSON array, e.g. `[42,"t7"]`.

@@ -47,6 +47,9 @@ pub struct KafkaSource {
     /// Per partition: the offset where a bounded source ends (exclusive).
     end: Option<Vec<i64>>,
     finished: Vec<bool>,
+    /// Per partition: whether this process owns it (`--instance`); one it does not is
+    /// finished from the start and never assigned.
+    owned: Vec<bool>,
     /// Per partition: read up to what the broker had at the last look.
     caught_up: Vec<bool>,
     assigned: bool,
@@ -72,6 +75,7 @@ impl KafkaSource {
         name: &str,
         plan: &KafkaSourcePlan,
         max_line_bytes: usize,
+        owned: Option<&[u32]>,
     ) -> anyhow::Result<KafkaSource> {
         let consumer = group_consumer(name, plan)?;
         let partitions = partition_count(&consumer, &plan.brokers, &plan.topic)
@@ -135,6 +139,9 @@ impl KafkaSource {
             consumer,
             next,
             end,
+            owned: (0..partitions as u32)
+                .map(|p| owned.is_none_or(|o| o.contains(&p)))
+                .collect(),
             finished: vec![false; n],
             caught_up: vec![false; n],
             assigned: false,
@@ -150,7 +157,12 @@ impl KafkaSource {
         Ok(source)
     }
 
+    /// Marks finished the partitions at their end, and those another instance owns
+    /// (never read here).
     fn check_finished(&mut self) {
+        for (finished, &owned) in self.finished.iter_mut().zip(&self.owned) {
+            *finished |= !owned;
+        }
         if let Some(end) = &self.end {
             for ((finished, next), end) in self.finished.iter_mut().zip(&self.next).zip(end) {
                 if next >= end {

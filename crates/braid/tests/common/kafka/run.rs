@@ -114,9 +114,19 @@ pub struct BraidRun {
 impl BraidRun {
     /// Starts braid; `faults` is passed as `BRAID_FAULTS`. Its stderr goes to `log`.
     pub fn start(job: &Path, faults: Option<&str>, log: &Path) -> BraidRun {
+        BraidRun::start_with(job, &[], faults, log)
+    }
+
+    /// Starts braid as `--instance name` of a shared job.
+    pub fn start_instance(job: &Path, name: &str, log: &Path) -> BraidRun {
+        BraidRun::start_with(job, &["--instance", name, "-v"], None, log)
+    }
+
+    fn start_with(job: &Path, args: &[&str], faults: Option<&str>, log: &Path) -> BraidRun {
         let mut command = Command::new(env!("CARGO_BIN_EXE_braid"));
         command
             .args(["run", job.to_str().expect("utf-8 path"), "--quiet"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).expect("create braid's log"));

@@ -1,0 +1,317 @@
+//! `braid run JOB --instance NAME`: one of several processes sharing a job (SPEC §6).
+//!
+//! Kafka's consumer group is the whole of the coordination. A membership consumer,
+//! subscribed to both topics as the static member `NAME` with the `range` assignor
+//! (which gives partition p of equally partitioned topics to one member), fetches
+//! nothing: it only learns the partitions this process owns. The job runs in
+//! **generations**, one per assignment: a generation restores each owned partition
+//! from the checkpoint its committed offsets name (this instance's or the previous
+//! owner's, in the shared store) and runs the join over those partitions. When the
+//! group revokes them, the rebalance callback ends the generation and waits until its
+//! final checkpoint has committed output and offsets (the Kafka transaction); only
+//! then does the group go on, so a new owner never reads a partition before its last
+//! owner's commit. Rebalances are eager (`range`): every member gives up everything
+//! and takes its new share, as Kafka Streams did before cooperative rebalancing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+
+use crate::config::{Input, Plan};
+use crate::driver::{run, RunOptions};
+use crate::kafka::client_config;
+use crate::summary::Summary;
+
+/// How long the membership thread waits in one poll (rebalance callbacks run in it).
+const MEMBERSHIP_POLL: Duration = Duration::from_millis(100);
+/// How long a member may take to commit its partitions when the group revokes them
+/// (the group waits that long for it to rejoin: `max.poll.interval.ms`).
+const REVOKE_COMMIT_MAX: Duration = Duration::from_secs(300);
+/// How long a leaving instance waits for the group to take its leave.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
+
+/// What the rebalance callbacks and the generations share.
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Tells the running generation that its partitions are revoked.
+    revoked: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The partitions last assigned, not yet taken by a generation.
+    assigned: Option<Vec<u32>>,
+    /// A generation is running on an assignment.
+    running: bool,
+    /// The membership consumer has left the group (or failed).
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct MembershipContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for MembershipContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            tracing::warn!(target: "librdkafka", "membership: {fac}: {message}");
+        } else {
+            // librdkafka's own debug lines (`BRAID_MEMBERSHIP_DEBUG=cgrp`).
+            tracing::info!(target: "librdkafka", "membership: {fac}: {message}");
+        }
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "membership: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for MembershipContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let started = Instant::now();
+            let mut state = self.shared.lock();
+            state.assigned = None;
+            if state.running {
+                tracing::info!(
+                    partitions = list.count(),
+                    "the group revokes this instance's partitions"
+                );
+                self.shared.revoked.store(true, Ordering::Release);
+                while state.running {
+                    state = self
+                        .shared
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                tracing::info!(
+                    commit_ms = started.elapsed().as_millis() as u64,
+                    "revoked partitions committed; the group may hand them over"
+                );
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            // It fetches nothing: the generation's own consumers read.
+            if let Err(e) = consumer.pause(list) {
+                tracing::warn!("membership: cannot pause the assigned partitions: {e}");
+            }
+            let mut partitions: Vec<u32> = list
+                .elements()
+                .iter()
+                .map(|e| e.partition() as u32)
+                .collect();
+            partitions.sort_unstable();
+            partitions.dedup();
+            tracing::info!(?partitions, "the group assigns partitions");
+            self.shared.lock().assigned = Some(partitions);
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
+/// This process's membership of the job's group, polled on a thread of its own.
+struct Membership {
+    shared: Arc<Shared>,
+    leave: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Membership {
+    fn join(plan: &Plan, instance: &str) -> anyhow::Result<Membership> {
+        let k = plan
+            .kafka_group()
+            .context("an instance reads Kafka sources")?;
+        let topics: Vec<String> = plan
+            .sources
+            .iter()
+            .filter_map(|s| match &s.input {
+                Input::Kafka(k) => Some(k.topic.clone()),
+                _ => None,
+            })
+            .collect();
+        let shared = Arc::new(Shared::default());
+        let consumer: BaseConsumer<MembershipContext> = client_config(
+            &k.brokers,
+            &[
+                ("enable.auto.commit", "false"),
+                ("partition.assignment.strategy", "range"),
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "1000"),
+            ],
+            &k.properties,
+        )
+        .set("group.id", &k.group)
+        .set("group.instance.id", instance)
+        .set(
+            "max.poll.interval.ms",
+            REVOKE_COMMIT_MAX.as_millis().to_string(),
+        )
+        // librdkafka's debug contexts for the membership consumer, e.g. `cgrp`.
+        .set(
+            "debug",
+            std::env::var("BRAID_MEMBERSHIP_DEBUG").unwrap_or_default(),
+        )
+        .create_with_context(MembershipContext {
+            shared: Arc::clone(&shared),
+        })
+        .with_context(|| format!("cannot create the membership consumer for {}", k.brokers))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .with_context(|| format!("cannot join group `{}` at {}", k.group, k.brokers))?;
+        let leave = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (shared, leave) = (Arc::clone(&shared), Arc::clone(&leave));
+            std::thread::Builder::new()
+                .name("braid-membership".into())
+                .spawn(move || membership_loop(&consumer, &shared, &leave))?
+        };
+        Ok(Membership {
+            shared,
+            leave,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits for the next assignment (`None`: stop requested, or the membership
+    /// ended) and marks a generation running on it.
+    fn next_assignment(&self) -> Option<Vec<u32>> {
+        let mut state = self.shared.lock();
+        loop {
+            if crate::signals::stop_requested() || state.closed {
+                return None;
+            }
+            if let Some(owned) = state.assigned.take() {
+                state.running = true;
+                self.shared.revoked.store(false, Ordering::Release);
+                return Some(owned);
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, MEMBERSHIP_POLL)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The generation has ended (its partitions committed): a revocation may go on.
+    fn generation_ended(&self) {
+        self.shared.lock().running = false;
+        self.shared.changed.notify_all();
+    }
+
+    /// Leaves the group (so that the others take this instance's partitions at once)
+    /// and stops the membership thread.
+    fn leave(mut self) -> anyhow::Result<()> {
+        self.leave.store(true, Ordering::Release);
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => anyhow::bail!("the membership thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.leave.store(true, Ordering::Release);
+    }
+}
+
+/// Polls the membership consumer (the rebalance callbacks run here) until told to
+/// leave; then unsubscribes, which (unlike closing) makes even a static member leave
+/// the group, so that its partitions go to the others without waiting for it.
+fn membership_loop(
+    consumer: &BaseConsumer<MembershipContext>,
+    shared: &Shared,
+    leave: &AtomicBool,
+) -> anyhow::Result<()> {
+    while !leave.load(Ordering::Acquire) {
+        if let Some(Err(e)) = consumer.poll(MEMBERSHIP_POLL) {
+            tracing::debug!("membership: {e}");
+        }
+    }
+    consumer.unsubscribe();
+    let deadline = Instant::now() + LEAVE_WAIT;
+    while Instant::now() < deadline && !consumer.assignment().is_ok_and(|a| a.count() == 0) {
+        let _ = consumer.poll(MEMBERSHIP_POLL);
+    }
+    // A moment for the LeaveGroup request to go out.
+    for _ in 0..5 {
+        let _ = consumer.poll(MEMBERSHIP_POLL);
+    }
+    shared.lock().closed = true;
+    shared.changed.notify_all();
+    Ok(())
+}
+
+/// Runs instance `plan.instance` of a shared job: one generation per assignment,
+/// until every partition it owns has ended (bounded inputs) or a stop is requested.
+/// Returns the last generation's summary (`None` if it never owned a partition).
+pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summary>> {
+    let instance = plan.instance.as_deref().context("an instance has a name")?;
+    let bounded = plan.sources.iter().all(|s| match &s.input {
+        Input::Kafka(k) => k.end.is_some(),
+        _ => true,
+    });
+    let membership = Membership::join(plan, instance)?;
+    tracing::info!(instance, "joined the job's group; waiting for partitions");
+    let mut last = None;
+    let outcome = loop {
+        let Some(owned) = membership.next_assignment() else {
+            break Ok(());
+        };
+        if owned.is_empty() {
+            membership.generation_ended();
+            if bounded {
+                tracing::info!("no partitions assigned: nothing to do");
+                break Ok(());
+            }
+            continue;
+        }
+        let options = RunOptions {
+            progress,
+            reset: false,
+            owned: Some(Arc::new(owned)),
+            revoked: Some(Arc::clone(&membership.shared.revoked)),
+        };
+        let result = run(plan, &options);
+        membership.generation_ended();
+        let summary = match result {
+            Ok(summary) => summary,
+            Err(e) => break Err(e),
+        };
+        let revoked = membership.shared.revoked.load(Ordering::Acquire);
+        let stopped = crate::signals::stop_requested();
+        last = Some(summary);
+        if stopped || !revoked {
+            break Ok(());
+        }
+    };
+    // Leaving also on an error: the others take the partitions over from their last
+    // committed checkpoint.
+    let left = membership.leave();
+    outcome?;
+    left?;
+    Ok(last)
+}

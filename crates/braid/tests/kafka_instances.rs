@@ -1,0 +1,204 @@
+//! Scale-out through Kafka (SPEC §6): several `braid run JOB --instance NAME`
+//! processes share a bounded job over two co-partitioned topics of 4 partitions,
+//! through the consumer group and a shared checkpoint folder. Instances join, are
+//! SIGKILLed and replaced (same name, empty local state: a new machine), and leave
+//! with SIGTERM, at seeded moments; a `read_committed` consumer must then see exactly
+//! the reference join (`common::kafka::check::check_exact`), nothing lost, nothing
+//! twice. Each schedule prints its seed; `BRAID_CRASH_SEED=N` replays one.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::kafka::check::{check_exact, read_outputs, Input};
+use common::kafka::run::{BraidRun, KafkaJob};
+use common::kafka::{create_job_topics, exclusive, Broker};
+use common::{generate, TestRng};
+
+const EVENTS: u64 = 40_000;
+/// How long the instances may take to finish the job once the schedule is over.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+const SCHEDULES: u64 = 5;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    broker: Broker,
+    input: Input,
+    job: std::path::PathBuf,
+    runs: usize,
+}
+
+impl Setup {
+    fn new(seed: u64) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        generate(dir.path(), EVENTS, seed);
+        let input = Input::generated(dir.path());
+        let broker = Broker::start();
+        create_job_topics(&broker.bootstrap());
+        input.produce(&broker.bootstrap());
+        let mut job = KafkaJob::new(&broker.bootstrap());
+        job.checkpoint_interval = "300ms".into();
+        let job = job.write(dir.path());
+        Setup {
+            dir,
+            broker,
+            input,
+            job,
+            runs: 0,
+        }
+    }
+
+    fn start(&mut self, name: &str) -> BraidRun {
+        self.runs += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("run-{}-{name}.log", self.runs));
+        BraidRun::start_instance(&self.job, name, &log)
+    }
+
+    fn check(&self, context: &str) {
+        let got = read_outputs(&self.broker.bootstrap());
+        if let Err(e) = check_exact(&self.input, &got, &|_| false) {
+            panic!("{context}: {e}");
+        }
+        eprintln!(
+            "{context}: output exact: {} rows, {} late, {} dead",
+            got.joined.len(),
+            got.late.len(),
+            got.dead.len()
+        );
+    }
+}
+
+/// Waits for every run to exit 0.
+fn finish(runs: &mut [&mut BraidRun], context: &str) {
+    for run in runs {
+        let status = run.wait_for(RUN_TIMEOUT);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{context}: an instance ended with {status:?} (None: still running after {RUN_TIMEOUT:?}):\n{}",
+            run.stderr()
+        );
+    }
+}
+
+fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Two instances split the partitions between them and together produce the join.
+#[test]
+fn two_instances_share_a_bounded_job() {
+    let _guard = exclusive();
+    let mut setup = Setup::new(7);
+    let mut a = setup.start("a");
+    sleep_ms(300);
+    let mut b = setup.start("b");
+    finish(&mut [&mut a, &mut b], "two instances");
+    setup.check("two instances");
+    // Both took part: each wrote a checkpoint of its own in the shared store.
+    for name in ["a", "b"] {
+        let manifests = setup
+            .dir
+            .path()
+            .join(format!("checkpoints/instances/{name}/manifests"));
+        assert!(
+            std::fs::read_dir(&manifests).is_ok_and(|mut d| d.next().is_some()),
+            "instance {name} wrote no checkpoint in {}:\n{}",
+            manifests.display(),
+            b.stderr()
+        );
+    }
+}
+
+/// Instances join, crash and are replaced on an empty state folder, and leave, at
+/// seeded moments, while the job runs; the output is exact.
+#[test]
+fn instances_join_crash_and_leave_at_random_moments() {
+    let _guard = exclusive();
+    let base = std::env::var("BRAID_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let seeds: Vec<u64> = match base {
+        Some(seed) => vec![seed],
+        None => (0..SCHEDULES).map(|i| 1_000 + i).collect(),
+    };
+    for seed in seeds {
+        let started = Instant::now();
+        eprintln!("schedule seed {seed} (BRAID_CRASH_SEED={seed} replays it)");
+        let mut rng = TestRng(seed);
+        let mut setup = Setup::new(seed);
+        let mut a = setup.start("a");
+        let mut b = setup.start("b");
+        sleep_ms(200 + rng.next() % 1_500);
+        // b's machine dies; a replacement with b's name and no local state follows.
+        b.kill();
+        remove_state(setup.dir.path(), "b");
+        sleep_ms(rng.next() % 1_000);
+        let mut b = setup.start("b");
+        sleep_ms(200 + rng.next() % 1_000);
+        // A third joins (a rebalance hands partitions over while the job runs) and
+        // leaves with SIGTERM, committing its partitions for the others to take.
+        let mut c = setup.start("c");
+        sleep_ms(500 + rng.next() % 2_000);
+        c.terminate();
+        let status = c.wait_for(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "seed {seed}: c ended with {status:?} after SIGTERM:\n{}",
+            c.stderr()
+        );
+        finish(&mut [&mut a, &mut b], &format!("seed {seed}"));
+        // Had a and b finished their own partitions before c left, c's would be
+        // nobody's: a last instance on an empty state folder takes every partition,
+        // restores each from its checkpoint, finishes what is left and reprocesses
+        // nothing that was finished.
+        let mut d = setup.start("d");
+        finish(&mut [&mut d], &format!("seed {seed}, d"));
+        assert!(
+            d.stderr().contains("partitions restored partitions=4 "),
+            "seed {seed}: d did not restore all 4 partitions from their checkpoints:\n{}",
+            d.stderr()
+        );
+        print_hand_overs(setup.dir.path());
+        setup.check(&format!("seed {seed}"));
+        eprintln!(
+            "seed {seed}: done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn remove_state(dir: &Path, name: &str) {
+    let state = dir.join("state").join(name);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// What the instances' logs say about assignments, revocations and restores.
+fn print_hand_overs(dir: &Path) {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .expect("test dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let name = log
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+            if ["assigns", "revoke", "restor", "no partitions"]
+                .iter()
+                .any(|w| line.contains(w))
+            {
+                let at = line.find(" INFO ").map_or(line, |i| &line[..i]);
+                let what = line.rsplit(": ").next().unwrap_or(line);
+                eprintln!("  {name} {}: {what}", &at[at.len().saturating_sub(15)..]);
+            }
+        }
+    }
+}
