@@ -149,7 +149,7 @@ impl Membership {
             })
             .collect();
         let shared = Arc::new(Shared::default());
-        let consumer: BaseConsumer<MembershipContext> = client_config(
+        let mut config = client_config(
             &k.brokers,
             &[
                 ("enable.auto.commit", "false"),
@@ -158,22 +158,23 @@ impl Membership {
                 ("heartbeat.interval.ms", "1000"),
             ],
             &k.properties,
-        )
-        .set("group.id", &k.group)
-        .set("group.instance.id", instance)
-        .set(
-            "max.poll.interval.ms",
-            REVOKE_COMMIT_MAX.as_millis().to_string(),
-        )
+        );
+        config
+            .set("group.id", &k.group)
+            .set("group.instance.id", instance)
+            .set(
+                "max.poll.interval.ms",
+                REVOKE_COMMIT_MAX.as_millis().to_string(),
+            );
         // librdkafka's debug contexts for the membership consumer, e.g. `cgrp`.
-        .set(
-            "debug",
-            std::env::var("BRAID_MEMBERSHIP_DEBUG").unwrap_or_default(),
-        )
-        .create_with_context(MembershipContext {
-            shared: Arc::clone(&shared),
-        })
-        .with_context(|| format!("cannot create the membership consumer for {}", k.brokers))?;
+        if let Ok(debug) = std::env::var("BRAID_MEMBERSHIP_DEBUG") {
+            config.set("debug", debug);
+        }
+        let consumer: BaseConsumer<MembershipContext> = config
+            .create_with_context(MembershipContext {
+                shared: Arc::clone(&shared),
+            })
+            .with_context(|| format!("cannot create the membership consumer for {}", k.brokers))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&names)
