@@ -30,11 +30,19 @@ use crate::summary::Summary;
 
 /// How long the membership thread waits in one poll (rebalance callbacks run in it).
 const MEMBERSHIP_POLL: Duration = Duration::from_millis(100);
-/// How long a member may take to commit its partitions when the group revokes them
-/// (the group waits that long for it to rejoin: `max.poll.interval.ms`).
-const REVOKE_COMMIT_MAX: Duration = Duration::from_secs(300);
+/// How long a member may take to commit its partitions when the group revokes them:
+/// `max.poll.interval.ms`, which librdkafka sends as the rebalance timeout (the group
+/// waits that long for every member to rejoin). Kafka's default is 300 s; a revoking
+/// instance commits only what changed since its last checkpoint, and on noida-db a
+/// join now and then goes unanswered until this timeout (README). The job's
+/// `[source.properties]` may set another.
+const REVOKE_COMMIT_MAX_MS: &str = "30000";
 /// How long a leaving instance waits for the group to take its leave.
 const LEAVE_WAIT: Duration = Duration::from_secs(5);
+/// How long a leaving instance that is still joining waits for the group's answer:
+/// a member that leaves before it has an assignment sends no LeaveGroup, and the
+/// group keeps it (noida-db never expires it; Kafka after `session.timeout.ms`).
+const JOIN_WAIT_ON_LEAVE: Duration = Duration::from_secs(60);
 
 /// What the rebalance callbacks and the generations share.
 #[derive(Default)]
@@ -51,6 +59,8 @@ struct State {
     assigned: Option<Vec<u32>>,
     /// A generation is running on an assignment.
     running: bool,
+    /// The group has answered this member's join with an assignment.
+    joined: bool,
     /// The membership consumer has left the group (or failed).
     closed: bool,
 }
@@ -122,7 +132,10 @@ impl ConsumerContext for MembershipContext {
             partitions.sort_unstable();
             partitions.dedup();
             tracing::info!(?partitions, "the group assigns partitions");
-            self.shared.lock().assigned = Some(partitions);
+            let mut state = self.shared.lock();
+            state.assigned = Some(partitions);
+            state.joined = true;
+            drop(state);
             self.shared.changed.notify_all();
         }
     }
@@ -156,19 +169,17 @@ impl Membership {
                 ("partition.assignment.strategy", "range"),
                 ("session.timeout.ms", "10000"),
                 ("heartbeat.interval.ms", "1000"),
+                ("max.poll.interval.ms", REVOKE_COMMIT_MAX_MS),
             ],
             &k.properties,
         );
         config
             .set("group.id", &k.group)
-            .set("group.instance.id", instance)
-            .set(
-                "max.poll.interval.ms",
-                REVOKE_COMMIT_MAX.as_millis().to_string(),
-            );
+            .set("group.instance.id", instance);
         // librdkafka's debug contexts for the membership consumer, e.g. `cgrp`.
         if let Ok(debug) = std::env::var("BRAID_MEMBERSHIP_DEBUG") {
             config.set("debug", debug);
+            config.set_log_level(RDKafkaLogLevel::Debug);
         }
         let consumer: BaseConsumer<MembershipContext> = config
             .create_with_context(MembershipContext {
@@ -240,8 +251,9 @@ impl Drop for Membership {
 }
 
 /// Polls the membership consumer (the rebalance callbacks run here) until told to
-/// leave; then unsubscribes, which (unlike closing) makes even a static member leave
-/// the group, so that its partitions go to the others without waiting for it.
+/// leave; then, once the group has answered its join, unsubscribes, which (unlike
+/// closing) makes even a static member leave the group, so that its partitions go to
+/// the others without waiting for it.
 fn membership_loop(
     consumer: &BaseConsumer<MembershipContext>,
     shared: &Shared,
@@ -251,6 +263,10 @@ fn membership_loop(
         if let Some(Err(e)) = consumer.poll(MEMBERSHIP_POLL) {
             tracing::debug!("membership: {e}");
         }
+    }
+    let deadline = Instant::now() + JOIN_WAIT_ON_LEAVE;
+    while !shared.lock().joined && Instant::now() < deadline {
+        let _ = consumer.poll(MEMBERSHIP_POLL);
     }
     consumer.unsubscribe();
     let deadline = Instant::now() + LEAVE_WAIT;
