@@ -282,6 +282,30 @@ fn membership_loop(
     Ok(())
 }
 
+/// Locks the instance's local state folder for this process: a second process of
+/// the same name on this machine would share (and wreck) it.
+fn lock_state(plan: &Plan, instance: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(&plan.state_dir)
+        .with_context(|| format!("cannot create {}", plan.state_dir.display()))?;
+    let path = plan.state_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "instance `{instance}` already runs on this machine ({} is locked by another process); give each instance its own --instance name",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// Runs instance `plan.instance` of a shared job: one generation per assignment,
 /// until every partition it owns has ended (bounded inputs) or a stop is requested.
 /// Returns the last generation's summary (`None` if it never owned a partition).
@@ -291,6 +315,7 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
         Input::Kafka(k) => k.end.is_some(),
         _ => true,
     });
+    let _lock = lock_state(plan, instance)?;
     let membership = Membership::join(plan, instance)?;
     tracing::info!(instance, "joined the job's group; waiting for partitions");
     let mut last = None;

@@ -225,3 +225,69 @@ fn print_hand_overs(dir: &Path) {
         }
     }
 }
+
+/// A second process with a running instance's name: on the same machine it finds the
+/// instance's state folder locked and stops at once; on another machine (here another
+/// state folder) it fences the first, which stops with a message that says why, and
+/// finishes the job: the output is exact.
+#[test]
+fn a_second_instance_of_the_same_name_is_refused_or_fences_the_first() {
+    let _guard = exclusive();
+    let mut setup = Setup::new(11);
+    let mut first = setup.start("a");
+    joined(&first, "first a");
+    let mut here = setup.start("a");
+    let status = here.wait_for(RUN_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1))
+            && here.stderr().contains("already runs on this machine"),
+        "a second `a` on the same state folder ended with {status:?}:\n{}",
+        here.stderr()
+    );
+    let job = std::fs::read_to_string(&setup.job).expect("job");
+    let other = setup.dir.path().join("other-machine.toml");
+    std::fs::write(&other, job.replace("dir = \"state\"", "dir = \"state-2\"")).expect("write job");
+    let log = setup.dir.path().join("run-a-other-machine.log");
+    let mut second = BraidRun::start_instance(&other, "a", &log);
+    let status = first.wait_for(RUN_TIMEOUT);
+    let stderr = first.stderr();
+    // Unless it finished the job first.
+    if !status.is_some_and(|s| s.success()) {
+        assert!(
+            status.is_some() && stderr.contains("one per instance name"),
+            "the first `a` ended with {status:?} (None: still running) and does not say why:\n{stderr}"
+        );
+    }
+    finish(&mut [&mut second], "the second a");
+    setup.check("the second a");
+}
+
+/// An instance whose checkpoint store is not the one the others share finds no
+/// checkpoint where Kafka's committed offsets say its partitions are, and stops.
+#[test]
+fn an_instance_with_another_checkpoint_store_stops_with_a_message() {
+    let _guard = exclusive();
+    let mut setup = Setup::new(12);
+    let mut a = setup.start("a");
+    finish(&mut [&mut a], "a alone");
+    let job = std::fs::read_to_string(&setup.job).expect("job");
+    let other = setup.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        job.replace("dir = \"checkpoints\"", "dir = \"elsewhere\""),
+    )
+    .expect("write job");
+    let log = setup.dir.path().join("run-b-elsewhere.log");
+    let mut b = BraidRun::start_instance(&other, "b", &log);
+    let status = b.wait_for(RUN_TIMEOUT);
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "b ended with {status:?}:\n{}",
+        b.stderr()
+    );
+    let stderr = b.stderr();
+    assert!(
+        stderr.contains("of a, whose checkpoint in") && stderr.contains("every instance shares"),
+        "b does not say that its store is not the shared one:\n{stderr}"
+    );
+}

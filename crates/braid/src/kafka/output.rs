@@ -40,6 +40,8 @@ use crate::results::RecordShape;
 /// What braid writes into the offsets it commits: the epoch whose transaction they
 /// belong to.
 const EPOCH_TAG: &str = "braid epoch ";
+/// Why a producer was fenced.
+const FENCED: &str = "another braid process took over this job's transactional ids: only one process may run a job, and with --instance only one per instance name";
 /// Between the epoch and the instance's name in a tag.
 const INSTANCE_TAG: &str = " of ";
 /// Bounds librdkafka's queue of records waiting to be sent (the default is 1 GiB).
@@ -224,7 +226,12 @@ impl KafkaOutput {
                     record = back;
                     std::thread::sleep(QUEUE_FULL_WAIT);
                 }
-                Err((e, _)) => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
+                Err((e, _)) => match producer.client().fatal_error() {
+                    Some((RDKafkaErrorCode::Fenced, reason)) => {
+                        anyhow::bail!("cannot send to Kafka topic `{topic}`: {FENCED} ({reason})")
+                    }
+                    _ => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
+                },
             }
         }
     }
@@ -325,7 +332,7 @@ fn retry(
             }
             Err(KafkaError::Transaction(e)) if e.is_fatal() && e.code() == RDKafkaErrorCode::Fenced => {
                 anyhow::bail!(
-                    "cannot {what}: another braid process took over this job's transactional ids (fenced: {e}); only one process may run a job"
+                    "cannot {what}: {FENCED} ({e})"
                 )
             }
             Err(e) => anyhow::bail!(
