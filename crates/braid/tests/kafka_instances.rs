@@ -11,9 +11,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::kafka::check::{check_exact, read_outputs, Input};
-use common::kafka::run::{BraidRun, KafkaJob};
-use common::kafka::{create_job_topics, exclusive, Broker};
+use common::kafka::check::{check_exact, is_flush_row, read_outputs, Input};
+use common::kafka::run::{produce_the_rest, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
+use common::kafka::{create_job_topics, exclusive, read_committed, Broker, OUT};
 use common::{generate, TestRng};
 
 const EVENTS: u64 = 40_000;
@@ -31,6 +31,18 @@ struct Setup {
 
 impl Setup {
     fn new(seed: u64) -> Setup {
+        Setup::with_end(seed, Some("latest"))
+    }
+
+    /// Input produced as the test goes: an unbounded job, the first half in the topics.
+    fn live(seed: u64) -> (Setup, [Input; 2]) {
+        let setup = Setup::with_end(seed, None);
+        let [half, quarter, rest] = setup.input.thirds();
+        half.produce(&setup.broker.bootstrap());
+        (setup, [quarter, rest])
+    }
+
+    fn with_end(seed: u64, end: Option<&str>) -> Setup {
         // BRAID_TEST_KEEP=1 keeps the folder (the instances' logs) for a look.
         let dir = tempfile::Builder::new()
             .disable_cleanup(std::env::var_os("BRAID_TEST_KEEP").is_some())
@@ -40,8 +52,11 @@ impl Setup {
         let input = Input::generated(dir.path());
         let broker = Broker::start();
         create_job_topics(&broker.bootstrap());
-        input.produce(&broker.bootstrap());
+        if end.is_some() {
+            input.produce(&broker.bootstrap());
+        }
         let mut job = KafkaJob::new(&broker.bootstrap());
+        job.end = end.map(str::to_string);
         job.checkpoint_interval = "300ms".into();
         let job = job.write(dir.path());
         Setup {
@@ -290,4 +305,66 @@ fn an_instance_with_another_checkpoint_store_stops_with_a_message() {
         stderr.contains("of a, whose checkpoint in") && stderr.contains("every instance shares"),
         "b does not say that its store is not the shared one:\n{stderr}"
     );
+}
+
+/// Hand-over under load: instance a runs a live job alone; while more input is
+/// produced, b joins and the group moves two partitions to it; the rest of the input
+/// follows. Nothing is lost or doubled, and b restores the moved partitions from a's
+/// checkpoint instead of rebuilding them (it could not: their input before the
+/// hand-over is behind the committed offsets).
+#[test]
+fn partitions_move_while_input_flows() {
+    let _guard = exclusive();
+    let (mut setup, [quarter, rest]) = Setup::live(21);
+    let bootstrap = setup.broker.bootstrap();
+    let mut a = setup.start("a");
+    joined(&a, "a");
+    let first = wait_until(OUTPUT_TIMEOUT, || {
+        let rows = read_committed(&bootstrap, OUT).len();
+        if rows == 0 {
+            Err("no output committed yet".to_string())
+        } else {
+            Ok(rows)
+        }
+    })
+    .unwrap_or_else(|e| panic!("a alone: {e}:\n{}", a.stderr()));
+    eprintln!("a alone: {first} rows committed; b joins while more is produced");
+    let producing = {
+        let bootstrap = bootstrap.clone();
+        std::thread::spawn(move || quarter.produce(&bootstrap))
+    };
+    let mut b = setup.start("b");
+    joined(&b, "b");
+    producing.join().expect("producer thread");
+    let mut input = std::mem::take(&mut setup.input);
+    produce_the_rest(&bootstrap, &mut input, &rest);
+    let waited = Instant::now();
+    let answer = wait_until(OUTPUT_TIMEOUT, || {
+        for run in [&mut a, &mut b] {
+            if let Some(status) = run.try_wait() {
+                panic!("an instance ended ({status}) while live:\n{}", run.stderr());
+            }
+        }
+        check_exact(&input, &read_outputs(&bootstrap), &is_flush_row)
+    });
+    if let Err(e) = answer {
+        panic!(
+            "output not exact after {OUTPUT_TIMEOUT:?}: {e}\na:\n{}\nb:\n{}",
+            a.stderr(),
+            b.stderr()
+        );
+    }
+    eprintln!("output exact after {:.1} s", waited.elapsed().as_secs_f64());
+    a.stop_cleanly("a");
+    b.stop_cleanly("b");
+    if let Err(e) = check_exact(&input, &read_outputs(&bootstrap), &is_flush_row) {
+        panic!("after the stop: {e}");
+    }
+    assert!(
+        b.stderr().contains("restoring partitions tag=braid epoch")
+            && b.stderr().contains(" of a partitions="),
+        "b did not restore the partitions it took over from a's checkpoint:\n{}",
+        b.stderr()
+    );
+    print_hand_overs(setup.dir.path());
 }

@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use common::kafka::check::{
     describe_difference, flush_events, impression_line, key_in, max_time, play_line, Input,
 };
-use common::kafka::run::{complete_and_stop, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
+use common::kafka::run::{
+    complete_and_stop, produce_the_rest, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT,
+};
 use common::kafka::{
     create_job_topics, exclusive, key_of, partition_of, read_committed, Broker, OUT, OUT_LATE,
     PARTITIONS,
@@ -49,34 +51,6 @@ const MINUTE_MS: i64 = 60_000;
 
 fn start(dir: &Path, job: &Path, run: usize) -> BraidRun {
     BraidRun::start(job, None, &dir.join(format!("run-{run}.log")))
-}
-
-/// The input cut in three: the first half, a quarter, the rest (of each source).
-fn thirds(input: &Input) -> [Input; 3] {
-    let cut = |lines: &[Vec<u8>]| {
-        let (a, b) = (lines.len() / 2, lines.len() * 3 / 4);
-        [
-            lines[..a].to_vec(),
-            lines[a..b].to_vec(),
-            lines[b..].to_vec(),
-        ]
-    };
-    let [i1, i2, i3] = cut(&input.impressions);
-    let [p1, p2, p3] = cut(&input.plays);
-    [
-        Input {
-            impressions: i1,
-            plays: p1,
-        },
-        Input {
-            impressions: i2,
-            plays: p2,
-        },
-        Input {
-            impressions: i3,
-            plays: p3,
-        },
-    ]
 }
 
 /// Pause between the chunks produced to the busy partitions of the idle-partition
@@ -161,22 +135,13 @@ fn live_job() -> (tempfile::TempDir, Input, Broker, KafkaJob) {
     (dir, input, broker, job)
 }
 
-/// Produces the last part of the input, then flush events after all of it (added to
-/// `input`, whose rows the comparison leaves out), so that a live job emits everything.
-fn produce_the_rest(bootstrap: &str, input: &mut Input, rest: &Input) {
-    let flush = flush_events(max_time(input));
-    rest.produce(bootstrap);
-    flush.produce(bootstrap);
-    input.extend(flush);
-}
-
 #[test]
 fn sigterm_stops_cleanly_and_the_next_run_resumes() {
     let _serial = exclusive();
     let (dir, mut input, broker, job) = live_job();
     let bootstrap = broker.bootstrap();
     let job = job.write(dir.path());
-    let [first_half, quarter, rest] = thirds(&input);
+    let [first_half, quarter, rest] = input.thirds();
 
     first_half.produce(&bootstrap);
     let mut first = start(dir.path(), &job, 1);
@@ -214,7 +179,7 @@ fn a_restart_with_another_parallelism_moves_whole_partitions() {
     let _serial = exclusive();
     let (dir, mut input, broker, mut job) = live_job();
     let bootstrap = broker.bootstrap();
-    let [half, quarter, rest] = thirds(&input);
+    let [half, quarter, rest] = input.thirds();
     for (run, (parallelism, part)) in [(2, half), (3, quarter)].into_iter().enumerate() {
         job.parallelism = parallelism;
         let path = job.write(dir.path());

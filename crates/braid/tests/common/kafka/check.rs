@@ -42,6 +42,34 @@ impl Input {
         produce_lines(bootstrap, PLAYS, PARTITIONS, &self.plays);
     }
 
+    /// The input cut in three: the first half, a quarter, the rest (of each source).
+    pub fn thirds(&self) -> [Input; 3] {
+        let cut = |lines: &[Vec<u8>]| {
+            let (a, b) = (lines.len() / 2, lines.len() * 3 / 4);
+            [
+                lines[..a].to_vec(),
+                lines[a..b].to_vec(),
+                lines[b..].to_vec(),
+            ]
+        };
+        let [i1, i2, i3] = cut(&self.impressions);
+        let [p1, p2, p3] = cut(&self.plays);
+        [
+            Input {
+                impressions: i1,
+                plays: p1,
+            },
+            Input {
+                impressions: i2,
+                plays: p2,
+            },
+            Input {
+                impressions: i3,
+                plays: p3,
+            },
+        ]
+    }
+
     fn source(&self, name: &str) -> &[Vec<u8>] {
         match name {
             IMPRESSIONS => &self.impressions,

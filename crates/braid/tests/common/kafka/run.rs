@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::check::{check_exact, is_flush_row, read_outputs, Input};
+use super::check::{check_exact, flush_events, is_flush_row, max_time, read_outputs, Input};
 use super::{IMPRESSIONS, OUT, OUT_DEAD, OUT_LATE, PLAYS, RECEIVE_MESSAGE_MAX_BYTES};
 
 /// How long braid may take to stop after SIGTERM (a final checkpoint and commit).
@@ -241,4 +241,13 @@ pub fn complete_and_stop(bootstrap: &str, input: &Input, run: &mut BraidRun, wha
     if let Err(e) = check_exact(input, &read_outputs(bootstrap), &is_flush_row) {
         panic!("{what}: after the stop: {e}");
     }
+}
+
+/// Produces the last part of the input, then flush events after all of it (added to
+/// `input`, whose rows the comparison leaves out), so that a live job emits everything.
+pub fn produce_the_rest(bootstrap: &str, input: &mut Input, rest: &Input) {
+    let flush = flush_events(max_time(input));
+    rest.produce(bootstrap);
+    flush.produce(bootstrap);
+    input.extend(flush);
 }
