@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::kafka::check::{check_exact, is_flush_row, read_outputs, Input};
 use common::kafka::run::{produce_the_rest, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
 use common::kafka::{create_job_topics, exclusive, read_committed, Broker, OUT};
+use common::moto::{moto_server, with_moto, Moto};
 use common::{generate, TestRng};
 
 const EVENTS: u64 = 40_000;
@@ -27,6 +28,8 @@ struct Setup {
     input: Input,
     job: std::path::PathBuf,
     runs: usize,
+    /// The shared checkpoint store in S3 (moto), if not the local folder.
+    moto: Option<Moto>,
 }
 
 impl Setup {
@@ -65,6 +68,7 @@ impl Setup {
             input,
             job,
             runs: 0,
+            moto: None,
         }
     }
 
@@ -74,7 +78,12 @@ impl Setup {
             .dir
             .path()
             .join(format!("run-{}-{name}.log", self.runs));
-        BraidRun::start_instance(&self.job, name, &log)
+        let port = self.moto.as_ref().map(|m| m.port);
+        BraidRun::start_instance(&self.job, name, &log, |c| {
+            if let Some(port) = port {
+                with_moto(c, port);
+            }
+        })
     }
 
     fn check(&self, context: &str) {
@@ -145,6 +154,37 @@ fn two_instances_share_a_bounded_job() {
             b.stderr()
         );
     }
+}
+
+/// The same through S3 (moto) as the shared checkpoint store: b joins a running a, and
+/// takes its partitions' state over from the bucket.
+#[test]
+fn two_instances_share_a_bounded_job_through_s3() {
+    let _guard = exclusive();
+    let mut setup = Setup::new(8);
+    let moto = Moto::start(&moto_server(), &setup.dir.path().join("moto.log"));
+    moto.create_bucket("braid");
+    let job = std::fs::read_to_string(&setup.job).expect("job");
+    std::fs::write(
+        &setup.job,
+        job.replace("dir = \"checkpoints\"", "dir = \"s3://braid/job\""),
+    )
+    .expect("write job");
+    setup.moto = Some(moto);
+    let mut a = setup.start("a");
+    joined(&a, "a");
+    let mut b = setup.start("b");
+    finish(&mut [&mut a, &mut b], "two instances, S3");
+    setup.check("two instances, S3");
+    let moto = setup.moto.as_ref().expect("moto");
+    for name in ["a", "b"] {
+        let keys = moto.keys("braid", &format!("job/instances/{name}/manifests/"));
+        assert!(
+            !keys.is_empty(),
+            "instance {name} wrote no manifest to the bucket"
+        );
+    }
+    print_hand_overs(setup.dir.path());
 }
 
 /// Instances join, crash and are replaced on an empty state folder, and leave, at
@@ -263,7 +303,7 @@ fn a_second_instance_of_the_same_name_is_refused_or_fences_the_first() {
     let other = setup.dir.path().join("other-machine.toml");
     std::fs::write(&other, job.replace("dir = \"state\"", "dir = \"state-2\"")).expect("write job");
     let log = setup.dir.path().join("run-a-other-machine.log");
-    let mut second = BraidRun::start_instance(&other, "a", &log);
+    let mut second = BraidRun::start_instance(&other, "a", &log, |_| {});
     let status = first.wait_for(RUN_TIMEOUT);
     let stderr = first.stderr();
     // Unless it finished the job first.
@@ -293,7 +333,7 @@ fn an_instance_with_another_checkpoint_store_stops_with_a_message() {
     )
     .expect("write job");
     let log = setup.dir.path().join("run-b-elsewhere.log");
-    let mut b = BraidRun::start_instance(&other, "b", &log);
+    let mut b = BraidRun::start_instance(&other, "b", &log, |_| {});
     let status = b.wait_for(RUN_TIMEOUT);
     assert!(
         status.is_some_and(|s| s.code() == Some(1)),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod moto;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

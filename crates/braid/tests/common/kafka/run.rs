@@ -114,16 +114,29 @@ pub struct BraidRun {
 impl BraidRun {
     /// Starts braid; `faults` is passed as `BRAID_FAULTS`. Its stderr goes to `log`.
     pub fn start(job: &Path, faults: Option<&str>, log: &Path) -> BraidRun {
-        BraidRun::start_with(job, &[], faults, log)
+        BraidRun::start_with(job, &[], faults, log, |_| {})
     }
 
-    /// Starts braid as `--instance name` of a shared job.
-    pub fn start_instance(job: &Path, name: &str, log: &Path) -> BraidRun {
-        BraidRun::start_with(job, &["--instance", name, "-v"], None, log)
+    /// Starts braid as `--instance name` of a shared job (`-v`: its log tells of
+    /// assignments and restores); `configure` may add to the command.
+    pub fn start_instance(
+        job: &Path,
+        name: &str,
+        log: &Path,
+        configure: impl FnOnce(&mut Command),
+    ) -> BraidRun {
+        BraidRun::start_with(job, &["--instance", name, "-v"], None, log, configure)
     }
 
-    fn start_with(job: &Path, args: &[&str], faults: Option<&str>, log: &Path) -> BraidRun {
+    fn start_with(
+        job: &Path,
+        args: &[&str],
+        faults: Option<&str>,
+        log: &Path,
+        configure: impl FnOnce(&mut Command),
+    ) -> BraidRun {
         let mut command = Command::new(env!("CARGO_BIN_EXE_braid"));
+        configure(&mut command);
         command
             .args(["run", job.to_str().expect("utf-8 path"), "--quiet"])
             .args(args)
