@@ -44,7 +44,7 @@ use crate::kafka::output::PRODUCER_DEFAULTS;
 use crate::kafka::source::CONSUMER_DEFAULTS;
 
 /// Partitions of every topic the bench creates.
-const PARTITIONS: i32 = 4;
+pub(crate) const PARTITIONS: i32 = 4;
 /// Timeout of one client call (metadata, admin, offsets, transactions).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A phase that sees no record for this long has stalled: the bench stops.
@@ -90,21 +90,21 @@ pub struct KafkaBenchOptions {
 }
 
 /// The five topics of one job: two inputs, the output and its side outputs.
-struct Topics {
-    impressions: String,
-    plays: String,
-    out: String,
+pub(crate) struct Topics {
+    pub(crate) impressions: String,
+    pub(crate) plays: String,
+    pub(crate) out: String,
 }
 
 impl Topics {
-    fn new(prefix: &str) -> Topics {
+    pub(crate) fn new(prefix: &str) -> Topics {
         Topics {
             impressions: format!("{prefix}-impressions"),
             plays: format!("{prefix}-plays"),
             out: format!("{prefix}-out"),
         }
     }
-    fn all(&self) -> Vec<String> {
+    pub(crate) fn all(&self) -> Vec<String> {
         vec![
             self.impressions.clone(),
             self.plays.clone(),
@@ -211,13 +211,13 @@ fn cpu_seconds() -> f64 {
 }
 
 /// The current time, epoch milliseconds.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -250,7 +250,7 @@ fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
 
 /// Creates the topics, [`PARTITIONS`] each, kept forever (the data's times are years
 /// old).
-fn create_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
+pub(crate) fn create_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
     let admin = admin(brokers)?;
     let topics: Vec<NewTopic> = names
         .iter()
@@ -268,7 +268,7 @@ fn create_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
 }
 
 /// Deletes the topics, so that the broker can free their records; best effort.
-fn delete_topics(brokers: &str, names: &[String]) {
+pub(crate) fn delete_topics(brokers: &str, names: &[String]) {
     let Ok(admin) = admin(brokers) else { return };
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let options = AdminOptions::new().operation_timeout(Some(CALL_TIMEOUT));
@@ -346,7 +346,7 @@ fn drain(producer: &BaseProducer) -> anyhow::Result<()> {
 }
 
 /// Produces the take-rate lines into the two input topics, record time = event time.
-fn fill(brokers: &str, topics: &Topics, lines: TakeRate) -> anyhow::Result<()> {
+pub(crate) fn fill(brokers: &str, topics: &Topics, lines: TakeRate) -> anyhow::Result<()> {
     let producer = fill_producer(brokers)?;
     for (i, (stream, line)) in lines.enumerate() {
         let topic = match stream {
@@ -491,7 +491,7 @@ fn commit_epoch(
 
 /// Writes the take-rate job over `topics` to `dir/job.toml`: bounded at the topics'
 /// ends (throughput) or live.
-fn write_job(
+pub(crate) fn write_job(
     options: &KafkaBenchOptions,
     topics: &Topics,
     name: &str,

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod driver;
 pub mod engine;
 pub mod instance;
+pub mod instances_bench;
 pub mod kafka;
 pub mod kafka_bench;
 pub mod progress;

@@ -109,6 +109,9 @@ enum Workload {
     /// Kafka → join → Kafka on a broker you run (`--brokers`), with the ceiling of the
     /// same broker without the join and the latency of a live run.
     Kafka,
+    /// `braid run --instance` processes on a broker you run (`--brokers`): one against
+    /// two, and the time to hand half the partitions over.
+    Instances,
 }
 
 #[derive(clap::Args)]
@@ -305,7 +308,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     let memory_max = args.memory_max.as_deref().unwrap_or(match args.workload {
-        Workload::Kafka => "2GiB",
+        Workload::Kafka | Workload::Instances => "2GiB",
         _ => "128MiB",
     });
     let memory_max_bytes =
@@ -329,20 +332,29 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let line = match args.workload {
         Workload::FlinkPeer => braid::bench::flink_peer(&options)?,
         Workload::Files => braid::bench::files(&options, &args.dir.join("files"))?,
-        Workload::Kafka => braid::kafka_bench::kafka(&KafkaBenchOptions {
-            brokers: args.brokers.clone().ok_or_else(|| {
-                UsageError(
-                    "--brokers: the kafka workload needs a broker, e.g. 127.0.0.1:9092".into(),
-                )
-            })?,
-            events: args.events,
-            parallelism: options.parallelism,
-            memory_max_bytes,
-            checkpoint_interval_ms: options.checkpoint_interval_ms.unwrap_or(10_000),
-            dir: args.dir.join("kafka"),
-            live_rate: args.live_rate,
-            live_seconds: args.live_seconds,
-        })?,
+        Workload::Kafka | Workload::Instances => {
+            let kafka = KafkaBenchOptions {
+                brokers: args.brokers.clone().ok_or_else(|| {
+                    UsageError(
+                        "--brokers: the kafka and instances workloads need a broker, e.g. 127.0.0.1:9092"
+                            .into(),
+                    )
+                })?,
+                events: args.events,
+                parallelism: options.parallelism,
+                memory_max_bytes,
+                checkpoint_interval_ms: options.checkpoint_interval_ms.unwrap_or(10_000),
+                dir: std::path::absolute(args.dir.join("kafka"))?,
+                live_rate: args.live_rate,
+                live_seconds: args.live_seconds,
+            };
+            match args.workload {
+                Workload::Instances => {
+                    braid::instances_bench::instances(&kafka, args.checkpoint_store.as_deref())?
+                }
+                _ => braid::kafka_bench::kafka(&kafka)?,
+            }
+        }
     };
     println!("{line}");
     if line["correct"] == serde_json::Value::Bool(false) {

@@ -258,7 +258,13 @@ impl Checkpointing {
                     unit.uploaded_here = false;
                 }
             }
-            tracing::info!(%tag, ?partitions, units = fetched.len(), "restoring partitions");
+            tracing::info!(
+                %tag,
+                ?partitions,
+                units = fetched.len(),
+                bytes = manifest.state_bytes(),
+                "restoring partitions"
+            );
             handed_over.push(HandedOver {
                 tag,
                 reader: manifest.reader,
