@@ -186,8 +186,7 @@ pub fn instances(
         .sum();
     let at = |line: &str| -> anyhow::Result<i64> {
         let stamp = line.split_whitespace().next().unwrap_or_default();
-        braid_io::parse_rfc3339_ms(stamp)
-            .map_err(|e| anyhow::anyhow!("log time `{stamp}`: {e}"))
+        braid_io::parse_rfc3339_ms(stamp).map_err(|e| anyhow::anyhow!("log time `{stamp}`: {e}"))
     };
     let handover = json!({
         "moved_bytes": moved_bytes,
