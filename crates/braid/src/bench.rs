@@ -295,7 +295,7 @@ fn time_restore(
     let apart = reset_peak_rss();
     let started = Instant::now();
     let manifest = read_manifest(store.as_ref(), epoch)?;
-    let shards = fetch(store.as_ref(), &manifest, &state_dir.join("restore"))?;
+    let shards = fetch(store.as_ref(), &manifest, &state_dir.join("restore"), None)?.units;
     let fetch_seconds = started.elapsed().as_secs_f64();
     let engine = Engine::start_with(
         EngineConfig {

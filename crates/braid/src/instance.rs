@@ -26,6 +26,7 @@ use rdkafka::error::KafkaError;
 use crate::config::{Input, Plan};
 use crate::driver::{run, RunOptions};
 use crate::kafka::client_config;
+use crate::kafka::output::Fenced;
 use crate::summary::Summary;
 
 /// How long the membership thread waits in one poll (rebalance callbacks run in it).
@@ -145,6 +146,8 @@ impl ConsumerContext for MembershipContext {
 struct Membership {
     shared: Arc<Shared>,
     leave: Arc<AtomicBool>,
+    /// With `leave`: stop without leaving the group.
+    abandon: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -191,15 +194,21 @@ impl Membership {
             .subscribe(&names)
             .with_context(|| format!("cannot join group `{}` at {}", k.group, k.brokers))?;
         let leave = Arc::new(AtomicBool::new(false));
+        let abandon = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (shared, leave) = (Arc::clone(&shared), Arc::clone(&leave));
+            let (shared, leave, abandon) = (
+                Arc::clone(&shared),
+                Arc::clone(&leave),
+                Arc::clone(&abandon),
+            );
             std::thread::Builder::new()
                 .name("braid-membership".into())
-                .spawn(move || membership_loop(&consumer, &shared, &leave))?
+                .spawn(move || membership_loop(&consumer, &shared, &leave, &abandon))?
         };
         Ok(Membership {
             shared,
             leave,
+            abandon,
             thread: Some(thread),
         })
     }
@@ -244,6 +253,17 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// Stops polling without leaving the group.
+    fn abandon(mut self) {
+        self.abandon.store(true, Ordering::Release);
+        self.leave.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         self.leave.store(true, Ordering::Release);
@@ -258,11 +278,15 @@ fn membership_loop(
     consumer: &BaseConsumer<MembershipContext>,
     shared: &Shared,
     leave: &AtomicBool,
+    abandon: &AtomicBool,
 ) -> anyhow::Result<()> {
     while !leave.load(Ordering::Acquire) {
         if let Some(Err(e)) = consumer.poll(MEMBERSHIP_POLL) {
             tracing::debug!("membership: {e}");
         }
+    }
+    if abandon.load(Ordering::Acquire) {
+        return Ok(());
     }
     let deadline = Instant::now() + JOIN_WAIT_ON_LEAVE;
     while !shared.lock().joined && Instant::now() < deadline {
@@ -351,8 +375,21 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
         }
     };
     // Leaving also on an error: the others take the partitions over from their last
-    // committed checkpoint.
-    let left = membership.leave();
+    // committed checkpoint. Not when fenced: the member of this name is now the
+    // process that fenced this one, and a LeaveGroup would take it out of the group.
+    let fenced = outcome
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.chain().any(|c| c.is::<Fenced>()));
+    let left = if fenced {
+        tracing::warn!(
+            "fenced by another process of this instance's name: not leaving the group for it"
+        );
+        membership.abandon();
+        Ok(())
+    } else {
+        membership.leave()
+    };
     outcome?;
     left?;
     Ok(last)

@@ -11,7 +11,7 @@ use braid_io::FileSink;
 use super::store::{fault_after, CheckpointStore, FaultyStore, LocalStore, PrefixStore, SlowStore};
 use super::{
     epochs, fetch, manifest_name, read_manifest, Committed, Committer, CommitterConfig,
-    CommitterStart, Manifest, ReaderState, UnitRestore, FILES, INSTANCES, MANIFESTS,
+    CommitterStart, Fetched, Manifest, ReaderState, UnitRestore, FILES, INSTANCES, MANIFESTS,
 };
 use crate::config::{CheckpointPlan, Output, Plan};
 use crate::kafka::output::{
@@ -248,7 +248,16 @@ impl Checkpointing {
             }
             manifest.units.retain(|u| partitions.contains(&u.partition));
             let name = format!("{}-{}", from.unwrap_or("job"), tag.epoch);
-            let mut fetched = fetch(&theirs, &manifest, &staging.join(name))?;
+            let Fetched {
+                units: mut fetched,
+                reused_bytes,
+                fetched_bytes,
+            } = fetch(
+                &theirs,
+                &manifest,
+                &staging.join(name),
+                Some(&plan.state_dir),
+            )?;
             if from == me {
                 start
                     .uploaded
@@ -263,6 +272,8 @@ impl Checkpointing {
                 ?partitions,
                 units = fetched.len(),
                 bytes = manifest.state_bytes(),
+                reused_bytes,
+                fetched_bytes,
                 "restoring partitions"
             );
             handed_over.push(HandedOver {
@@ -354,10 +365,12 @@ impl Checkpointing {
 
     fn record(&mut self, result: anyhow::Result<Committed>) -> anyhow::Result<()> {
         self.in_flight = false;
+        // The cause stays in the chain (a fenced producer is told apart by its type).
         let committed = result.map_err(|e| {
-            anyhow::anyhow!(
+            let message = format!(
                 "checkpoint failed: {e:#}. The job stops; every committed checkpoint is intact and the next `braid run` resumes from the newest"
-            )
+            );
+            e.context(message)
         })?;
         tracing::info!(
             epoch = committed.epoch,
@@ -411,7 +424,16 @@ fn try_restore(
             fingerprint
         )));
     }
-    let units = fetch(store, &manifest, staging).map_err(Unusable::Broken)?;
+    let fetched =
+        fetch(store, &manifest, staging, Some(&plan.state_dir)).map_err(Unusable::Broken)?;
+    if fetched.reused_bytes > 0 {
+        tracing::info!(
+            reused_bytes = fetched.reused_bytes,
+            fetched_bytes = fetched.fetched_bytes,
+            "segment files the local state still held were not fetched"
+        );
+    }
+    let units = fetched.units;
     Ok(Restored { manifest, units })
 }
 

@@ -855,23 +855,47 @@ pub struct UnitRestore {
 
 /// Fetches and verifies every file of `manifest` into `staging/part-p/shard-i/`,
 /// [`FETCHES_IN_FLIGHT`] at a time. Any missing file or checksum mismatch fails the
-/// whole restore.
+/// whole restore. A segment file that the local state under `reuse` (a state folder)
+/// still holds, with the manifest's size and checksum, is linked from there instead of
+/// fetched: a partition that stays with a process, or comes back to it, is not
+/// downloaded again.
 pub fn fetch(
     store: &dyn CheckpointStore,
     manifest: &Manifest,
     staging: &Path,
-) -> anyhow::Result<Vec<UnitRestore>> {
+    reuse: Option<&Path>,
+) -> anyhow::Result<Fetched> {
     let _ = std::fs::remove_dir_all(staging);
     let mut restores = Vec::with_capacity(manifest.units.len());
-    let mut files: Vec<(&FileRef, PathBuf)> = Vec::new();
+    // Each file, where it goes, and the local copies it may be taken from.
+    let mut files: Vec<(&FileRef, PathBuf, Vec<PathBuf>)> = Vec::new();
+    let shard_dirs: Vec<PathBuf> = reuse
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
+        })
+        .collect();
     for unit in &manifest.units {
         let dir = staging.join(unit.unit().path());
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let image = dir.join("join.image");
-        files.push((&unit.image, image.clone()));
+        files.push((&unit.image, image.clone(), Vec::new()));
         for s in &unit.segments {
-            files.push((&s.file, dir.join(braid_state::segment_file_name(s.id()))));
+            let name = braid_state::segment_file_name(s.id());
+            let local = shard_dirs
+                .iter()
+                .map(|d| {
+                    d.join(format!("part-{}", unit.partition))
+                        .join("segments")
+                        .join(&name)
+                })
+                .collect();
+            files.push((&s.file, dir.join(name), local));
         }
         restores.push(UnitRestore {
             unit: unit.unit(),
@@ -884,12 +908,37 @@ pub fn fetch(
     // Each file as a file (streamed by the store: linked or copied from a folder,
     // downloaded in pieces from S3), checked against the manifest through a buffer of
     // `CHECKSUM_BUFFER_BYTES`: nothing is ever held whole in memory.
-    in_parallel(&files, FETCHES_IN_FLIGHT, |(file, to)| {
+    let reused = in_parallel(&files, FETCHES_IN_FLIGHT, |(file, to, local)| {
+        for candidate in local {
+            let same_size = std::fs::metadata(candidate).is_ok_and(|m| m.len() == file.bytes);
+            if same_size && std::fs::hard_link(candidate, to).is_ok() {
+                let (sum, bytes) = checksum_file(to)?;
+                if verify(file, sum, bytes).is_ok() {
+                    return Ok(file.bytes);
+                }
+                std::fs::remove_file(to)
+                    .with_context(|| format!("cannot remove {}", to.display()))?;
+            }
+        }
         store.get_file(&file.name, to)?;
         let (sum, bytes) = checksum_file(to)?;
-        verify(file, sum, bytes)
+        verify(file, sum, bytes)?;
+        Ok(0)
     })?;
-    Ok(restores)
+    let reused_bytes: u64 = reused.iter().sum();
+    Ok(Fetched {
+        units: restores,
+        reused_bytes,
+        fetched_bytes: files.iter().map(|(f, _, _)| f.bytes).sum::<u64>() - reused_bytes,
+    })
+}
+
+/// What a restore fetched.
+pub struct Fetched {
+    pub units: Vec<UnitRestore>,
+    /// Bytes taken from the local state instead of the store.
+    pub reused_bytes: u64,
+    pub fetched_bytes: u64,
 }
 
 /// Runs `work` on every item, `threads` at a time; the results in the items' order,
@@ -954,6 +1003,77 @@ fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A segment file the local state still holds, unchanged, is linked from there; one
+    /// that changed (same name, other bytes) is fetched from the store, as is the image.
+    #[test]
+    fn a_restore_takes_unchanged_segment_files_from_the_local_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store::LocalStore::open(&dir.path().join("store")).expect("store");
+        let state = dir.path().join("state");
+        let local = state.join("shard-1/part-3/segments");
+        std::fs::create_dir_all(&local).expect("mkdir");
+        // A local store links what it stores: each upload a file of its own.
+        let put = |name: &str, bytes: &[u8]| -> FileRef {
+            let from = dir.path().join(name.replace('/', "-"));
+            std::fs::write(&from, bytes).expect("write");
+            store.put_file(name, &from).expect("put");
+            let (sum, len) = checksum_file(&from).expect("checksum");
+            FileRef {
+                name: name.to_string(),
+                bytes: len,
+                xxh3: format!("{sum:016x}"),
+            }
+        };
+        let segment = |n: u32, file: FileRef| SegmentRef {
+            side: 0,
+            bucket: 7,
+            segment: n,
+            file,
+        };
+        let kept = segment(1, put("files/a", b"kept segment"));
+        let changed = segment(2, put("files/b", b"the checkpoint's bytes"));
+        let image = put("files/image", b"image");
+        let name = |s: &SegmentRef| braid_state::segment_file_name(s.id());
+        std::fs::write(local.join(name(&kept)), b"kept segment").expect("write");
+        std::fs::write(local.join(name(&changed)), b"another run's bytes!!!").expect("write");
+        let manifest = Manifest {
+            format: 2,
+            job: "j".into(),
+            join: "j".into(),
+            epoch: 1,
+            created_unix_ms: 0,
+            watermark_ms: None,
+            reader: ReaderState {
+                sources: Vec::new(),
+                watermark: String::new(),
+                partitions: Vec::new(),
+            },
+            units: vec![UnitState {
+                partition: 3,
+                shard: 0,
+                image: image.clone(),
+                segments: vec![kept.clone(), changed.clone()],
+            }],
+            sinks: Vec::new(),
+            pending: Vec::new(),
+        };
+        let staging = dir.path().join("staging");
+        let fetched = fetch(&store, &manifest, &staging, Some(&state)).expect("fetch");
+        assert_eq!(fetched.reused_bytes, kept.file.bytes);
+        assert_eq!(fetched.fetched_bytes, changed.file.bytes + image.bytes);
+        let unit = &fetched.units[0];
+        assert_eq!(
+            std::fs::read(unit.dir.join(name(&changed))).expect("read"),
+            b"the checkpoint's bytes"
+        );
+        assert_eq!(
+            std::fs::read(unit.dir.join(name(&kept))).expect("read"),
+            b"kept segment"
+        );
+        let without = fetch(&store, &manifest, &staging, None).expect("fetch");
+        assert_eq!(without.reused_bytes, 0);
+    }
 
     /// Results come back in the items' order whatever order the threads finish in; an
     /// error is returned, and no item starts after it.

@@ -42,6 +42,18 @@ use crate::results::RecordShape;
 const EPOCH_TAG: &str = "braid epoch ";
 /// Why a producer was fenced.
 const FENCED: &str = "another braid process took over this job's transactional ids: only one process may run a job, and with --instance only one per instance name";
+/// The error of a producer fenced by another process with its transactional id.
+#[derive(Debug)]
+pub struct Fenced(String);
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fenced {}
+
 /// Between the epoch and the instance's name in a tag.
 const INSTANCE_TAG: &str = " of ";
 /// Bounds librdkafka's queue of records waiting to be sent (the default is 1 GiB).
@@ -228,7 +240,9 @@ impl KafkaOutput {
                 }
                 Err((e, _)) => match producer.client().fatal_error() {
                     Some((RDKafkaErrorCode::Fenced, reason)) => {
-                        anyhow::bail!("cannot send to Kafka topic `{topic}`: {FENCED} ({reason})")
+                        return Err(anyhow::Error::new(Fenced(format!(
+                            "cannot send to Kafka topic `{topic}`: {FENCED} ({reason})"
+                        ))))
                     }
                     _ => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
                 },
@@ -331,9 +345,7 @@ fn retry(
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(KafkaError::Transaction(e)) if e.is_fatal() && e.code() == RDKafkaErrorCode::Fenced => {
-                anyhow::bail!(
-                    "cannot {what}: {FENCED} ({e})"
-                )
+                return Err(anyhow::Error::new(Fenced(format!("cannot {what}: {FENCED} ({e})"))))
             }
             Err(e) => anyhow::bail!(
                 "cannot {what} at {brokers}: {e}; the job stops, and the next `braid run` resumes from the last committed checkpoint"
