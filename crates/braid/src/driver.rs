@@ -122,6 +122,8 @@ pub struct RunOptions {
     /// `--instance`: set when the group takes the partitions away; the run then ends
     /// with a checkpoint that commits them.
     pub revoked: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// `--instance`: this member of the group in the generation that assigned `owned`.
+    pub member: Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>,
 }
 
 /// Where a sink's file numbering continues: at the restored checkpoint's number, and
@@ -165,13 +167,14 @@ fn file_sink(checkpointing: Option<&Checkpointing>, dir: &Path, prefix: &str) ->
 /// their end, unbounded ones until `SIGTERM` or `SIGINT` (then a final checkpoint).
 pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let mut checkpointing = match (&plan.checkpoint, &options.owned) {
-        (Some(c), Some(owned)) if plan.instance.is_some() => {
-            Some(Checkpointing::open_instance(plan, c, owned)?)
-        }
-        (Some(c), _) => Some(Checkpointing::open(plan, c, options.reset)?),
-        (None, _) => None,
-    };
+    let mut checkpointing =
+        match (&plan.checkpoint, &options.owned) {
+            (Some(c), Some(owned)) if plan.instance.is_some() => Some(
+                Checkpointing::open_instance(plan, c, owned, options.member.clone())?,
+            ),
+            (Some(c), _) => Some(Checkpointing::open(plan, c, options.reset)?),
+            (None, _) => None,
+        };
     let handed_over = checkpointing
         .as_mut()
         .map(|c| std::mem::take(&mut c.handed_over))

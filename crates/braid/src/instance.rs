@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+};
 use rdkafka::error::KafkaError;
 
 use crate::config::{Input, Plan};
@@ -56,8 +58,9 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    /// The partitions last assigned, not yet taken by a generation.
-    assigned: Option<Vec<u32>>,
+    /// The partitions last assigned, not yet taken by a generation, and this member
+    /// of the group in the generation that assigned them.
+    assigned: Option<(Vec<u32>, Option<Arc<ConsumerGroupMetadata>>)>,
     /// A generation is running on an assignment.
     running: bool,
     /// The group has answered this member's join with an assignment.
@@ -133,8 +136,9 @@ impl ConsumerContext for MembershipContext {
             partitions.sort_unstable();
             partitions.dedup();
             tracing::info!(?partitions, "the group assigns partitions");
+            let member = consumer.group_metadata().map(Arc::new);
             let mut state = self.shared.lock();
-            state.assigned = Some(partitions);
+            state.assigned = Some((partitions, member));
             state.joined = true;
             drop(state);
             self.shared.changed.notify_all();
@@ -215,7 +219,7 @@ impl Membership {
 
     /// Waits for the next assignment (`None`: stop requested, or the membership
     /// ended) and marks a generation running on it.
-    fn next_assignment(&self) -> Option<Vec<u32>> {
+    fn next_assignment(&self) -> Option<(Vec<u32>, Option<Arc<ConsumerGroupMetadata>>)> {
         let mut state = self.shared.lock();
         loop {
             if crate::signals::stop_requested() || state.closed {
@@ -344,7 +348,7 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
     tracing::info!(instance, "joined the job's group; waiting for partitions");
     let mut last = None;
     let outcome = loop {
-        let Some(owned) = membership.next_assignment() else {
+        let Some((owned, member)) = membership.next_assignment() else {
             break Ok(());
         };
         if owned.is_empty() {
@@ -360,6 +364,7 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
             reset: false,
             owned: Some(Arc::new(owned)),
             revoked: Some(Arc::clone(&membership.shared.revoked)),
+            member,
         };
         let result = run(plan, &options);
         membership.generation_ended();

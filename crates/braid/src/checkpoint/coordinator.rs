@@ -17,6 +17,7 @@ use crate::config::{CheckpointPlan, Output, Plan};
 use crate::kafka::output::{
     committed_epoch, committed_tags, Committed as KafkaCommitted, KafkaOutput, Tag,
 };
+use rdkafka::consumer::ConsumerGroupMetadata;
 use std::sync::Arc;
 
 /// Opens the checkpoint store a job names: a folder, or `s3://bucket/prefix`.
@@ -190,7 +191,7 @@ impl Checkpointing {
             all.first().map_or(1, |e| e + 1)
         };
         let kafka = match &plan.output {
-            Output::Kafka(output) => Some(KafkaOutput::open(plan, output, next_epoch, None)?),
+            Output::Kafka(output) => Some(KafkaOutput::open(plan, output, next_epoch, None, None)?),
             _ => None,
         };
         let mut checkpointing =
@@ -208,6 +209,7 @@ impl Checkpointing {
         plan: &Plan,
         config: &CheckpointPlan,
         owned: &Arc<Vec<u32>>,
+        member: Option<Arc<ConsumerGroupMetadata>>,
     ) -> anyhow::Result<Checkpointing> {
         let Output::Kafka(output) = &plan.output else {
             anyhow::bail!("an instance writes to Kafka");
@@ -284,7 +286,7 @@ impl Checkpointing {
             });
         }
         let next_epoch = own_epochs.first().map_or(1, |e| e + 1);
-        let kafka = KafkaOutput::open(plan, output, next_epoch, Some(Arc::clone(owned)))?;
+        let kafka = KafkaOutput::open(plan, output, next_epoch, Some(Arc::clone(owned)), member)?;
         let mut checkpointing = Checkpointing::start(
             plan,
             config,

@@ -108,7 +108,7 @@ type OutputProducer = ThreadedProducer<OutputContext>;
 struct Group {
     topics: Vec<String>,
     group: String,
-    metadata: ConsumerGroupMetadata,
+    metadata: Arc<ConsumerGroupMetadata>,
 }
 
 pub struct KafkaOutput {
@@ -129,6 +129,7 @@ impl KafkaOutput {
         output: &KafkaOutputPlan,
         first_epoch: u64,
         owned: Option<Arc<Vec<u32>>>,
+        member: Option<Arc<ConsumerGroupMetadata>>,
     ) -> anyhow::Result<Arc<KafkaOutput>> {
         let producer = |parity: u64| -> anyhow::Result<OutputProducer> {
             // An instance's producers are its own: a restarted instance fences its
@@ -181,13 +182,21 @@ impl KafkaOutput {
                     g.topics.push(k.topic.clone());
                     continue;
                 }
-                let consumer = group_consumer(&source.name, k)?;
-                let metadata = consumer.group_metadata().with_context(|| {
-                    format!(
-                        "source `{}`: no group metadata for group `{}`",
-                        source.name, k.group
-                    )
-                })?;
+                // An instance commits in its membership's group as the member of the
+                // current generation: a broker that checks it (KIP-447) refuses a
+                // zombie's offsets after a rebalance.
+                let metadata = match (&member, plan.kafka_group()) {
+                    (Some(m), Some(first)) if first.group == k.group => Arc::clone(m),
+                    _ => {
+                        let consumer = group_consumer(&source.name, k)?;
+                        Arc::new(consumer.group_metadata().with_context(|| {
+                            format!(
+                                "source `{}`: no group metadata for group `{}`",
+                                source.name, k.group
+                            )
+                        })?)
+                    }
+                };
                 groups.push(Group {
                     topics: vec![k.topic.clone()],
                     group: k.group.clone(),
