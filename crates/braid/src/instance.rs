@@ -255,9 +255,7 @@ impl Membership {
             None => Ok(()),
         }
     }
-}
 
-impl Membership {
     /// Stops polling without leaving the group.
     fn abandon(mut self) {
         self.abandon.store(true, Ordering::Release);
