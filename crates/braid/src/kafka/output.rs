@@ -445,40 +445,16 @@ fn source_epoch(name: &str, k: &KafkaSourcePlan) -> anyhow::Result<Committed> {
     let consumer = group_consumer(name, k)?;
     let partitions = super::source::partition_count(&consumer, &k.brokers, &k.topic)
         .map_err(|e| anyhow::anyhow!("source `{name}`: {e}"))?;
-    let mut query = TopicPartitionList::new();
-    for p in 0..partitions {
-        query.add_partition(&k.topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(query, REQUEST_TIMEOUT)
-        .with_context(|| {
-            format!(
-                "source `{name}`: cannot read group `{}`'s committed offsets at {}",
-                k.group, k.brokers
-            )
-        })?;
+    let all: Vec<u32> = (0..partitions as u32).collect();
     let mut epochs = Vec::new();
-    for e in committed.elements() {
-        if let Offset::Offset(_) = e.offset() {
-            match Tag::parse(e.metadata()) {
-                Some(Tag {
-                    instance: Some(instance),
-                    ..
-                }) => anyhow::bail!(
-                    "source `{name}`: group `{}`'s offsets on {}[{}] were committed by instance `{instance}` of a job shared by several processes; run it with `--instance NAME`",
-                    k.group,
-                    k.topic,
-                    e.partition()
-                ),
-                Some(tag) => epochs.push(tag.epoch),
-                None => anyhow::bail!(
-                    "source `{name}`: group `{}` has offsets committed on {}[{}] that braid did not commit (metadata `{}`); give the job its own group",
-                    k.group,
-                    k.topic,
-                    e.partition(),
-                    e.metadata()
-                ),
-            }
+    for (p, tag) in partition_tags(name, k, &all)? {
+        match tag.instance {
+            Some(instance) => anyhow::bail!(
+                "source `{name}`: group `{}`'s offsets on {}[{p}] were committed by instance `{instance}` of a job shared by several processes; run it with `--instance NAME`",
+                k.group,
+                k.topic,
+            ),
+            None => epochs.push(tag.epoch),
         }
     }
     epochs.sort_unstable();
