@@ -188,7 +188,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         .and_then(|c| c.restored.as_mut())
         .map(|r| std::mem::take(&mut r.units))
         .unwrap_or_default();
-    let handed_units: Vec<_> = handed_over.iter().map(|h| h.units.len()).collect();
+    let handed_units: usize = handed_over.iter().map(|h| h.units.len()).sum();
     let mut restore = restore;
     let mut handed_over = handed_over;
     for h in &mut handed_over {
@@ -277,7 +277,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
                 .iter()
                 .map(|h| h.partitions.len())
                 .sum::<usize>(),
-            units = handed_units.iter().sum::<usize>(),
+            units = handed_units,
             restore_ms = restore_ms.unwrap_or(0.0),
             "partitions restored"
         );
