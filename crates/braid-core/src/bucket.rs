@@ -403,12 +403,11 @@ impl HotSegment {
         }
     }
 
-    /// Calls `visit` with (matched, payload) of every event.
-    /// Visits every event: whether it matched, its key, its payload.
-    pub fn for_each(&self, mut visit: impl FnMut(bool, &[u8], &[u8])) {
+    /// Visits every event: whether it matched, its key, its time, its payload.
+    pub fn for_each(&self, mut visit: impl FnMut(bool, &[u8], i64, &[u8])) {
         let d = self.data();
         for (i, slot) in d.slots.iter().enumerate() {
-            visit(self.marks.get(i), d.key(slot), d.payload(slot));
+            visit(self.marks.get(i), d.key(slot), slot.time, d.payload(slot));
         }
     }
 

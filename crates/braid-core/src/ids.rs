@@ -76,6 +76,15 @@ impl IdSet {
         self.capacity = self.parts.iter().map(|p| p.capacity()).sum();
     }
 
+    /// Visits every remembered id with the bucket that holds its event.
+    pub fn for_each(&self, mut visit: impl FnMut(u128, i64)) {
+        for part in &self.parts {
+            for (key, &bucket) in part.iter() {
+                visit(u128::from(key.0) | (u128::from(key.1) << 64), bucket);
+            }
+        }
+    }
+
     pub fn write(&self, w: &mut Writer<'_>) {
         w.len(self.parts.iter().map(|p| p.len()).sum());
         for part in &self.parts {

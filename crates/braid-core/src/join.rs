@@ -17,6 +17,7 @@ use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
 
 mod image;
+mod split;
 
 pub use image::JoinImage;
 
@@ -489,7 +490,7 @@ impl<S: StateStore> Join<S> {
             let (len, matched) = match segment {
                 Segment::Hot(hot) => {
                     if emits {
-                        hot.for_each(|matched, key, payload| {
+                        hot.for_each(|matched, key, _time, payload| {
                             if !matched {
                                 sink.unmatched(side, key, payload);
                             }

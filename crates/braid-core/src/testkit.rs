@@ -61,14 +61,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A test event's key, encoded as the join encodes keys: by [`KeyWriter`].
 fn encoded(key: &[TestKeyPart]) -> String {
-    let mut writer = KeyWriter::default();
-    for part in key {
-        writer.push(match part {
-            TestKeyPart::Int(v) => KeyPart::Int(*v),
-            TestKeyPart::Str(s) => KeyPart::Str(s),
-        });
-    }
-    hex(writer.bytes())
+    hex(encode(key).bytes())
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -127,13 +120,7 @@ pub fn run_join_restarting<S: StateStore>(
             {
                 late.push(i);
             } else {
-                let mut key = KeyWriter::default();
-                for part in &event.key {
-                    key.push(match part {
-                        TestKeyPart::Int(v) => KeyPart::Int(*v),
-                        TestKeyPart::Str(s) => KeyPart::Str(s),
-                    });
-                }
+                let key = encode(&event.key);
                 admitted.push((event, key.bytes().to_vec(), key.hash()));
             }
             marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
@@ -175,6 +162,99 @@ pub fn run_join_restarting<S: StateStore>(
     join.advance(Watermark::MAX, &mut sink)?;
     sink.0.sort();
     Ok(Outcome { rows: sink.0, late })
+}
+
+/// Drives the real join as [`run_join`] does, split by key over several joins (as
+/// shards hold a partition split by key group): event `e` goes to join
+/// `e.key_hash % n`. After batch `resplits[i].0` the state is re-split over
+/// `resplits[i].1` joins with [`Join::split_into`], as a restore with another
+/// parallelism does. Returns the outcome and the joins' counts, summed.
+pub fn run_join_resplitting(
+    spec: JoinSpec,
+    memory_max_bytes: usize,
+    events: &[TestEvent],
+    batch_sizes: &[usize],
+    max_out_of_orderness_ms: i64,
+    first_pieces: usize,
+    resplits: &[(usize, usize)],
+) -> Result<(Outcome, crate::JoinCounts), StoreError> {
+    let new_pieces = |n: usize| -> Vec<Join<crate::MemStore>> {
+        (0..n.max(1))
+            .map(|_| Join::new(spec, crate::MemStore::default(), memory_max_bytes))
+            .collect()
+    };
+    let mut pieces = new_pieces(first_pieces);
+    let mut resplits = resplits.iter().copied().peekable();
+    let mut batches = 0usize;
+    let mut marks = Watermarks::new(&[1, 1], max_out_of_orderness_ms, u64::MAX, 0);
+    let mut sink = RowSink::default();
+    let mut late = Vec::new();
+    let mut next = 0;
+    let mut sizes = batch_sizes.iter().copied().cycle();
+    while next < events.len() {
+        let size = sizes.next().unwrap_or(1).max(1);
+        let end = (next + size).min(events.len());
+        let mut admitted: Vec<(&TestEvent, Vec<u8>, u64)> = Vec::new();
+        for (i, event) in events.iter().enumerate().take(end).skip(next) {
+            if marks
+                .current()
+                .is_late(EventTime(event.time), spec.allowed_lateness_ms)
+            {
+                late.push(i);
+            } else {
+                let key = encode(&event.key);
+                admitted.push((event, key.bytes().to_vec(), key.hash()));
+            }
+            marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
+            marks.update(0);
+        }
+        let n = pieces.len() as u64;
+        for (p, piece) in pieces.iter_mut().enumerate() {
+            let batch: Vec<Event<'_>> = admitted
+                .iter()
+                .filter(|(_, _, hash)| hash % n == p as u64)
+                .map(|(event, key, key_hash)| Event {
+                    side: event.side,
+                    key,
+                    key_hash: *key_hash,
+                    time: EventTime(event.time),
+                    id: event.id.map(|id| hash_id(&id.to_le_bytes())),
+                    payload: event.payload.as_bytes(),
+                })
+                .collect();
+            piece.on_batch(&batch, &mut sink)?;
+            piece.advance(marks.current(), &mut sink)?;
+        }
+        next = end;
+        batches += 1;
+        while let Some((_, n)) = resplits.next_if(|&(at, _)| at <= batches) {
+            let mut split = new_pieces(n);
+            let ways = split.len() as u64;
+            for old in pieces.drain(..) {
+                old.split_into(&mut split, |hash| (hash % ways) as usize)?;
+            }
+            pieces = split;
+        }
+    }
+    let mut counts = crate::JoinCounts::default();
+    for piece in &mut pieces {
+        piece.advance(Watermark::MAX, &mut sink)?;
+        counts.add(&piece.counts());
+    }
+    sink.0.sort();
+    Ok((Outcome { rows: sink.0, late }, counts))
+}
+
+/// A test event's key, encoded.
+fn encode(key: &[TestKeyPart]) -> KeyWriter {
+    let mut writer = KeyWriter::default();
+    for part in key {
+        writer.push(match part {
+            TestKeyPart::Int(v) => KeyPart::Int(*v),
+            TestKeyPart::Str(s) => KeyPart::Str(s),
+        });
+    }
+    writer
 }
 
 /// The reference: the relational interval join over the de-duplicated, non-late events,

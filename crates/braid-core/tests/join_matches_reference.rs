@@ -5,7 +5,9 @@
 //! event" to "spill nothing". The cold tier here is the in-memory model; `braid-state`
 //! runs the same property on RocksDB.
 
-use braid_core::testkit::{build, draws, kinds, reference, run_join, run_join_restarting};
+use braid_core::testkit::{
+    build, draws, kinds, reference, run_join, run_join_resplitting, run_join_restarting,
+};
 use braid_core::{Join, JoinSpec, MemStore};
 use proptest::prelude::*;
 
@@ -67,5 +69,38 @@ proptest! {
         prop_assert_eq!(&got.rows, &want.rows);
         prop_assert_eq!(join.counts().retained, [0, 0]);
         prop_assert_eq!(join.store().segment_count(), 0);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// A partition's state split by key over several joins and re-split over another
+    /// number mid-run (a restore with another parallelism) finds exactly what the naive
+    /// join finds, and its counts account for every admitted event once.
+    #[test]
+    fn join_re_split_by_key_equals_naive_join(
+        kind in kinds(),
+        lower_ms in -3_000i64..3_000,
+        width_ms in 0i64..4_000,
+        ooo_ms in prop_oneof![Just(0i64), Just(500)],
+        memory_max in prop_oneof![Just(0usize), Just(4_096), Just(1 << 20)],
+        draws in draws(),
+        batch_sizes in prop::collection::vec(1usize..20, 1..5),
+        first in 1usize..4,
+        resplits in prop::collection::vec((1usize..8, 1usize..4), 1..3),
+    ) {
+        let spec = JoinSpec { kind, lower_ms, upper_ms: lower_ms + width_ms, allowed_lateness_ms: 0 };
+        let events = build(&draws, ooo_ms);
+        let mut resplits = resplits;
+        resplits.sort();
+        let (got, c) = run_join_resplitting(spec, memory_max, &events, &batch_sizes, ooo_ms, first, &resplits).expect("the model store never fails");
+        let want = reference(&events, &spec, ooo_ms);
+        prop_assert_eq!(&got.late, &want.late);
+        prop_assert_eq!(&got.rows, &want.rows);
+        prop_assert_eq!(c.retained, [0, 0]);
+        let admitted = events.len() as u64 - got.late.len() as u64;
+        let accounted: u64 = (0..2).map(|i| c.matched[i] + c.unmatched_emitted[i] + c.unmatched_expired[i] + c.duplicates[i]).sum();
+        prop_assert_eq!(accounted, admitted, "every admitted event is accounted for once");
     }
 }

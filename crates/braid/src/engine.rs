@@ -40,6 +40,9 @@ pub const KEY_GROUPS: u64 = 4_096;
 const SHARD_BLOCK_CACHE_BYTES: usize = 8 << 20;
 /// Least block cache of one unit's store.
 const UNIT_BLOCK_CACHE_MIN_BYTES: usize = 1 << 20;
+/// Memory an old unit of a checkpoint may hold while its state is re-split onto
+/// another number of shards (beyond it, its state spills to a temporary store).
+const RESPLIT_LOAD_BYTES_MAX: usize = 64 << 20;
 
 /// One partition's join on one shard: the unit of state and of a checkpoint's parts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -275,30 +278,45 @@ impl Engine {
         let shards = layout.shards;
         let units = layout.units();
         let saved: Vec<Unit> = restore.iter().map(|r| r.unit).collect();
-        let placed = match (saved.is_empty(), layout.place(&saved)) {
-            (true, _) => Vec::new(),
-            (false, Some(placed)) => placed,
-            (false, None) => anyhow::bail!(
-                "the checkpoint holds {} units of state ({} shards, {} partitions), the job {} ({} shards, {} partitions); a partition split over shards by key is not re-split yet: run the job with the checkpoint's parallelism, or `braid run --reset` to start from scratch",
-                saved.len(),
-                saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
-                saved.iter().map(|u| u.partition).max().map_or(0, |p| p + 1),
-                units.len(),
-                shards,
-                layout.partitions
-            ),
+        // A checkpoint in this layout, or with whole partitions onto another number of
+        // shards, is placed as it is; otherwise (partitions split by key group, before
+        // or now) each partition's pieces are re-split by key after the units start.
+        let (restore, to_split) = match (saved.is_empty(), layout.place(&saved)) {
+            (true, _) => (std::collections::HashMap::new(), Vec::new()),
+            (false, Some(placed)) => {
+                if placed != saved {
+                    tracing::info!(
+                        from = saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
+                        to = shards,
+                        "restoring whole partitions onto another number of shards"
+                    );
+                }
+                // Each restored unit under the unit that now holds it (its own `unit`
+                // says where it was checkpointed).
+                (placed.into_iter().zip(restore).collect(), Vec::new())
+            }
+            (false, None) => {
+                if let Some(u) = saved
+                    .iter()
+                    .find(|u| u.partition >= layout.partitions || !layout.owns(u.partition))
+                {
+                    anyhow::bail!(
+                        "the checkpoint holds state of partition {}, which this job does not have ({} partitions{}); run the job with the inputs it was checkpointed with, or `braid run --reset` to start from scratch",
+                        u.partition,
+                        layout.partitions,
+                        if layout.owned.is_some() { ", of which this instance owns some" } else { "" }
+                    );
+                }
+                tracing::info!(
+                    units = saved.len(),
+                    from = saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
+                    to = shards,
+                    "re-splitting the state by key onto another number of shards"
+                );
+                (std::collections::HashMap::new(), restore)
+            }
         };
-        if placed != saved {
-            tracing::info!(
-                from = saved.iter().map(|u| u.shard).max().map_or(0, |s| s + 1),
-                to = shards,
-                "restoring whole partitions onto another number of shards"
-            );
-        }
-        // Each restored unit under the unit that now holds it (its own `unit` says where
-        // it was checkpointed).
-        let mut restore: std::collections::HashMap<Unit, UnitRestore> =
-            placed.into_iter().zip(restore).collect();
+        let mut restore: std::collections::HashMap<Unit, UnitRestore> = restore;
         for i in 0..shards {
             clear_shard_dir(&state_dir.join(format!("shard-{i}")))?;
         }
@@ -344,11 +362,18 @@ impl Engine {
                 })
                 .collect()
         });
+        let mut built = built
+            .into_iter()
+            .collect::<anyhow::Result<Vec<PartJoin>>>()?;
+        if !to_split.is_empty() {
+            let budget = usize::try_from(memory_max_bytes).unwrap_or(usize::MAX);
+            resplit(&mut built, to_split, &layout, state_dir, spec, budget)?;
+        }
         let mut built = built.into_iter();
         for i in 0..shards {
             let parts = (&mut built)
                 .take(layout.partitions_of(i).len())
-                .collect::<anyhow::Result<Vec<PartJoin>>>()?;
+                .collect::<Vec<PartJoin>>();
             let sink = make_sink(i)?;
             let (tx, rx) = bounded(SHARD_QUEUE_BATCHES);
             senders.push(tx);
@@ -508,6 +533,72 @@ fn clear_shard_dir(dir: &Path) -> anyhow::Result<()> {
         std::fs::remove_dir_all(path)
             .with_context(|| format!("cannot clear {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// Moves checkpointed units' state into `units` (just started, empty), re-split by key:
+/// each old unit is restored on its own under `state_dir/resplit` and every event goes
+/// to the unit of its partition that now holds its key ([`Join::split_into`]). Old
+/// units are loaded one at a time, with at most [`RESPLIT_LOAD_BYTES_MAX`] of memory
+/// (the rest spills to their temporary stores), so a re-split stays near the budget.
+fn resplit(
+    units: &mut [PartJoin],
+    old: Vec<UnitRestore>,
+    layout: &Layout,
+    state_dir: &Path,
+    spec: JoinSpec,
+    memory_max_bytes: usize,
+) -> anyhow::Result<()> {
+    let scratch = state_dir.join("resplit");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)
+            .with_context(|| format!("cannot clear {}", scratch.display()))?;
+    }
+    let started = Instant::now();
+    let moved = old.len();
+    for r in old {
+        let partition = r.unit.partition;
+        let dir = scratch.join(r.unit.path());
+        let budget = (memory_max_bytes / layout.shards.max(1)).min(RESPLIT_LOAD_BYTES_MAX);
+        let from = build_unit(
+            r.unit,
+            &dir,
+            &RocksOptions::default(),
+            spec,
+            budget,
+            Some(r),
+        )?;
+        let mut pieces: Vec<&mut PartJoin> = units
+            .iter_mut()
+            .filter(|u| u.unit.partition == partition)
+            .collect();
+        // Units are in shard order: a key's shard's position among them.
+        let mut position = vec![0; layout.shards];
+        for (i, piece) in pieces.iter().enumerate() {
+            position[piece.unit.shard] = i;
+        }
+        let mut joins: Vec<&mut Join<RocksStore>> =
+            pieces.iter_mut().map(|p| &mut p.join).collect();
+        from.join
+            .split_into(&mut joins, |hash| {
+                position[layout.shard_of(partition, hash)]
+            })
+            .with_context(|| {
+                format!(
+                    "cannot re-split partition {partition} of shard {} onto {} shards",
+                    from.unit.shard, layout.shards
+                )
+            })?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    std::fs::remove_dir_all(&scratch)
+        .with_context(|| format!("cannot remove {}", scratch.display()))?;
+    tracing::info!(
+        units = moved,
+        ms = started.elapsed().as_millis() as u64,
+        "re-split the checkpoint's state by key"
+    );
     Ok(())
 }
 
