@@ -90,6 +90,8 @@ struct JoinFile {
     #[serde(rename = "type")]
     kind: String,
     within: Vec<String>,
+    #[serde(default)]
+    repartition: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,6 +252,9 @@ pub struct Plan {
     pub memory_max_bytes: u64,
     pub checkpoint: Option<CheckpointPlan>,
     pub parallelism: usize,
+    /// `[join] repartition = true`: inputs that are not co-partitioned are joined as
+    /// one partition, split over the shards by key (see `driver::state_partitions`).
+    pub repartition: bool,
     /// `--instance NAME`: this process is one of several sharing the job (SPEC §6).
     pub instance: Option<String>,
 }
@@ -286,6 +291,11 @@ impl Plan {
         if !matches!(self.output, Output::Kafka(_)) {
             return Err(fail(
                 "--instance: [output] must be Kafka (kind = \"kafka\"); instances commit their output through Kafka transactions".into(),
+            ));
+        }
+        if self.repartition {
+            return Err(fail(
+                "--instance: [join] repartition = true is not supported across instances yet: braid repartitions inside one process only (run the job without --instance), not through intermediate Kafka topics; for instances, produce both inputs keyed by the join key into topics of the same partition count".into(),
             ));
         }
         if self.checkpoint.is_none() {
@@ -491,6 +501,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         memory_max_bytes,
         checkpoint,
         parallelism,
+        repartition: raw.join.repartition,
         instance: None,
     })
 }

@@ -356,13 +356,16 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
 /// partition p of co-partitioned Kafka topics is joined on its own, with its own
 /// watermark; anything else (files, the generator, a topic with history files) is
 /// joined as one partition, 0. Kafka topics of different partition counts are not
-/// co-partitioned: an error that says how to fix it.
+/// co-partitioned: an error that says how to fix it, unless the job sets `[join]
+/// repartition = true`, which joins every partition of both as one partition, 0, whose
+/// keys the engine splits over the shards by key group: a repartition by key inside
+/// the process, with one watermark over every input partition.
 fn state_partitions(plan: &Plan, readers: &[Box<dyn Source>; 2]) -> anyhow::Result<Vec<Vec<u32>>> {
     let counts = [readers[0].partitions(), readers[1].partitions()];
-    let co_partitioned = readers.iter().all(|r| r.co_partitioned());
+    let co_partitioned = !plan.repartition && readers.iter().all(|r| r.co_partitioned());
     anyhow::ensure!(
         !co_partitioned || counts[0] == counts[1],
-        "source `{}` has {} partitions and source `{}` has {}: a join of Kafka topics needs them co-partitioned (the same partition count, and records with equal join keys in the same partition number, as a producer keying them by the join key gives); recreate one topic with the other's partition count, or copy it into one that has it",
+        "source `{}` has {} partitions and source `{}` has {}: a join of Kafka topics needs them co-partitioned (the same partition count, and records with equal join keys in the same partition number, as a producer keying them by the join key gives); recreate one topic with the other's partition count, or copy it into one that has it, or set `repartition = true` under [join] to repartition them by key inside this process (one process only, not with --instance)",
         plan.sources[0].name,
         counts[0],
         plan.sources[1].name,

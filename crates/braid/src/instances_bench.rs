@@ -111,23 +111,37 @@ impl Drop for Instance {
 }
 
 /// Runs both measurements; returns the JSON result line.
+///
+/// With `fill_rate` (`--fill-rate N`), only the hand-over is measured, and the topics
+/// are filled at N events/s while `a` reads them: noida-db answers a fetch with all it
+/// holds past the offset, which at 10 M events already filled was 1.3 GB, past what a
+/// consumer takes; read as they fill, fetches stay small.
 pub fn instances(
     options: &KafkaBenchOptions,
     checkpoint_store: Option<&str>,
+    fill_rate: Option<u64>,
 ) -> anyhow::Result<Value> {
     let prefix = format!("braid-bench-{}", now_ms());
     let topics = Topics::new(&prefix);
     let created = topics.all();
     create_topics(&options.brokers, &created)?;
-    eprintln!(
-        "braid bench instances: filling the topics with {} events",
-        options.events
-    );
     let config = TakeRateConfig {
         events: options.events,
         ..TakeRateConfig::default()
     };
-    fill(&options.brokers, &topics, TakeRate::new(config))?;
+    // Filled first, unless the hand-over's first instance reads as they fill.
+    if fill_rate.is_none() {
+        eprintln!(
+            "braid bench instances: filling the topics with {} events",
+            options.events
+        );
+        fill(
+            &options.brokers,
+            &topics,
+            TakeRate::new(config.clone()),
+            None,
+        )?;
+    }
     let dir = options.dir.join(&prefix);
     let job = |name: &str, bounded: bool| -> anyhow::Result<PathBuf> {
         let path = write_job(options, &topics, name, &dir.join(name), bounded)?;
@@ -141,7 +155,7 @@ pub fn instances(
         Ok(path)
     };
     let mut throughput = Vec::new();
-    for n in [1usize, 2] {
+    for n in [1usize, 2].into_iter().filter(|_| fill_rate.is_none()) {
         eprintln!("braid bench instances: the bounded job on {n} instance(s)");
         let name = format!("{prefix}-on-{n}");
         let path = job(&name, true)?;
@@ -167,6 +181,13 @@ pub fn instances(
     let path = job(&name, false)?;
     let mut a = Instance::start(&path, "a", &dir.join(&name))?;
     a.wait_for_line("the group assigns partitions")?;
+    if let Some(rate) = fill_rate {
+        eprintln!(
+            "braid bench instances: filling the topics with {} events at {rate}/s while a reads",
+            options.events
+        );
+        fill(&options.brokers, &topics, TakeRate::new(config), Some(rate))?;
+    }
     let caught_up = Instant::now();
     wait_until_committed(&options.brokers, &name, &topics)?;
     eprintln!(
@@ -207,6 +228,7 @@ pub fn instances(
         "memory_max_mb": options.memory_max_bytes >> 20,
         "checkpoint_interval_ms": options.checkpoint_interval_ms,
         "checkpoint_store": checkpoint_store.unwrap_or("local folder"),
+        "fill_rate": fill_rate,
         "throughput": throughput,
         "handover": handover,
     }))

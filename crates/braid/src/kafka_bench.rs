@@ -133,7 +133,7 @@ pub fn kafka(options: &KafkaBenchOptions) -> anyhow::Result<Value> {
         ..TakeRateConfig::default()
     };
     let fill_started = Instant::now();
-    fill(&options.brokers, &topics, TakeRate::new(config))?;
+    fill(&options.brokers, &topics, TakeRate::new(config), None)?;
     let fill_seconds = fill_started.elapsed().as_secs_f64();
 
     eprintln!("braid bench kafka: ceiling (consume, produce in transactions, no join)");
@@ -345,10 +345,23 @@ fn drain(producer: &BaseProducer) -> anyhow::Result<()> {
         .context("the broker did not take every record")
 }
 
-/// Produces the take-rate lines into the two input topics, record time = event time.
-pub(crate) fn fill(brokers: &str, topics: &Topics, lines: TakeRate) -> anyhow::Result<()> {
+/// Produces the take-rate lines into the two input topics, record time = event time;
+/// at most `rate` events/s when given.
+pub(crate) fn fill(
+    brokers: &str,
+    topics: &Topics,
+    lines: TakeRate,
+    rate: Option<u64>,
+) -> anyhow::Result<()> {
     let producer = fill_producer(brokers)?;
+    let started = Instant::now();
     for (i, (stream, line)) in lines.enumerate() {
+        if let (Some(rate), true) = (rate, i % 1024 == 0) {
+            let due = Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         let topic = match stream {
             braid_io::takerate::Stream::Impressions => &topics.impressions,
             braid_io::takerate::Stream::Plays => &topics.plays,

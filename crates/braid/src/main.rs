@@ -148,6 +148,10 @@ struct BenchArgs {
     /// ... for this long (s); 0 skips the latency run.
     #[arg(long, default_value_t = 60)]
     live_seconds: u64,
+    /// instances: measure only the hand-over, filling the topics at this many events/s
+    /// while the first instance reads them (for state too large to fill first).
+    #[arg(long)]
+    fill_rate: Option<u64>,
 }
 
 /// Errors that are the user's to fix in what they wrote (exit 2).
@@ -349,9 +353,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 live_seconds: args.live_seconds,
             };
             match args.workload {
-                Workload::Instances => {
-                    braid::instances_bench::instances(&kafka, args.checkpoint_store.as_deref())?
-                }
+                Workload::Instances => braid::instances_bench::instances(
+                    &kafka,
+                    args.checkpoint_store.as_deref(),
+                    args.fill_rate,
+                )?,
                 _ => braid::kafka_bench::kafka(&kafka)?,
             }
         }

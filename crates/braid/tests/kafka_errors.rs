@@ -10,10 +10,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::kafka::run::{BraidRun, KafkaJob};
+use common::kafka::check::{check_exact, read_outputs, Input};
+use common::kafka::run::{wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
 use common::kafka::{
-    create_topic, exclusive, free_port, produce_lines, Broker, IMPRESSIONS, OUT, OUT_DEAD,
-    OUT_LATE, PARTITIONS, PLAYS,
+    create_topic, exclusive, free_port, produce_lines, read_committed, Broker, IMPRESSIONS, OUT,
+    OUT_DEAD, OUT_LATE, PARTITIONS, PLAYS,
 };
 use common::{assert_success, braid, generate, stderr};
 
@@ -138,9 +139,67 @@ fn inputs_of_different_partition_counts_stop_the_job() {
         format!("has {PARTITIONS}"),
         "co-partitioned".to_string(),
         "recreate one topic".to_string(),
+        "repartition = true".to_string(),
     ] {
         assert!(err.contains(&expected), "stderr says {expected:?}: {err}");
     }
+}
+
+/// With `[join] repartition = true` the same topics are joined in one process, every
+/// partition of both as one, split over the shards by key: killed once after its first
+/// commit and run again to the end, the output is exactly the reference join. As an
+/// instance, the job stops with a message: that repartitioning is one process's.
+#[test]
+fn inputs_of_different_partition_counts_join_with_repartition() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap();
+    generate(dir.path(), 20_000, 31);
+    let input = Input::generated(dir.path());
+    for topic in [PLAYS, OUT, OUT_LATE, OUT_DEAD] {
+        create_topic(&bootstrap, topic, PARTITIONS);
+    }
+    create_topic(&bootstrap, "impressions-3", PARTITIONS - 1);
+    produce_lines(
+        &bootstrap,
+        "impressions-3",
+        PARTITIONS - 1,
+        &input.impressions,
+    );
+    produce_lines(&bootstrap, PLAYS, PARTITIONS, &input.plays);
+    let mut job = KafkaJob::new(&bootstrap);
+    job.impressions_topic = "impressions-3".to_string();
+    job.repartition = true;
+    let job = job.write(dir.path());
+    let mut first = BraidRun::start(&job, None, &dir.path().join("run-1.log"));
+    let committed = wait_until(OUTPUT_TIMEOUT, || {
+        if let Some(status) = first.try_wait() {
+            return Ok(format!("run 1 ended ({status}) before it was killed"));
+        }
+        match read_committed(&bootstrap, OUT).len() {
+            0 => Err("no output committed yet".to_string()),
+            n => Ok(format!("{n} rows committed")),
+        }
+    });
+    first.kill();
+    eprintln!(
+        "run 1: {}",
+        committed.unwrap_or_else(|e| panic!("run 1: {e}:\n{}", first.stderr()))
+    );
+    let (code, err) = run_until_it_stops(dir.path(), &job);
+    assert_eq!(code, Some(0), "{err}");
+    let got = read_outputs(&bootstrap);
+    if let Err(e) = check_exact(&input, &got, &|_| false) {
+        panic!("repartitioned join: {e}");
+    }
+    let out = braid(&["run", "--instance", "a", path_str(&job)]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("repartition = true is not supported across instances"),
+        "{err}"
+    );
 }
 
 #[test]

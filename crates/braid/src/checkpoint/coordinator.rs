@@ -48,13 +48,19 @@ pub fn open_store_at(dir: &str) -> anyhow::Result<Box<dyn CheckpointStore>> {
 pub fn join_fingerprint(plan: &Plan) -> String {
     let s = &plan.spec;
     format!(
-        "{:?} join of {} and {} within [{}, {}] ms, lateness {} ms",
+        "{:?} join of {} and {} within [{}, {}] ms, lateness {} ms{}",
         s.kind,
         plan.sources[0].name,
         plan.sources[1].name,
         s.lower_ms,
         s.upper_ms,
         s.allowed_lateness_ms,
+        // Its state is one partition, not one per input partition.
+        if plan.repartition {
+            ", repartitioned by key"
+        } else {
+            ""
+        },
     )
 }
 

@@ -26,6 +26,18 @@ pub struct KafkaJob {
     pub parallelism: usize,
     /// Lines added under `[output.properties]`.
     pub output_properties: Vec<(String, String)>,
+    /// Lines added under each source's `[source.properties]`.
+    pub source_properties: Vec<(String, String)>,
+    /// `[join] repartition = true`.
+    pub repartition: bool,
+}
+
+/// `"name" = "value"` lines of a TOML properties table.
+fn properties(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(name, value)| format!("\"{name}\" = \"{value}\"\n"))
+        .collect()
 }
 
 impl KafkaJob {
@@ -39,6 +51,8 @@ impl KafkaJob {
             checkpoint_interval: "100ms".to_string(),
             parallelism: 2,
             output_properties: Vec::new(),
+            source_properties: Vec::new(),
+            repartition: false,
         }
     }
 
@@ -61,9 +75,10 @@ time = "ts"
 id = "event_id"
 [source.properties]
 "receive.message.max.bytes" = "{RECEIVE_MESSAGE_MAX_BYTES}"
-
+{extra}
 "#,
-            brokers = self.brokers
+            brokers = self.brokers,
+            extra = properties(&self.source_properties),
         )
     }
 
@@ -77,8 +92,12 @@ id = "event_id"
         text.push_str(&self.source(PLAYS, PLAYS));
         text.push_str(
             "[join]\nleft = \"impressions\"\nright = \"plays\"\ntype = \"left\"\n\
-             within = [\"0s\", \"1h\"]\n\n[time]\nmax_out_of_orderness = \"5s\"\n",
+             within = [\"0s\", \"1h\"]\n",
         );
+        if self.repartition {
+            text.push_str("repartition = true\n");
+        }
+        text.push_str("\n[time]\nmax_out_of_orderness = \"5s\"\n");
         if let Some(idle) = &self.idle_timeout {
             text.push_str(&format!("idle_timeout = \"{idle}\"\n"));
         }
@@ -89,9 +108,7 @@ id = "event_id"
         ));
         if !self.output_properties.is_empty() {
             text.push_str("[output.properties]\n");
-            for (name, value) in &self.output_properties {
-                text.push_str(&format!("\"{name}\" = \"{value}\"\n"));
-            }
+            text.push_str(&properties(&self.output_properties));
         }
         text.push_str(&format!(
             "\n[state]\ndir = \"state\"\nmemory_max = \"1MiB\"\n\n\
