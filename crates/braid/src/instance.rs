@@ -23,7 +23,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::config::{Input, Plan};
 use crate::driver::{run, RunOptions};
@@ -46,6 +46,17 @@ const LEAVE_WAIT: Duration = Duration::from_secs(5);
 /// a member that leaves before it has an assignment sends no LeaveGroup, and the
 /// group keeps it (noida-db never expires it; Kafka after `session.timeout.ms`).
 const JOIN_WAIT_ON_LEAVE: Duration = Duration::from_secs(60);
+/// How many times a generation fenced by another process of this name starts again
+/// while the group still names this process its member (the other was a zombie, or
+/// fenced in turn by this process's two producers initialising after its own).
+const FENCED_RESTARTS_MAX: u32 = 3;
+/// How long a fenced generation waits before it asks whether the group fenced it too.
+const FENCED_RESTART_PAUSE: Duration = Duration::from_secs(2);
+/// A join the group has not answered within this many rebalance timeouts is sent
+/// again (unsubscribe, subscribe). A coordinator answers every join within one
+/// rebalance timeout; noida-db now and then answers none when a member leaves in the
+/// middle of a rebalance, and the group then waits for ever (README).
+const REJOIN_AFTER_REBALANCE_TIMEOUTS: u32 = 2;
 
 /// What the rebalance callbacks and the generations share.
 #[derive(Default)]
@@ -67,6 +78,11 @@ struct State {
     joined: bool,
     /// The membership consumer has left the group (or failed).
     closed: bool,
+    /// The group has fenced this member: another process joined with its name.
+    fenced: bool,
+    /// Since when this member has been waiting for the group's answer to its join
+    /// (from the subscription, and from each revocation); `None` once assigned.
+    waiting_since: Option<Instant>,
 }
 
 impl Shared {
@@ -92,6 +108,9 @@ impl ClientContext for MembershipContext {
     }
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "membership: {error}: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) {
+            self.shared.lock().fenced = true;
+        }
     }
 }
 
@@ -119,6 +138,7 @@ impl ConsumerContext for MembershipContext {
                     "revoked partitions committed; the group may hand them over"
                 );
             }
+            state.waiting_since = Some(Instant::now());
         }
     }
 
@@ -140,6 +160,7 @@ impl ConsumerContext for MembershipContext {
             let mut state = self.shared.lock();
             state.assigned = Some((partitions, member));
             state.joined = true;
+            state.waiting_since = None;
             drop(state);
             self.shared.changed.notify_all();
         }
@@ -193,10 +214,19 @@ impl Membership {
                 shared: Arc::clone(&shared),
             })
             .with_context(|| format!("cannot create the membership consumer for {}", k.brokers))?;
+        let rebalance_timeout = config
+            .get("max.poll.interval.ms")
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(30), Duration::from_millis);
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&names)
             .with_context(|| format!("cannot join group `{}` at {}", k.group, k.brokers))?;
+        shared.lock().waiting_since = Some(Instant::now());
+        let rejoin = Rejoin {
+            topics: topics.clone(),
+            after: rebalance_timeout * REJOIN_AFTER_REBALANCE_TIMEOUTS,
+        };
         let leave = Arc::new(AtomicBool::new(false));
         let abandon = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -207,7 +237,7 @@ impl Membership {
             );
             std::thread::Builder::new()
                 .name("braid-membership".into())
-                .spawn(move || membership_loop(&consumer, &shared, &leave, &abandon))?
+                .spawn(move || membership_loop(&consumer, &shared, &rejoin, &leave, &abandon))?
         };
         Ok(Membership {
             shared,
@@ -279,6 +309,7 @@ impl Drop for Membership {
 fn membership_loop(
     consumer: &BaseConsumer<MembershipContext>,
     shared: &Shared,
+    rejoin: &Rejoin,
     leave: &AtomicBool,
     abandon: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -286,6 +317,7 @@ fn membership_loop(
         if let Some(Err(e)) = consumer.poll(MEMBERSHIP_POLL) {
             tracing::debug!("membership: {e}");
         }
+        rejoin.if_unanswered(consumer, shared)?;
     }
     if abandon.load(Ordering::Acquire) {
         return Ok(());
@@ -293,6 +325,7 @@ fn membership_loop(
     let deadline = Instant::now() + JOIN_WAIT_ON_LEAVE;
     while !shared.lock().joined && Instant::now() < deadline {
         let _ = consumer.poll(MEMBERSHIP_POLL);
+        rejoin.if_unanswered(consumer, shared)?;
     }
     consumer.unsubscribe();
     let deadline = Instant::now() + LEAVE_WAIT;
@@ -306,6 +339,50 @@ fn membership_loop(
     shared.lock().closed = true;
     shared.changed.notify_all();
     Ok(())
+}
+
+/// Sends a join again when the group has left it unanswered too long.
+struct Rejoin {
+    topics: Vec<String>,
+    after: Duration,
+}
+
+impl Rejoin {
+    /// Unsubscribes (for a static member that is a LeaveGroup) and subscribes again (a
+    /// new JoinGroup of the same static member) when this member has waited `after`
+    /// for an answer, no generation running.
+    fn if_unanswered(
+        &self,
+        consumer: &BaseConsumer<MembershipContext>,
+        shared: &Shared,
+    ) -> anyhow::Result<()> {
+        let waited = {
+            let state = shared.lock();
+            match state.waiting_since {
+                Some(since) if !state.running && state.assigned.is_none() => since.elapsed(),
+                _ => return Ok(()),
+            }
+        };
+        if waited < self.after {
+            return Ok(());
+        }
+        tracing::warn!(
+            waited_s = waited.as_secs(),
+            "the group has not answered this instance's join; joining again"
+        );
+        consumer.unsubscribe();
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .context("cannot join the job's group again")?;
+        shared.lock().waiting_since = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// Whether an error is this process being fenced by another of its name.
+fn is_fenced(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Fenced>())
 }
 
 /// Locks the instance's local state folder for this process: a second process of
@@ -345,8 +422,11 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
     let membership = Membership::join(plan, instance)?;
     tracing::info!(instance, "joined the job's group; waiting for partitions");
     let mut last = None;
+    let mut fenced_restarts = 0;
+    // A generation fenced while this process is still the group's member runs again.
+    let mut again = None;
     let outcome = loop {
-        let Some((owned, member)) = membership.next_assignment() else {
+        let Some((owned, member)) = again.take().or_else(|| membership.next_assignment()) else {
             break Ok(());
         };
         if owned.is_empty() {
@@ -360,16 +440,38 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
         let options = RunOptions {
             progress,
             reset: false,
-            owned: Some(Arc::new(owned)),
+            owned: Some(Arc::new(owned.clone())),
             revoked: Some(Arc::clone(&membership.shared.revoked)),
-            member,
+            member: member.clone(),
         };
         let result = run(plan, &options);
-        membership.generation_ended();
         let summary = match result {
             Ok(summary) => summary,
-            Err(e) => break Err(e),
+            Err(e) if is_fenced(&e) && fenced_restarts < FENCED_RESTARTS_MAX => {
+                // Give the group a moment to fence whichever process it does not name.
+                std::thread::sleep(FENCED_RESTART_PAUSE);
+                let state = membership.shared.lock();
+                if state.fenced || state.closed || membership.shared.revoked.load(Ordering::Acquire)
+                {
+                    drop(state);
+                    membership.generation_ended();
+                    break Err(e);
+                }
+                drop(state);
+                fenced_restarts += 1;
+                tracing::warn!(
+                    restart = fenced_restarts,
+                    "fenced by another process of this instance's name, but the group still names this process its member: starting the generation again (the restore reads the latest commit)"
+                );
+                again = Some((owned, member));
+                continue;
+            }
+            Err(e) => {
+                membership.generation_ended();
+                break Err(e);
+            }
         };
+        membership.generation_ended();
         let revoked = membership.shared.revoked.load(Ordering::Acquire);
         let stopped = crate::signals::stop_requested();
         last = Some(summary);
@@ -380,10 +482,7 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
     // Leaving also on an error: the others take the partitions over from their last
     // committed checkpoint. Not when fenced: the member of this name is now the
     // process that fenced this one, and a LeaveGroup would take it out of the group.
-    let fenced = outcome
-        .as_ref()
-        .err()
-        .is_some_and(|e| e.chain().any(|c| c.is::<Fenced>()));
+    let fenced = outcome.as_ref().err().is_some_and(is_fenced);
     let left = if fenced {
         tracing::warn!(
             "fenced by another process of this instance's name: not leaving the group for it"

@@ -223,6 +223,12 @@ impl Checkpointing {
         let me = plan.instance.as_deref();
         let store = PrefixStore::new(open_store(config)?, &instance_prefix(me));
         let own_epochs = epochs(&store)?;
+        let next_epoch = own_epochs.first().map_or(1, |e| e + 1);
+        // The transactional producers first: their `init_transactions` fences any
+        // other process of this instance's name, which then commits nothing more, so
+        // the committed offsets read next are final (as Kafka Streams initialises its
+        // producer before it fetches a task's committed offsets).
+        let kafka = KafkaOutput::open(plan, output, next_epoch, Some(Arc::clone(owned)), member)?;
         let fingerprint = join_fingerprint(plan);
         let mut by_manifest: std::collections::BTreeMap<Tag, Vec<u32>> = Default::default();
         for (p, tag) in committed_tags(plan, owned)? {
@@ -291,8 +297,6 @@ impl Checkpointing {
                 units: fetched,
             });
         }
-        let next_epoch = own_epochs.first().map_or(1, |e| e + 1);
-        let kafka = KafkaOutput::open(plan, output, next_epoch, Some(Arc::clone(owned)), member)?;
         let mut checkpointing = Checkpointing::start(
             plan,
             config,
