@@ -60,6 +60,9 @@ enum Command {
         /// Show one checkpoint in detail.
         #[arg(long, value_name = "EPOCH")]
         inspect: Option<u64>,
+        /// The checkpoints of instance NAME (`braid run JOB --instance NAME`).
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
     },
     /// Write a synthetic impressions/plays data set (NDJSON) and a job.toml for it.
     Generate(GenerateArgs),
@@ -199,8 +202,16 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
     match command {
         Command::Demo { dir, events } => braid::demo::demo(&dir, events, progress)?,
         Command::Validate { job } => print!("{}", braid::config::load(&job)?),
-        Command::Checkpoints { job, inspect } => {
+        Command::Checkpoints {
+            job,
+            inspect,
+            instance,
+        } => {
             let plan = braid::config::load(&job)?;
+            let plan = match instance {
+                Some(name) => plan.as_instance(&name)?,
+                None => plan,
+            };
             print!("{}", braid::checkpoint::list::describe(&plan, inspect)?);
         }
         Command::Run {

@@ -15,7 +15,7 @@ use common::kafka::check::{check_exact, is_flush_row, read_outputs, Input};
 use common::kafka::run::{produce_the_rest, wait_until, BraidRun, KafkaJob, OUTPUT_TIMEOUT};
 use common::kafka::{create_job_topics, exclusive, read_committed, Broker, OUT};
 use common::moto::{moto_server, with_moto, Moto};
-use common::{generate, TestRng};
+use common::{braid, generate, TestRng};
 
 const EVENTS: u64 = 40_000;
 /// How long the instances may take to finish the job once the schedule is over.
@@ -163,7 +163,24 @@ fn two_instances_share_a_bounded_job() {
             manifests.display(),
             b.stderr()
         );
+        // `braid checkpoints --instance NAME` lists them.
+        let job = setup.job.to_str().expect("utf-8");
+        let out = braid(&["checkpoints", job, "--instance", name]);
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && listing.contains(&format!("instance `{name}`"))
+                && listing.contains("epoch"),
+            "braid checkpoints --instance {name}:\n{listing}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    let out = braid(&["checkpoints", setup.job.to_str().expect("utf-8")]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("instances with checkpoints here: a, b"),
+        "braid checkpoints:\n{listing}"
+    );
 }
 
 /// The same through S3 (moto) as the shared checkpoint store: b joins a running a, and

@@ -1,9 +1,11 @@
-//! `braid checkpoints JOB.toml`: what checkpoints a job has, and one in detail.
+//! `braid checkpoints JOB.toml [--instance NAME]`: what checkpoints a job (or one of
+//! its instances) has, and one in detail.
 
 use std::fmt::Write;
 
-use super::coordinator::open_store;
-use super::{epochs, read_manifest, Manifest, SourceAt};
+use super::coordinator::{instance_prefix, open_store};
+use super::store::{CheckpointStore, PrefixStore};
+use super::{epochs, read_manifest, Manifest, SourceAt, INSTANCES};
 use crate::config::Plan;
 
 /// The listing of every checkpoint, newest first, or one checkpoint in detail.
@@ -14,7 +16,12 @@ pub fn describe(plan: &Plan, inspect: Option<u64>) -> anyhow::Result<String> {
             plan.file.display()
         );
     };
-    let store = open_store(config)?;
+    let root = open_store(config)?;
+    let instances = instance_names(root.as_ref())?;
+    let store: Box<dyn CheckpointStore> = match plan.instance.as_deref() {
+        Some(name) => Box::new(PrefixStore::new(root, &instance_prefix(Some(name)))),
+        None => root,
+    };
     let all = epochs(store.as_ref())?;
     let mut out = String::new();
     if let Some(epoch) = inspect {
@@ -30,10 +37,20 @@ pub fn describe(plan: &Plan, inspect: Option<u64>) -> anyhow::Result<String> {
     }
     writeln!(
         out,
-        "checkpoints of job `{}` in {}",
+        "checkpoints of job `{}`{} in {}",
         plan.name,
+        plan.instance
+            .as_deref()
+            .map_or(String::new(), |n| format!(", instance `{n}`")),
         store.describe()
     )?;
+    if plan.instance.is_none() && !instances.is_empty() {
+        writeln!(
+            out,
+            "  instances with checkpoints here: {} (`braid checkpoints JOB --instance NAME` lists one's)",
+            instances.join(", ")
+        )?;
+    }
     if all.is_empty() {
         writeln!(out, "  none")?;
         return Ok(out);
@@ -59,6 +76,22 @@ pub fn describe(plan: &Plan, inspect: Option<u64>) -> anyhow::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// The instances that keep checkpoints in the store (`instances/NAME/`), sorted.
+fn instance_names(store: &dyn CheckpointStore) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = store
+        .list(&format!("{INSTANCES}/"))?
+        .iter()
+        .filter_map(|path| {
+            let rest = path.strip_prefix(&format!("{INSTANCES}/"))?;
+            Some(rest.split('/').next()?.to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 fn write_detail(out: &mut String, m: &Manifest) -> anyhow::Result<()> {
