@@ -127,6 +127,7 @@ pub fn instances(
     create_topics(&options.brokers, &created)?;
     let config = TakeRateConfig {
         events: options.events,
+        impressions_per_s: options.impressions_per_s,
         ..TakeRateConfig::default()
     };
     // Filled first, unless the hand-over's first instance reads as they fill.
@@ -229,6 +230,7 @@ pub fn instances(
         "checkpoint_interval_ms": options.checkpoint_interval_ms,
         "checkpoint_store": checkpoint_store.unwrap_or("local folder"),
         "fill_rate": fill_rate,
+        "impressions_per_s": options.impressions_per_s,
         "throughput": throughput,
         "handover": handover,
     }))

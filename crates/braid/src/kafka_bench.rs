@@ -87,6 +87,9 @@ pub struct KafkaBenchOptions {
     /// The latency run's append rate, events/s, and length; 0 s skips it.
     pub live_rate: u64,
     pub live_seconds: u64,
+    /// Impressions per second of event time in the generated input: with the job's
+    /// one-hour window, what sets the size of the state.
+    pub impressions_per_s: u64,
 }
 
 /// The five topics of one job: two inputs, the output and its side outputs.
@@ -130,6 +133,7 @@ pub fn kafka(options: &KafkaBenchOptions) -> anyhow::Result<Value> {
     );
     let config = TakeRateConfig {
         events: options.events,
+        impressions_per_s: options.impressions_per_s,
         ..TakeRateConfig::default()
     };
     let fill_started = Instant::now();

@@ -155,6 +155,10 @@ struct BenchArgs {
     /// while the first instance reads them (for state too large to fill first).
     #[arg(long)]
     fill_rate: Option<u64>,
+    /// kafka, instances: impressions per second of event time in the generated input
+    /// (the state's size, with the job's one-hour window).
+    #[arg(long, default_value_t = braid_io::takerate::TakeRateConfig::default().impressions_per_s)]
+    impressions_per_s: u64,
 }
 
 /// Errors that are the user's to fix in what they wrote (exit 2).
@@ -362,6 +366,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 dir: std::path::absolute(args.dir.join("kafka"))?,
                 live_rate: args.live_rate,
                 live_seconds: args.live_seconds,
+                impressions_per_s: args.impressions_per_s,
             };
             match args.workload {
                 Workload::Instances => braid::instances_bench::instances(
