@@ -28,8 +28,21 @@ struct Cli {
     /// No progress display.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// `braid run`: print the run summary as one JSON object on stdout (stderr when
+    /// the results go to stdout) instead of the table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Logs on stderr as text, or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -178,16 +191,22 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|spec| spec.parse::<Targets>().ok())
         .unwrap_or_else(|| Targets::new().with_default(level));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(filter),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry().with(logs).init();
     let progress = !cli.quiet && std::io::stderr().is_terminal();
-    match dispatch(cli.command, progress) {
+    let summary_format = if cli.json {
+        SummaryFormat::Json
+    } else {
+        SummaryFormat::Table
+    };
+    match dispatch(cli.command, progress, summary_format) {
         Ok(code) => code,
         Err(e) => {
             let usage =
@@ -202,7 +221,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
+/// How `braid run` prints its summary.
+#[derive(Clone, Copy)]
+enum SummaryFormat {
+    Table,
+    Json,
+}
+
+impl SummaryFormat {
+    fn render(self, summary: &braid::summary::Summary) -> String {
+        match self {
+            SummaryFormat::Table => summary.to_string(),
+            SummaryFormat::Json => summary.to_json().to_string(),
+        }
+    }
+}
+
+fn dispatch(command: Command, progress: bool, format: SummaryFormat) -> anyhow::Result<ExitCode> {
     match command {
         Command::Demo { dir, events } => braid::demo::demo(&dir, events, progress)?,
         Command::Validate { job } => print!("{}", braid::config::load(&job)?),
@@ -228,7 +263,7 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
             braid::signals::install();
             match braid::instance::run_instance(&plan, progress)? {
                 Some(summary) => {
-                    println!("{summary}");
+                    println!("{}", format.render(&summary));
                     summary.check().map_err(anyhow::Error::msg)?;
                 }
                 None => println!("instance `{name}` owned no partition"),
@@ -251,9 +286,9 @@ fn dispatch(command: Command, progress: bool) -> anyhow::Result<ExitCode> {
             )?;
             // With results on stdout, the summary must not mix with them.
             if plan.output == braid::config::Output::Stdout {
-                eprintln!("{summary}");
+                eprintln!("{}", format.render(&summary));
             } else {
-                println!("{summary}");
+                println!("{}", format.render(&summary));
             }
             summary.check().map_err(anyhow::Error::msg)?;
         }
