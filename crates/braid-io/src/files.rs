@@ -142,6 +142,8 @@ pub struct SourcePosition {
 pub struct FileSource {
     name: String,
     files: Vec<PathBuf>,
+    /// Each file's size when the source was opened (0 when it could not be read then).
+    sizes: Vec<u64>,
     current: usize,
     reader: Option<BufReader<File>>,
     line: u64,
@@ -166,15 +168,28 @@ impl FileSource {
 
     /// Reads the given files, in the given order.
     pub fn from_files(name: &str, files: Vec<PathBuf>, max_line_bytes: usize) -> FileSource {
+        let sizes = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+            .collect();
         FileSource {
             name: name.to_string(),
             files,
+            sizes,
             current: 0,
             reader: None,
             line: 0,
             offset: 0,
             max_line_bytes,
         }
+    }
+
+    /// The share of the input's bytes read so far, 0 to 1 (`None` for no bytes).
+    pub fn done_fraction(&self) -> Option<f64> {
+        let total: u64 = self.sizes.iter().sum();
+        let before: u64 = self.sizes.iter().take(self.current).sum();
+        let done = (before + self.offset).min(total);
+        (total > 0).then(|| done as f64 / total as f64)
     }
 
     /// The position after the last line read.
@@ -409,6 +424,23 @@ mod tests {
             got.extend(lines(&mut resumed, 100));
             assert_eq!(got, all, "cut after {cut} lines at {position:?}");
         }
+    }
+
+    /// The done fraction counts the bytes of the files before the current one and the
+    /// offset in it, against every file's size.
+    #[test]
+    fn the_done_fraction_follows_the_bytes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.ndjson"), "a1\na2\n").unwrap();
+        std::fs::write(dir.path().join("b.ndjson"), "b1\nb2\n").unwrap();
+        let mut source = FileSource::open("s", dir.path(), "*.ndjson", 10).unwrap();
+        assert_eq!(source.done_fraction(), Some(0.0));
+        let mut batch = LineBatch::default();
+        source.read_batch(&mut batch, 3).unwrap();
+        // a.ndjson whole (6 bytes) and b1 (3 bytes) of 12.
+        assert_eq!(source.done_fraction(), Some(0.75));
+        source.read_batch(&mut batch, 10).unwrap();
+        assert_eq!(source.done_fraction(), Some(1.0));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::config::{Output, Plan};
 use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, Layout, ShardReport};
 use crate::kafka::output::{key_json, KafkaOutput, KafkaRecords};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressView};
 use crate::results::{RecordShape, Records, StdoutLines};
 use crate::source::{self, Source};
 use crate::summary::Summary;
@@ -307,7 +307,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             }
         }
         reading.round()?;
-        progress.tick(reading.input_total(), reading.marks.current());
+        progress.tick(&reading.progress_view());
     }
     progress.finish();
     if let Some(c) = checkpointing.as_mut() {
@@ -664,6 +664,21 @@ impl<'p> Reading<'p> {
         parts
             .send(Part::Reader(snapshot))
             .map_err(|_| anyhow::anyhow!("the checkpoint thread stopped"))
+    }
+
+    /// What the progress line shows now. The input's done fraction is the smaller of
+    /// the two sources' (the one further behind sets the time left).
+    fn progress_view(&self) -> ProgressView {
+        let fractions = [
+            self.readers[0].done_fraction(),
+            self.readers[1].done_fraction(),
+        ];
+        ProgressView {
+            records: self.input_total(),
+            watermark: self.marks.current(),
+            state: self.engine.gauges().totals(),
+            done_fraction: fractions[0].zip(fractions[1]).map(|(a, b)| a.min(b)),
+        }
     }
 
     fn input_total(&self) -> u64 {

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -227,8 +228,33 @@ pub struct ShardReport {
     pub disk_bytes_max: u64,
 }
 
+/// The state's size now, per shard, for a live view (the progress line): each shard
+/// stores its units' memory after every batch and their disk bytes after every
+/// watermark advance.
+#[derive(Default)]
+pub struct StateGauges {
+    memory: Vec<AtomicU64>,
+    disk: Vec<AtomicU64>,
+}
+
+impl StateGauges {
+    fn new(shards: usize) -> StateGauges {
+        StateGauges {
+            memory: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            disk: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Bytes of state in memory and on disk, over every shard.
+    pub fn totals(&self) -> (u64, u64) {
+        let sum = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+        (sum(&self.memory), sum(&self.disk))
+    }
+}
+
 pub struct Engine {
     layout: Layout,
+    gauges: Arc<StateGauges>,
     senders: Vec<Sender<ShardMessage>>,
     handles: Vec<JoinHandle<anyhow::Result<ShardReport>>>,
     open: Vec<EventBatch>,
@@ -322,6 +348,7 @@ impl Engine {
         }
         let mut senders = Vec::with_capacity(shards);
         let mut handles = Vec::with_capacity(shards);
+        let gauges = Arc::new(StateGauges::new(shards));
         // Never more batches than the queues and the open ones hold, so it never blocks.
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
@@ -383,6 +410,7 @@ impl Engine {
                 local[part.unit.partition as usize] = j;
             }
             let shard = Shard {
+                gauges: Arc::clone(&gauges),
                 index: i,
                 parts,
                 local,
@@ -397,11 +425,17 @@ impl Engine {
         }
         Ok(Engine {
             layout,
+            gauges,
             senders,
             handles,
             open: (0..shards).map(|_| EventBatch::default()).collect(),
             recycled,
         })
+    }
+
+    /// The state's size now, as the shards last stored it.
+    pub fn gauges(&self) -> &StateGauges {
+        &self.gauges
     }
 
     /// Queues one event of a partition for its shard.
@@ -673,6 +707,8 @@ struct PartJoin {
 /// One shard's joins and its checkpointing.
 struct Shard {
     index: usize,
+    /// Where this shard stores its state's size for live views.
+    gauges: Arc<StateGauges>,
     parts: Vec<PartJoin>,
     /// By partition number: its index in `parts` (`usize::MAX` if not held here).
     local: Vec<usize>,
@@ -776,6 +812,7 @@ fn run_shard<K: ResultSink>(
                 }
                 drop(by_part);
                 let memory = shard.memory_bytes();
+                shard.gauges.memory[shard.index].store(memory as u64, Ordering::Relaxed);
                 if memory > report.peak_state_bytes {
                     report.peak_state_bytes = memory;
                     report.events_at_peak = shard
@@ -807,6 +844,7 @@ fn run_shard<K: ResultSink>(
                     .map(|p| p.join.store().disk_bytes())
                     .sum::<u64>();
                 report.disk_bytes_max = report.disk_bytes_max.max(disk);
+                shard.gauges.disk[shard.index].store(disk, Ordering::Relaxed);
             }
             ShardMessage::Barrier(epoch) => {
                 if let Some(e) = sink.take_error() {

@@ -53,6 +53,10 @@ pub trait Source {
     fn keeps(&self, _partition: u32, _time_ms: i64) -> bool {
         true
     }
+    /// The share of a bounded input read so far, 0 to 1, where its size is known.
+    fn done_fraction(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Opens a job's source.
@@ -101,6 +105,10 @@ impl Source for FileSource {
 
     fn describe(&self, position: Position) -> String {
         format!("{}:{}", self.path(position).display(), position.line)
+    }
+
+    fn done_fraction(&self) -> Option<f64> {
+        FileSource::done_fraction(self)
     }
 }
 
