@@ -46,6 +46,8 @@ pub struct KafkaSource {
     next: Vec<i64>,
     /// Per partition: the offset where a bounded source ends (exclusive).
     end: Option<Vec<i64>>,
+    /// Per partition: where this run started reading (after a restore's seek).
+    first: Vec<i64>,
     finished: Vec<bool>,
     /// Per partition: whether this process owns it (`--instance`); one it does not is
     /// finished from the start and never assigned.
@@ -137,6 +139,7 @@ impl KafkaSource {
             brokers: plan.brokers.clone(),
             topic: plan.topic.clone(),
             consumer,
+            first: next.clone(),
             next,
             end,
             owned: (0..partitions as u32)
@@ -392,6 +395,7 @@ impl Source for KafkaSource {
             offsets.len()
         );
         self.next = offsets.clone();
+        self.first = offsets.clone();
         self.end = end.clone();
         if let Some(b) = &mut self.backfill {
             match history {
@@ -459,5 +463,51 @@ impl Source for KafkaSource {
             Some(b) if partition >= self.topic_partitions() => time_ms < b.until_ms,
             Some(b) => time_ms >= b.until_ms,
         }
+    }
+
+    /// Of what this run reads up to `end`: not with history files (their share is not
+    /// weighed against the topic's yet), nor for an unbounded topic.
+    fn done_fraction(&self) -> Option<f64> {
+        match (&self.end, &self.backfill) {
+            (Some(end), None) => read_share(&self.first, &self.next, end, &self.owned),
+            _ => None,
+        }
+    }
+}
+
+/// The share of the records between `first` and `end` that lies before `next`, over
+/// the `owned` partitions (1 when there is nothing to read).
+fn read_share(first: &[i64], next: &[i64], end: &[i64], owned: &[bool]) -> Option<f64> {
+    let (mut done, mut total) = (0i64, 0i64);
+    for p in (0..end.len()).filter(|&p| owned.get(p).copied().unwrap_or(false)) {
+        let span = (end[p] - first[p]).max(0);
+        total += span;
+        done += (next[p] - first[p]).clamp(0, span);
+    }
+    Some(if total == 0 {
+        1.0
+    } else {
+        done as f64 / total as f64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_share_weighs_owned_partitions_by_their_records() {
+        // Partition 0: 100 to read, 50 read; partition 1: 300 to read, all read;
+        // partition 2: another instance's.
+        let share = read_share(
+            &[0, 100, 0],
+            &[50, 400, 0],
+            &[100, 400, 1_000],
+            &[true, true, false],
+        );
+        assert_eq!(share, Some(350.0 / 400.0));
+        // Past the end (transaction markers) counts as the end; nothing to read is done.
+        assert_eq!(read_share(&[0], &[120], &[100], &[true]), Some(1.0));
+        assert_eq!(read_share(&[7], &[7], &[7], &[true]), Some(1.0));
     }
 }
