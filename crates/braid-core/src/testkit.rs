@@ -112,31 +112,14 @@ pub fn run_join_restarting<S: StateStore>(
         let size = sizes.next().unwrap_or(1).max(1);
         let end = (next + size).min(events.len());
         // The batch's admitted events, with their encoded keys.
-        let mut admitted: Vec<(&TestEvent, Vec<u8>, u64)> = Vec::new();
-        for (i, event) in events.iter().enumerate().take(end).skip(next) {
-            if marks
-                .current()
-                .is_late(EventTime(event.time), allowed_lateness_ms)
-            {
-                late.push(i);
-            } else {
-                let key = encode(&event.key);
-                admitted.push((event, key.bytes().to_vec(), key.hash()));
-            }
-            marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
-            marks.update(0);
-        }
-        let batch: Vec<Event<'_>> = admitted
-            .iter()
-            .map(|(event, key, key_hash)| Event {
-                side: event.side,
-                key,
-                key_hash: *key_hash,
-                time: EventTime(event.time),
-                id: event.id.map(|id| hash_id(&id.to_le_bytes())),
-                payload: event.payload.as_bytes(),
-            })
-            .collect();
+        let admitted = admit(
+            events,
+            next..end,
+            &mut marks,
+            allowed_lateness_ms,
+            &mut late,
+        );
+        let batch: Vec<Event<'_>> = admitted.iter().map(as_event).collect();
         join.on_batch(&batch, &mut sink)?;
         join.advance(marks.current(), &mut sink)?;
         next = end;
@@ -194,33 +177,19 @@ pub fn run_join_resplitting(
     while next < events.len() {
         let size = sizes.next().unwrap_or(1).max(1);
         let end = (next + size).min(events.len());
-        let mut admitted: Vec<(&TestEvent, Vec<u8>, u64)> = Vec::new();
-        for (i, event) in events.iter().enumerate().take(end).skip(next) {
-            if marks
-                .current()
-                .is_late(EventTime(event.time), spec.allowed_lateness_ms)
-            {
-                late.push(i);
-            } else {
-                let key = encode(&event.key);
-                admitted.push((event, key.bytes().to_vec(), key.hash()));
-            }
-            marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
-            marks.update(0);
-        }
+        let admitted = admit(
+            events,
+            next..end,
+            &mut marks,
+            spec.allowed_lateness_ms,
+            &mut late,
+        );
         let n = pieces.len() as u64;
         for (p, piece) in pieces.iter_mut().enumerate() {
             let batch: Vec<Event<'_>> = admitted
                 .iter()
                 .filter(|(_, _, hash)| hash % n == p as u64)
-                .map(|(event, key, key_hash)| Event {
-                    side: event.side,
-                    key,
-                    key_hash: *key_hash,
-                    time: EventTime(event.time),
-                    id: event.id.map(|id| hash_id(&id.to_le_bytes())),
-                    payload: event.payload.as_bytes(),
-                })
+                .map(as_event)
                 .collect();
             piece.on_batch(&batch, &mut sink)?;
             piece.advance(marks.current(), &mut sink)?;
@@ -243,6 +212,49 @@ pub fn run_join_resplitting(
     }
     sink.0.sort();
     Ok((Outcome { rows: sink.0, late }, counts))
+}
+
+/// An admitted test event: the event, its encoded key and the key's hash.
+type Admitted<'e> = (&'e TestEvent, Vec<u8>, u64);
+
+/// Decides lateness for `events[range]` as braid's driver does (against the watermark
+/// before each event, which then observes it): late ones go to `late` by index, the
+/// rest are returned with their encoded keys.
+fn admit<'e>(
+    events: &'e [TestEvent],
+    range: std::ops::Range<usize>,
+    marks: &mut Watermarks,
+    allowed_lateness_ms: i64,
+    late: &mut Vec<usize>,
+) -> Vec<Admitted<'e>> {
+    let mut admitted = Vec::new();
+    for i in range {
+        let event = &events[i];
+        if marks
+            .current()
+            .is_late(EventTime(event.time), allowed_lateness_ms)
+        {
+            late.push(i);
+        } else {
+            let key = encode(&event.key);
+            admitted.push((event, key.bytes().to_vec(), key.hash()));
+        }
+        marks.observe(event.side.index(), PartitionId(0), EventTime(event.time), 0);
+        marks.update(0);
+    }
+    admitted
+}
+
+/// An admitted test event as the join takes it.
+fn as_event<'a>((event, key, key_hash): &'a Admitted<'_>) -> Event<'a> {
+    Event {
+        side: event.side,
+        key,
+        key_hash: *key_hash,
+        time: EventTime(event.time),
+        id: event.id.map(|id| hash_id(&id.to_le_bytes())),
+        payload: event.payload.as_bytes(),
+    }
 }
 
 /// A test event's key, encoded.
