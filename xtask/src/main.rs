@@ -3,7 +3,8 @@
 //! - `cargo xtask demo [ARGS]`: installs the system packages the build needs, builds
 //!   braid and runs `braid demo ARGS`;
 //! - `cargo xtask test [ARGS]`: the same, plus the services the tests start (moto, an
-//!   S3-compatible server; noida-db, a Kafka-protocol broker), then
+//!   S3-compatible server; noida-db, a Kafka-protocol broker) and the browser the
+//!   status page's test drives (Debian's chromium), then
 //!   `cargo test --release ARGS`;
 //! - `cargo xtask setup`: the installing alone, after which plain `cargo build --release`
 //!   and `cargo test --release` work.
@@ -76,11 +77,18 @@ const BUILD_PACKAGES: &[Package] = &[
     },
 ];
 
-const TEST_PACKAGES: &[Package] = &[Package {
-    name: "python3-venv",
-    why: "moto (the S3 server) and noida-db (the Kafka broker) of the tests install into Python venvs",
-    probe: Probe::Command(&["python3", "-c", "import ensurepip, venv"]),
-}];
+const TEST_PACKAGES: &[Package] = &[
+    Package {
+        name: "python3-venv",
+        why: "moto (the S3 server) and noida-db (the Kafka broker) of the tests install into Python venvs",
+        probe: Probe::Command(&["python3", "-c", "import ensurepip, venv"]),
+    },
+    Package {
+        name: "chromium",
+        why: "the status page's test loads it in headless Chromium (crates/braid/tests/live_metrics.rs)",
+        probe: Probe::Dpkg,
+    },
+];
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);

@@ -146,6 +146,12 @@ impl TakeRate {
             .below(self.config.max_out_of_orderness_ms.max(0) as u64 + 1) as i64
     }
 
+    /// The event time the generator has reached: the latest impression's, before its
+    /// disorder (a paced source releases lines once the wall clock passes it).
+    pub fn clock_ms(&self) -> i64 {
+        self.impression_time()
+    }
+
     fn impression_time(&self) -> i64 {
         self.config.start_ms
             + (self.impressions as i64 * 1_000) / self.config.impressions_per_s.max(1) as i64

@@ -41,6 +41,38 @@ pub struct BenchOptions {
     /// flink-peer: checkpoint into this store instead (a folder or `s3://bucket/prefix`);
     /// what it holds is deleted first.
     pub checkpoint_store: Option<String>,
+    /// flink-peer: serve the metrics and the status page here, publish them as
+    /// `braid run` does, and scrape `/metrics` once a second as the page does.
+    pub metrics: Option<String>,
+}
+
+/// How often the benchmark's scraper asks for `/metrics`: as the status page does.
+const SCRAPE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Scrapes `/metrics` of `addr` every `SCRAPE_INTERVAL` until `stop`; the time each
+/// answer took, in ms.
+fn scrape(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<f64>> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut took = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let asked = Instant::now();
+            let answer = std::net::TcpStream::connect(addr).and_then(|mut s| {
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut body = Vec::new();
+                s.read_to_end(&mut body)?;
+                Ok(body.len())
+            });
+            if answer.is_ok_and(|n| n > 0) {
+                took.push(asked.elapsed().as_secs_f64() * 1e3);
+            }
+            std::thread::sleep(SCRAPE_INTERVAL.saturating_sub(asked.elapsed()));
+        }
+        took
+    })
 }
 
 /// Where the flink-peer benchmark checkpoints: `--checkpoint-store`, else a folder
@@ -140,6 +172,18 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         )),
         None => None,
     };
+    let live = match &options.metrics {
+        Some(listen) => {
+            let live = crate::live::Live::serve(listen)?;
+            live.describe("bench", None, "flink-peer benchmark".into());
+            Some(live)
+        }
+        None => None,
+    };
+    let stop_scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = live
+        .as_ref()
+        .map(|l| scrape(l.addr, std::sync::Arc::clone(&stop_scraping)));
     let started = Instant::now();
     let mut engine = Engine::start_with(
         EngineConfig {
@@ -156,6 +200,23 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut max_time = i64::MIN;
     let mut late = 0u64;
     let mut watermark = Watermark::MIN;
+    let mut read = [0u64; 2];
+    let sample = |engine: &Engine, read: [u64; 2], watermark: Watermark| {
+        let mut sample = crate::live::Sample::default();
+        for (s, name) in ["impressions", "plays"].into_iter().enumerate() {
+            let labels = vec![("source", name.to_string()), ("partition", "0".to_string())];
+            sample.counter("braid_records_in_total", labels.clone(), read[s]);
+            if !watermark.is_infinite() {
+                sample.gauge("braid_watermark_ms", labels, watermark.millis() as f64);
+            }
+        }
+        let gauges = engine.gauges();
+        sample.add_join(["impressions", "plays"], &gauges.counts(), gauges.totals());
+        sample
+    };
+    let mut publisher = live.as_ref().map(|l| {
+        crate::live::Publisher::new(std::sync::Arc::clone(l), &sample(&engine, read, watermark))
+    });
     for n in 0..options.events {
         let e = flink_peer::event(n as i64);
         if watermark.is_late(EventTime(e.time_ms), 0) {
@@ -176,10 +237,17 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
                 payload: e.payload,
             },
         )?;
+        read[usize::from(e.play)] += 1;
         max_time = max_time.max(e.time_ms);
         if n % PEER_ADVANCE_EVENTS == PEER_ADVANCE_EVENTS - 1 {
             watermark = Watermark::at(EventTime(max_time - flink_peer::MAX_OUT_OF_ORDERNESS_MS));
             engine.advance(&[(0, watermark)])?;
+            if let Some(p) = publisher.as_mut().filter(|p| p.due()) {
+                let committed = checkpoints
+                    .as_ref()
+                    .map_or(&[][..], |c| c.committed.as_slice());
+                p.publish(&sample(&engine, read, watermark), committed);
+            }
             if let Some(c) = checkpoints.as_mut() {
                 c.poll()?;
                 if c.due() {
@@ -197,6 +265,16 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
     engine.advance(&[(0, Watermark::MAX)])?;
     let reports = engine.finish()?;
     let seconds = started.elapsed().as_secs_f64();
+    stop_scraping.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrape_json = scraper.map(|s| {
+        let mut took = s.join().unwrap_or_default();
+        took.sort_by(f64::total_cmp);
+        json!({
+            "scrapes": took.len(),
+            "scrape_ms_p50": crate::summary::quantile(&took, 0.5),
+            "scrape_ms_max": crate::summary::quantile(&took, 1.0),
+        })
+    });
     // The restore runs after the run's shards have ended (their joins, chunk pools and
     // stores are gone), as `braid run` restores into a fresh process after a crash.
     // Restoring while they were alive measured the run's peak plus a second state.
@@ -263,6 +341,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         "seconds": round2(seconds),
         "peak_rss_mb": mb(peak_rss),
         "checkpoints": checkpoint_json,
+        "metrics": scrape_json,
     }))
 }
 

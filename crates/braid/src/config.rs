@@ -10,6 +10,7 @@ use braid_io::takerate::{Stream, TakeRateConfig};
 use braid_io::Schema;
 use serde::Deserialize;
 
+use crate::live::MetricsPlan;
 use crate::units::{parse_duration_ms, parse_size_bytes};
 
 /// The longest input line; longer ones are dead-lettered.
@@ -33,6 +34,9 @@ pub const TRANSACTION_MARGIN_MS: i64 = 10_000;
 /// The largest `transaction.timeout.ms` a Kafka broker accepts by default
 /// (`transaction.max.timeout.ms`, 15 minutes).
 pub const TRANSACTION_TIMEOUT_MAX_MS: i64 = 900_000;
+/// Where `[metrics]` serves without `listen`: Prometheus' conventional exporter port,
+/// on the loopback address (another address only when the job names it).
+pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:9464";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +52,14 @@ struct JobFile {
     #[serde(default)]
     state: StateFile,
     checkpoint: Option<CheckpointFile>,
+    metrics: Option<MetricsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: Option<String>,
+    linger: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +85,7 @@ struct SourceFile {
     stream: Option<String>,
     events: Option<u64>,
     seed: Option<u64>,
+    rate: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +164,9 @@ pub enum Input {
     Generator {
         config: TakeRateConfig,
         stream: Stream,
+        /// `rate`: impressions released per second of wall clock, each when the clock
+        /// reaches its event time (a live stream); `None`: as fast as read.
+        paced: Option<u64>,
     },
     Kafka(KafkaSourcePlan),
 }
@@ -251,6 +267,8 @@ pub struct Plan {
     pub state_dir: PathBuf,
     pub memory_max_bytes: u64,
     pub checkpoint: Option<CheckpointPlan>,
+    /// `[metrics]` (or `--metrics`): Prometheus metrics and the status page.
+    pub metrics: Option<MetricsPlan>,
     pub parallelism: usize,
     /// `[join] repartition = true`: inputs that are not co-partitioned are joined as
     /// one partition, split over the shards by key (see `driver::state_partitions`).
@@ -483,6 +501,26 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             interval_ms: interval_ms.expect("parsed above"),
         }),
     };
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(m) => {
+            let listen = m
+                .listen
+                .clone()
+                .unwrap_or_else(|| METRICS_LISTEN_DEFAULT.into());
+            crate::live::resolve_listen(&listen).map_err(|e| e.to_string())?;
+            let linger_ms = match &m.linger {
+                Some(text) => parse_duration_ms(text)
+                    .ok()
+                    .filter(|&ms| ms >= 0)
+                    .ok_or_else(|| {
+                        format!("[metrics] linger: `{text}` is not a duration, e.g. \"30s\"")
+                    })? as u64,
+                None => 0,
+            };
+            Some(MetricsPlan { listen, linger_ms })
+        }
+    };
     let parallelism = match raw.parallelism {
         Some(0) => return Err("parallelism: must be at least 1".into()),
         Some(n) => n,
@@ -500,6 +538,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         state_dir,
         memory_max_bytes,
         checkpoint,
+        metrics,
         parallelism,
         repartition: raw.join.repartition,
         instance: None,
@@ -683,7 +722,7 @@ fn source(s: &SourceFile, base: &Path, job: &str, slack_ms: i64) -> Result<Sourc
             (s.brokers.is_some(), "brokers"),
             (s.topic.is_some(), "topic"),
             (s.group.is_some(), "group"),
-            (s.start.is_some(), "start"),
+            (s.start.is_some() && s.kind != "generator", "start"),
             (s.end.is_some(), "end"),
             (s.properties.is_some(), "properties"),
             (s.backfill.is_some(), "backfill"),
@@ -726,7 +765,34 @@ fn source(s: &SourceFile, base: &Path, job: &str, slack_ms: i64) -> Result<Sourc
             let mut config = TakeRateConfig::default();
             config.events = s.events.unwrap_or(config.events);
             config.seed = s.seed.unwrap_or(config.seed);
-            Input::Generator { config, stream }
+            if let Some(start) = &s.start {
+                config.start_ms = braid_io::parse_rfc3339_ms(start).map_err(|e| {
+                    format!(
+                        "{}: `{start}` is not an RFC 3339 time ({e})",
+                        field("start")
+                    )
+                })?;
+            }
+            match s.rate {
+                Some(0) => return Err(format!("{}: must be at least 1", field("rate"))),
+                Some(rate) => {
+                    // Live: unbounded unless `events` says, its times from `start` (or
+                    // now) on at the wall clock's pace.
+                    config.impressions_per_s = rate;
+                    config.events = s.events.unwrap_or(u64::MAX);
+                    if s.start.is_none() {
+                        config.start_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64);
+                    }
+                }
+                None => {}
+            }
+            Input::Generator {
+                config,
+                stream,
+                paced: s.rate,
+            }
         }
         "kafka" => {
             only_for(s.path.is_some(), "path", "files")?;
@@ -874,12 +940,32 @@ impl fmt::Display for Plan {
                 Input::Files { pattern, files } => {
                     writeln!(f, ", {} file(s) matching {pattern}", files.len())?
                 }
-                Input::Generator { config, stream } => writeln!(
+                Input::Generator {
+                    config,
+                    stream,
+                    paced: None,
+                } => writeln!(
                     f,
                     ", generated {} (seed {}, {} lines)",
                     stream.name(),
                     config.seed,
                     config.events
+                )?,
+                Input::Generator {
+                    config,
+                    stream,
+                    paced: Some(rate),
+                } => writeln!(
+                    f,
+                    ", generated {} live (seed {}, {rate} impressions/s of wall clock from {}{})",
+                    stream.name(),
+                    config.seed,
+                    braid_io::format_rfc3339_ms(config.start_ms),
+                    if config.events == u64::MAX {
+                        ", unbounded".to_string()
+                    } else {
+                        format!(", {} lines", config.events)
+                    }
                 )?,
                 Input::Kafka(k) => {
                     write!(
@@ -951,6 +1037,13 @@ impl fmt::Display for Plan {
                 f,
                 "  checkpoint: {} every {} ms, keeping {}",
                 c.dir, c.interval_ms, c.keep
+            )?;
+        }
+        if let Some(m) = &self.metrics {
+            writeln!(
+                f,
+                "  metrics: http://{}/metrics, status page at /, kept {} ms after a bounded run",
+                m.listen, m.linger_ms
             )?;
         }
         Ok(())

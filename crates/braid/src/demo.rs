@@ -49,20 +49,8 @@ max_out_of_orderness = "5s"
 allowed_lateness = "0s"
 idle_timeout = "30s"
 
-[output]
-kind = "files"
-path = "out"
-format = "ndjson"
-
-[state]
-dir = ".braid/state"
-memory_max = "{}MiB"
-
-[checkpoint]
-dir = ".braid/checkpoints"
-interval = "10s"
-"#,
-        memory_max_bytes >> 20
+{}"#,
+        output_state_checkpoint(memory_max_bytes)
     )
 }
 
@@ -82,7 +70,75 @@ pub fn write_take_rate(
     Ok((job, counts))
 }
 
-pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
+/// The demo jobs' output (`out/`), state and checkpoints (beside the job file).
+fn output_state_checkpoint(memory_max_bytes: u64) -> String {
+    format!(
+        r#"[output]
+kind = "files"
+path = "out"
+format = "ndjson"
+
+[state]
+dir = ".braid/state"
+memory_max = "{}MiB"
+
+[checkpoint]
+dir = ".braid/checkpoints"
+interval = "10s"
+"#,
+        memory_max_bytes >> 20
+    )
+}
+
+/// The live demo's job: the take-rate join over two paced generators, with the
+/// metrics and the status page on `listen`.
+fn live_job_toml(rate: u64, start_ms: i64, listen: &str) -> String {
+    let source = |stream: &str| {
+        format!(
+            r#"[[source]]
+name = "{stream}"
+kind = "generator"
+stream = "{stream}"
+# impressions per second of wall clock; the event times follow the clock from `start`
+rate = {rate}
+start = "{start}"
+key = ["profile_id", "title_id"]
+time = "ts"
+id = "event_id"
+"#,
+            start = braid_io::format_rfc3339_ms(start_ms)
+        )
+    };
+    format!(
+        r#"# The take-rate join, live: every impression with the plays that followed it within
+# ten minutes (an hour in the reference job: ten minutes shows expiry sooner), and every
+# impression that led to none, from two generators that run until Ctrl-C.
+name = "take-rate-live"
+
+{}
+{}
+[join]
+left = "impressions"
+right = "plays"
+type = "left"
+within = ["0s", "10m"]
+
+[time]
+max_out_of_orderness = "5s"
+idle_timeout = "30s"
+
+{}
+[metrics]
+listen = "{listen}"
+"#,
+        source("impressions"),
+        source("plays"),
+        output_state_checkpoint(DEMO_MEMORY_MAX_BYTES)
+    )
+}
+
+/// Clears `dir` if it is an earlier demo's (or empty), and marks it as the demo's.
+fn demo_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         anyhow::ensure!(
             dir.join(DEMO_MARKER).exists() || std::fs::read_dir(dir)?.next().is_none(),
@@ -93,6 +149,45 @@ pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(DEMO_MARKER), "made by braid demo\n")?;
+    Ok(())
+}
+
+/// `braid demo --live`: the demo job on unbounded generators at `rate` impressions a
+/// second, with the status page on `listen`, until Ctrl-C (a final checkpoint).
+pub fn demo_live(dir: &Path, rate: u64, listen: &str, progress: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(rate > 0, "--rate: must be at least 1 impression a second");
+    demo_dir(dir)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let job = dir.join("job.toml");
+    std::fs::write(&job, live_job_toml(rate, now_ms, listen))?;
+    let plan = crate::config::load(&job)?;
+    let metrics = plan
+        .metrics
+        .as_ref()
+        .context("the live job has [metrics]")?;
+    let live = crate::live::Live::start(&plan, metrics)?;
+    eprintln!(
+        "braid demo: {rate} impressions a second and their plays, joined live\n\n    open http://{}/ to watch it\n\n  Ctrl-C stops it with a final checkpoint; `braid run {}` resumes it",
+        live.addr,
+        job.display()
+    );
+    crate::signals::install();
+    let summary = run(
+        &plan,
+        &RunOptions {
+            progress,
+            live: Some(live),
+            ..Default::default()
+        },
+    )?;
+    println!("{summary}");
+    summary.check().map_err(anyhow::Error::msg)
+}
+
+pub fn demo(dir: &Path, events: u64, progress: bool) -> anyhow::Result<()> {
+    demo_dir(dir)?;
     eprintln!(
         "braid demo: generating {events} impressions and plays in {}",
         dir.join("data").display()

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use braid_core::{
@@ -28,6 +28,7 @@ use crate::config::{Output, Plan};
 use crate::counts::SourceCounts;
 use crate::engine::{Engine, EngineConfig, Layout, ShardReport};
 use crate::kafka::output::{key_json, KafkaOutput, KafkaRecords};
+use crate::live::{Live, Publisher, Sample};
 use crate::progress::{Progress, ProgressView};
 use crate::results::{RecordShape, Records, StdoutLines};
 use crate::source::{self, Source};
@@ -124,6 +125,8 @@ pub struct RunOptions {
     pub revoked: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// `--instance`: this member of the group in the generation that assigned `owned`.
     pub member: Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>,
+    /// `[metrics]`: the process's metrics and status page.
+    pub live: Option<Arc<Live>>,
 }
 
 /// Where a sink's file numbering continues: at the restored checkpoint's number, and
@@ -282,6 +285,12 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             "partitions restored"
         );
     }
+    let mut publisher = options.live.as_ref().map(|live| {
+        Publisher::new(
+            Arc::clone(live),
+            &reading.sample(&reading.engine.gauges().counts()),
+        )
+    });
     let mut progress = Progress::new(options.progress);
     let mut stopped = false;
     while !reading.done() {
@@ -308,6 +317,15 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         }
         reading.round()?;
         progress.tick(&reading.progress_view());
+        if let Some(p) = publisher.as_mut().filter(|p| p.due()) {
+            let committed = checkpointing
+                .as_ref()
+                .map_or(&[][..], |c| c.committed.as_slice());
+            p.publish(
+                &reading.sample(&reading.engine.gauges().counts()),
+                committed,
+            );
+        }
     }
     progress.finish();
     if let Some(c) = checkpointing.as_mut() {
@@ -319,12 +337,26 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     }
     let held = reading.held();
     let counts = [reading.totals(0), reading.totals(1)];
+    let reader_sample = publisher.as_ref().map(|_| reading.sample_reader());
     let Reading {
         engine,
         mut side_output,
         ..
     } = reading;
     let reports: Vec<ShardReport> = engine.finish()?;
+    if let (Some(p), Some(mut sample)) = (publisher.as_mut(), reader_sample) {
+        // The final counts, as the summary gives them.
+        let mut join = braid_core::JoinCounts::default();
+        for r in &reports {
+            join.add(&r.counts);
+        }
+        sample.add_join(source_names(plan), &join, (0, 0));
+        let committed = checkpointing
+            .as_ref()
+            .map_or(&[][..], |c| c.committed.as_slice());
+        p.publish(&sample, committed);
+        p.end(if stopped { "stopped" } else { "finished" });
+    }
     side_output.commit()?;
     let committed = match &plan.output {
         Output::Files(dir) => Some(dir.clone()),
@@ -350,6 +382,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(summary)
+}
+
+fn source_names(plan: &Plan) -> [&str; 2] {
+    [&plan.sources[0].name, &plan.sources[1].name]
 }
 
 /// Which partition of the join's state each partition of each source feeds (SPEC §6):
@@ -409,6 +445,12 @@ struct Reading<'p> {
     record: Vec<u8>,
     key: Vec<u8>,
     started: Instant,
+    /// Per source: time it waited with records while the other, behind in event time,
+    /// was read (event alignment), for the metrics.
+    aligned: [Duration; 2],
+    /// The source that waits so during this round, and when the round began.
+    waiting: Option<usize>,
+    round_began: Duration,
 }
 
 impl<'p> Reading<'p> {
@@ -464,6 +506,9 @@ impl<'p> Reading<'p> {
             record: Vec::new(),
             key: Vec::new(),
             started,
+            aligned: [Duration::ZERO; 2],
+            waiting: None,
+            round_began: Duration::ZERO,
         }
     }
 
@@ -681,6 +726,71 @@ impl<'p> Reading<'p> {
         }
     }
 
+    /// Every value the metrics show, with the join's counts and state as the shards
+    /// last stored them.
+    fn sample(&self, join: &braid_core::JoinCounts) -> Sample {
+        let mut sample = self.sample_reader();
+        sample.add_join(source_names(self.plan), join, self.engine.gauges().totals());
+        sample
+    }
+
+    /// What the reader knows: records per partition, late and dead records,
+    /// watermarks, Kafka lag and ownership, alignment.
+    fn sample_reader(&self) -> Sample {
+        let mut sample = Sample::default();
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for (s, marks) in self.marks.partitions().iter().enumerate() {
+            let source = || self.plan.sources[s].name.clone();
+            for (p, counts) in self.counts[s].iter().enumerate() {
+                let labels = vec![("source", source()), ("partition", p.to_string())];
+                sample.counter("braid_records_in_total", labels.clone(), counts.input);
+                if let Some(Some(t)) = marks.get(p).map(|m| m.0) {
+                    let w = t.saturating_sub(self.plan.max_out_of_orderness_ms);
+                    sample.gauge("braid_watermark_ms", labels.clone(), w as f64);
+                }
+                if let Some(topic) = self.readers[s].topic() {
+                    let mut labels = labels;
+                    labels.push(("topic", topic.to_string()));
+                    let owned = self.readers[s].owned(p as u32);
+                    sample.gauge(
+                        "braid_partition_owned",
+                        labels.clone(),
+                        f64::from(u8::from(owned)),
+                    );
+                    if let Some(lag) = self.readers[s].lag(p as u32) {
+                        sample.gauge("braid_consumer_lag", labels, lag as f64);
+                    }
+                }
+            }
+            let totals = self.totals(s);
+            sample.counter("braid_late_total", vec![("source", source())], totals.late);
+            sample.counter(
+                "braid_dead_letters_total",
+                vec![("source", source())],
+                totals.dead,
+            );
+            sample.gauge(
+                "braid_alignment_paused_seconds_total",
+                vec![("source", source())],
+                self.aligned[s].as_secs_f64(),
+            );
+        }
+        let watermark = self.marks.current();
+        if watermark == Watermark::MAX {
+            sample.gauge("braid_watermark_lag_seconds", Vec::new(), 0.0);
+        } else if !watermark.is_infinite() {
+            let lag_ms = wall_ms.saturating_sub(watermark.millis());
+            sample.gauge(
+                "braid_watermark_lag_seconds",
+                Vec::new(),
+                lag_ms as f64 / 1e3,
+            );
+        }
+        sample
+    }
+
     fn input_total(&self) -> u64 {
         (0..2).map(|s| self.totals(s).input).sum()
     }
@@ -721,10 +831,23 @@ impl<'p> Reading<'p> {
     /// Reads one batch from the source that holds the watermark back, then passes the
     /// new watermark on.
     fn round(&mut self) -> anyhow::Result<()> {
-        let now_ms = self.now_ms();
+        let now = self.started.elapsed();
+        if let Some(o) = self.waiting.take() {
+            self.aligned[o] += now.saturating_sub(self.round_began);
+        }
+        self.round_began = now;
+        let now_ms = now.as_millis() as u64;
         let Some(s) = self.next_source(now_ms) else {
             return Ok(());
         };
+        let o = 1 - s;
+        if !self.exhausted[o]
+            && !self.dry[o]
+            && !self.dry[s]
+            && self.marks.source(o, now_ms) > self.marks.source(s, now_ms)
+        {
+            self.waiting = Some(o);
+        }
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         let more = self.readers[s].read(&mut batch, READ_BATCH_LINES)?;

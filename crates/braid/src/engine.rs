@@ -228,13 +228,65 @@ pub struct ShardReport {
     pub disk_bytes_max: u64,
 }
 
-/// The state's size now, per shard, for a live view (the progress line): each shard
-/// stores its units' memory after every batch and their disk bytes after every
-/// watermark advance.
+/// The state's size and the join's counts now, per shard, for the live views (the
+/// progress line, the metrics): each shard stores its units' memory and counts after
+/// every batch, and their disk bytes and counts after every watermark advance.
 #[derive(Default)]
 pub struct StateGauges {
     memory: Vec<AtomicU64>,
     disk: Vec<AtomicU64>,
+    counts: Vec<CountCells>,
+}
+
+/// A `JoinCounts` another thread can read while its shard updates it (each count on
+/// its own; a reader may see one batch's counts in part, never a count going back).
+#[derive(Default)]
+struct CountCells {
+    pairs: AtomicU64,
+    matched: [AtomicU64; 2],
+    unmatched_emitted: [AtomicU64; 2],
+    unmatched_expired: [AtomicU64; 2],
+    duplicates: [AtomicU64; 2],
+    retained: [AtomicU64; 2],
+    spilled_segments: AtomicU64,
+    spilled_events: AtomicU64,
+    cold_reads: AtomicU64,
+    cold_reads_found: AtomicU64,
+}
+
+impl CountCells {
+    fn store(&self, c: &JoinCounts) {
+        let set = |cell: &AtomicU64, v: u64| cell.store(v, Ordering::Relaxed);
+        set(&self.pairs, c.pairs);
+        for i in 0..2 {
+            set(&self.matched[i], c.matched[i]);
+            set(&self.unmatched_emitted[i], c.unmatched_emitted[i]);
+            set(&self.unmatched_expired[i], c.unmatched_expired[i]);
+            set(&self.duplicates[i], c.duplicates[i]);
+            set(&self.retained[i], c.retained[i]);
+        }
+        set(&self.spilled_segments, c.spilled_segments);
+        set(&self.spilled_events, c.spilled_events);
+        set(&self.cold_reads, c.cold_reads);
+        set(&self.cold_reads_found, c.cold_reads_found);
+    }
+
+    fn load(&self) -> JoinCounts {
+        let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
+        let pair = |cells: &[AtomicU64; 2]| [get(&cells[0]), get(&cells[1])];
+        JoinCounts {
+            pairs: get(&self.pairs),
+            matched: pair(&self.matched),
+            unmatched_emitted: pair(&self.unmatched_emitted),
+            unmatched_expired: pair(&self.unmatched_expired),
+            duplicates: pair(&self.duplicates),
+            retained: pair(&self.retained),
+            spilled_segments: get(&self.spilled_segments),
+            spilled_events: get(&self.spilled_events),
+            cold_reads: get(&self.cold_reads),
+            cold_reads_found: get(&self.cold_reads_found),
+        }
+    }
 }
 
 impl StateGauges {
@@ -242,6 +294,7 @@ impl StateGauges {
         StateGauges {
             memory: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             disk: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            counts: (0..shards).map(|_| CountCells::default()).collect(),
         }
     }
 
@@ -249,6 +302,15 @@ impl StateGauges {
     pub fn totals(&self) -> (u64, u64) {
         let sum = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).sum();
         (sum(&self.memory), sum(&self.disk))
+    }
+
+    /// The join's counts over every shard, restored ones included.
+    pub fn counts(&self) -> JoinCounts {
+        let mut total = JoinCounts::default();
+        for cells in &self.counts {
+            total.add(&cells.load());
+        }
+        total
     }
 }
 
@@ -417,6 +479,8 @@ impl Engine {
                 staging: state_dir.join(format!("shard-{i}")).join("staging"),
                 checkpoints: checkpoints.clone(),
             };
+            // The restored counts, before any event.
+            shard.store_counts();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("braid-shard-{i}"))
@@ -771,6 +835,15 @@ impl Shard {
     fn memory_bytes(&self) -> usize {
         self.parts.iter().map(|p| p.join.memory_bytes()).sum()
     }
+
+    /// Stores the units' counts for the live views.
+    fn store_counts(&self) {
+        let mut counts = JoinCounts::default();
+        for p in &self.parts {
+            counts.add(&p.join.counts());
+        }
+        self.gauges.counts[self.index].store(&counts);
+    }
 }
 
 fn run_shard<K: ResultSink>(
@@ -813,6 +886,7 @@ fn run_shard<K: ResultSink>(
                 drop(by_part);
                 let memory = shard.memory_bytes();
                 shard.gauges.memory[shard.index].store(memory as u64, Ordering::Relaxed);
+                shard.store_counts();
                 if memory > report.peak_state_bytes {
                     report.peak_state_bytes = memory;
                     report.events_at_peak = shard
@@ -845,6 +919,7 @@ fn run_shard<K: ResultSink>(
                     .sum::<u64>();
                 report.disk_bytes_max = report.disk_bytes_max.max(disk);
                 shard.gauges.disk[shard.index].store(disk, Ordering::Relaxed);
+                shard.store_counts();
             }
             ShardMessage::Barrier(epoch) => {
                 if let Some(e) = sink.take_error() {

@@ -412,7 +412,11 @@ fn lock_state(plan: &Plan, instance: &str) -> anyhow::Result<std::fs::File> {
 /// Runs instance `plan.instance` of a shared job: one generation per assignment,
 /// until every partition it owns has ended (bounded inputs) or a stop is requested.
 /// Returns the last generation's summary (`None` if it never owned a partition).
-pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summary>> {
+pub fn run_instance(
+    plan: &Plan,
+    progress: bool,
+    live: Option<Arc<crate::live::Live>>,
+) -> anyhow::Result<Option<Summary>> {
     let instance = plan.instance.as_deref().context("an instance has a name")?;
     let bounded = plan.sources.iter().all(|s| match &s.input {
         Input::Kafka(k) => k.end.is_some(),
@@ -443,6 +447,7 @@ pub fn run_instance(plan: &Plan, progress: bool) -> anyhow::Result<Option<Summar
             owned: Some(Arc::new(owned.clone())),
             revoked: Some(Arc::clone(&membership.shared.revoked)),
             member: member.clone(),
+            live: live.clone(),
         };
         let result = run(plan, &options);
         let summary = match result {

@@ -16,6 +16,7 @@ pub mod instance;
 pub mod instances_bench;
 pub mod kafka;
 pub mod kafka_bench;
+pub mod live;
 pub mod progress;
 pub mod results;
 pub mod signals;

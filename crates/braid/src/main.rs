@@ -53,6 +53,16 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
+        /// Run live instead: the join over two generators that run until Ctrl-C, with
+        /// the status page on (its address is printed).
+        #[arg(long)]
+        live: bool,
+        /// --live: impressions a second (plays follow at about a seventh of that).
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// --live: where the status page and the metrics are served.
+        #[arg(long, value_name = "ADDR", default_value = braid::config::METRICS_LISTEN_DEFAULT)]
+        metrics: String,
     },
     /// Run a job to the end of its bounded inputs.
     Run {
@@ -64,6 +74,11 @@ enum Command {
         /// consumer group (its local state goes under `[state] dir/NAME`).
         #[arg(long, value_name = "NAME", conflicts_with = "reset")]
         instance: Option<String>,
+        /// Serve Prometheus metrics at /metrics and the status page at / on ADDR
+        /// (HOST:PORT, or a port alone for the loopback address); overrides the job
+        /// file's `[metrics] listen`.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Check a job file and print the resolved plan.
     Validate { job: PathBuf },
@@ -172,6 +187,10 @@ struct BenchArgs {
     /// (the state's size, with the job's one-hour window).
     #[arg(long, default_value_t = braid_io::takerate::TakeRateConfig::default().impressions_per_s)]
     impressions_per_s: u64,
+    /// flink-peer: serve the metrics and the status page on ADDR while it runs, and
+    /// scrape them once a second (their cost; the scrape times are reported).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// Errors that are the user's to fix in what they wrote (exit 2).
@@ -239,7 +258,19 @@ impl SummaryFormat {
 
 fn dispatch(command: Command, progress: bool, format: SummaryFormat) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Demo { dir, events } => braid::demo::demo(&dir, events, progress)?,
+        Command::Demo {
+            dir,
+            events,
+            live: false,
+            ..
+        } => braid::demo::demo(&dir, events, progress)?,
+        Command::Demo {
+            dir,
+            live: true,
+            rate,
+            metrics,
+            ..
+        } => braid::demo::demo_live(&dir, rate, &metrics, progress)?,
         Command::Validate { job } => print!("{}", braid::config::load(&job)?),
         Command::Checkpoints {
             job,
@@ -257,30 +288,36 @@ fn dispatch(command: Command, progress: bool, format: SummaryFormat) -> anyhow::
             job,
             reset,
             instance: Some(name),
+            metrics,
         } => {
             debug_assert!(!reset);
-            let plan = braid::config::load(&job)?.as_instance(&name)?;
+            let plan = with_metrics(braid::config::load(&job)?, metrics)?.as_instance(&name)?;
             braid::signals::install();
-            match braid::instance::run_instance(&plan, progress)? {
+            let live = start_live(&plan)?;
+            match braid::instance::run_instance(&plan, progress, live.clone())? {
                 Some(summary) => {
                     println!("{}", format.render(&summary));
                     summary.check().map_err(anyhow::Error::msg)?;
                 }
                 None => println!("instance `{name}` owned no partition"),
             }
+            linger(&plan, live.as_deref());
         }
         Command::Run {
             job,
             reset,
             instance: None,
+            metrics,
         } => {
-            let plan = braid::config::load(&job)?;
+            let plan = with_metrics(braid::config::load(&job)?, metrics)?;
             braid::signals::install();
+            let live = start_live(&plan)?;
             let summary = braid::driver::run(
                 &plan,
                 &braid::driver::RunOptions {
                     progress,
                     reset,
+                    live: live.clone(),
                     ..Default::default()
                 },
             )?;
@@ -290,12 +327,54 @@ fn dispatch(command: Command, progress: bool, format: SummaryFormat) -> anyhow::
             } else {
                 println!("{}", format.render(&summary));
             }
+            linger(&plan, live.as_deref());
             summary.check().map_err(anyhow::Error::msg)?;
         }
         Command::Generate(args) => generate(&args)?,
         Command::Bench(args) => bench(&args)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--metrics ADDR` over the job file's `[metrics] listen`.
+fn with_metrics(
+    mut plan: braid::config::Plan,
+    listen: Option<String>,
+) -> anyhow::Result<braid::config::Plan> {
+    if let Some(listen) = listen {
+        braid::live::resolve_listen(&listen)
+            .map_err(|e| UsageError(format!("--metrics: {e:#}")))?;
+        let linger_ms = plan.metrics.as_ref().map_or(0, |m| m.linger_ms);
+        plan.metrics = Some(braid::live::MetricsPlan { listen, linger_ms });
+    }
+    Ok(plan)
+}
+
+/// Serves the metrics and the status page when the job asks, and says where.
+fn start_live(
+    plan: &braid::config::Plan,
+) -> anyhow::Result<Option<std::sync::Arc<braid::live::Live>>> {
+    let Some(metrics) = &plan.metrics else {
+        return Ok(None);
+    };
+    let live = braid::live::Live::start(plan, metrics)?;
+    eprintln!(
+        "braid: status page at http://{0}/, metrics at http://{0}/metrics",
+        live.addr
+    );
+    Ok(Some(live))
+}
+
+/// After a bounded run, keeps the metrics up for `[metrics] linger`, so that a last
+/// scrape sees the final counts; a signal ends the wait.
+fn linger(plan: &braid::config::Plan, live: Option<&braid::live::Live>) {
+    let (Some(m), Some(_)) = (&plan.metrics, live) else {
+        return;
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(m.linger_ms);
+    while std::time::Instant::now() < until && !braid::signals::stop_requested() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -382,6 +461,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             })
             .transpose()?,
         checkpoint_store: args.checkpoint_store.clone(),
+        metrics: args.metrics.clone(),
     };
     let line = match args.workload {
         Workload::FlinkPeer => braid::bench::flink_peer(&options)?,

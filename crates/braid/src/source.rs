@@ -57,6 +57,19 @@ pub trait Source {
     fn done_fraction(&self) -> Option<f64> {
         None
     }
+    /// The Kafka topic read, for the metrics' labels (`None`: not a topic).
+    fn topic(&self) -> Option<&str> {
+        None
+    }
+    /// Whether this process reads the partition (`--instance` owns some of a topic's).
+    fn owned(&self, _partition: u32) -> bool {
+        true
+    }
+    /// Records in the partition after the next one to read, as the broker last told
+    /// (Kafka's consumer lag); `None` where unknown or not a topic's partition.
+    fn lag(&self, _partition: u32) -> Option<i64> {
+        None
+    }
 }
 
 /// Opens a job's source.
@@ -68,11 +81,17 @@ pub fn open(source: &SourcePlan, owned: Option<&[u32]>) -> anyhow::Result<Box<dy
             files.clone(),
             source.max_line_bytes,
         )),
-        Input::Generator { config, stream } => Box::new(Generator {
+        Input::Generator {
+            config,
+            stream,
+            paced,
+        } => Box::new(Generator {
             lines: TakeRate::new(config.clone()),
             stream: *stream,
             produced: 0,
             drawn: 0,
+            paced: paced.is_some(),
+            waiting: false,
         }),
         Input::Kafka(kafka) => Box::new(KafkaSource::open(
             &source.name,
@@ -120,6 +139,10 @@ struct Generator {
     produced: u64,
     /// Lines drawn from the generator, of both streams: its position.
     drawn: u64,
+    /// Releases lines only once the wall clock reaches their time (`rate`).
+    paced: bool,
+    /// Paced, and the next line's time is still ahead of the clock.
+    waiting: bool,
 }
 
 impl Generator {
@@ -138,7 +161,21 @@ impl Generator {
 
 impl Source for Generator {
     fn read(&mut self, batch: &mut LineBatch, max: usize) -> anyhow::Result<bool> {
+        let now_ms = self.paced.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        });
+        self.waiting = false;
         while batch.len() < max {
+            if now_ms.is_some_and(|now| self.lines.clock_ms() > now) {
+                self.waiting = true;
+                if batch.is_empty() {
+                    // Nothing due yet: do not spin the reader.
+                    std::thread::sleep(PACED_WAIT);
+                }
+                break;
+            }
             let Some(line) = self.next_line() else {
                 return Ok(false);
             };
@@ -175,7 +212,14 @@ impl Source for Generator {
     fn describe(&self, position: Position) -> String {
         format!("generator:{}", position.line)
     }
+
+    fn caught_up(&self, _partition: u32) -> bool {
+        self.waiting
+    }
 }
+
+/// How long a paced generator with nothing due sleeps before the reader goes on.
+const PACED_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 #[cfg(test)]
 mod tests {
@@ -192,6 +236,8 @@ mod tests {
             stream,
             produced: 0,
             drawn: 0,
+            paced: false,
+            waiting: false,
         }
     }
 
@@ -223,5 +269,42 @@ mod tests {
             let files = SourceAt::Events { events: 1 };
             assert!(resumed.seek(&files).is_err(), "another kind's position");
         }
+    }
+
+    /// A paced generator releases what the wall clock has reached, then waits.
+    #[test]
+    fn a_paced_generator_releases_lines_as_the_clock_reaches_them() {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let mut paced = Generator {
+            lines: TakeRate::new(TakeRateConfig {
+                events: u64::MAX,
+                impressions_per_s: 1_000,
+                // Two seconds ago: about 2,000 impressions are due.
+                start_ms: now_ms - 2_000,
+                malformed_rate: 0.0,
+                ..TakeRateConfig::default()
+            }),
+            stream: Stream::Impressions,
+            produced: 0,
+            drawn: 0,
+            paced: true,
+            waiting: false,
+        };
+        let mut batch = LineBatch::default();
+        assert!(paced.read(&mut batch, 1_000_000).expect("reads"));
+        let due = batch.len();
+        assert!((1_900..2_500).contains(&due), "{due} impressions released");
+        assert!(paced.caught_up(0), "it waits for the clock");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut more = LineBatch::default();
+        paced.read(&mut more, 1_000_000).expect("reads");
+        assert!(
+            (200..800).contains(&more.len()),
+            "{} more after 300 ms at 1,000 a second",
+            more.len()
+        );
     }
 }

@@ -465,6 +465,42 @@ impl Source for KafkaSource {
         }
     }
 
+    fn topic(&self) -> Option<&str> {
+        Some(&self.topic)
+    }
+
+    fn owned(&self, partition: u32) -> bool {
+        match self.owned.get(partition as usize) {
+            Some(&owned) => owned,
+            // The history files are read by every process that reads the topic.
+            None => true,
+        }
+    }
+
+    /// From the high watermark librdkafka keeps of its last fetch (no request to the
+    /// broker); under `read_committed` it is the last stable offset.
+    fn lag(&self, partition: u32) -> Option<i64> {
+        let p = partition as usize;
+        if !self.owned.get(p).copied().unwrap_or(false) || !self.assigned {
+            return None;
+        }
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client pointer lives as long as `self.consumer`; librdkafka only
+        // reads its cache under its own lock and writes the two offsets.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition as i32,
+                &mut low,
+                &mut high,
+            )
+        };
+        let ok = err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+        (ok && high >= 0).then(|| (high - self.next[p]).max(0))
+    }
+
     /// Of what this run reads up to `end`: not with history files (their share is not
     /// weighed against the topic's yet), nor for an unbounded topic.
     fn done_fraction(&self) -> Option<f64> {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod chromium;
 pub mod kafka;
 pub mod moto;
 
@@ -338,4 +339,50 @@ pub fn newest_manifest(checkpoints: &Path) -> Value {
     let text = std::fs::read_to_string(&newest).expect("a manifest");
     let body = &text[text.find('\n').expect("a header line") + 1..];
     serde_json::from_str(body).expect("a manifest is JSON")
+}
+
+/// `GET path` of an HTTP server at `addr` (HOST:PORT): the status and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// Prometheus' text format as series (`name{label="value",...}`, labels as written)
+/// and their values.
+pub fn parse_metrics(text: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let mut series = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (head, value) = line.rsplit_once(' ').expect("a series and its value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("a number in `{line}`"));
+        let (name, labels) = match head.split_once('{') {
+            Some((name, rest)) => (name, rest.trim_end_matches('}')),
+            None => (head, ""),
+        };
+        let labels = labels
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once('=').expect("label=value");
+                (k.to_string(), v.trim_matches('"').to_string())
+            })
+            .collect();
+        series.push((name.to_string(), labels, value));
+    }
+    series
 }
