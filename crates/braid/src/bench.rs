@@ -214,6 +214,8 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
         sample.add_join(["impressions", "plays"], &gauges.counts(), gauges.totals());
         sample
     };
+    // Time spent sampling and publishing on this (the reading) thread, and how often.
+    let mut publishing = (std::time::Duration::ZERO, 0u64);
     let mut publisher = live.as_ref().map(|l| {
         crate::live::Publisher::new(std::sync::Arc::clone(l), &sample(&engine, read, watermark))
     });
@@ -243,10 +245,13 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             watermark = Watermark::at(EventTime(max_time - flink_peer::MAX_OUT_OF_ORDERNESS_MS));
             engine.advance(&[(0, watermark)])?;
             if let Some(p) = publisher.as_mut().filter(|p| p.due()) {
+                let began = Instant::now();
                 let committed = checkpoints
                     .as_ref()
                     .map_or(&[][..], |c| c.committed.as_slice());
                 p.publish(&sample(&engine, read, watermark), committed);
+                publishing.0 += began.elapsed();
+                publishing.1 += 1;
             }
             if let Some(c) = checkpoints.as_mut() {
                 c.poll()?;
@@ -273,6 +278,9 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             "scrapes": took.len(),
             "scrape_ms_p50": crate::summary::quantile(&took, 0.5),
             "scrape_ms_max": crate::summary::quantile(&took, 1.0),
+            "publishes": publishing.1,
+            "publish_ms_total": round2(publishing.0.as_secs_f64() * 1e3),
+            "publish_share_of_run": publishing.0.as_secs_f64() / seconds,
         })
     });
     // The restore runs after the run's shards have ended (their joins, chunk pools and

@@ -69,7 +69,8 @@ impl Served {
                     stderr.lock().unwrap()
                 )
             });
-            if let Some(rest) = line.split("status page at http://").nth(1) {
+            // `braid run`: "status page at http://ADDR/"; the demo: "open http://ADDR/".
+            if let Some(rest) = line.split("http://").nth(1) {
                 break rest.split('/').next().expect("HOST:PORT").to_string();
             }
         };
@@ -94,8 +95,13 @@ impl Served {
 
     /// SIGTERM, then the exit status (within a minute).
     fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM")
+    }
+
+    /// Sends `signal` (`-TERM`, `-INT`), then the exit status (within a minute).
+    fn signal(&mut self, signal: &str) -> std::process::ExitStatus {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success());
@@ -358,6 +364,59 @@ fn the_status_page_draws_live_data_in_headless_chromium() {
     assert!(status.success(), "{status}:\n{}", braid.stderr());
 }
 
+/// `braid demo --live`: the page's address first, live input on it, and Ctrl-C (SIGINT)
+/// stops it with a summary that adds up.
+#[test]
+fn the_live_demo_serves_its_page_and_stops_cleanly_on_ctrl_c() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let demo = dir.path().join("demo");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_braid"));
+    command
+        .args([
+            "demo",
+            "--live",
+            "--quiet",
+            "--rate",
+            "1000",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .arg("--dir")
+        .arg(&demo);
+    let mut braid = Served::start(command);
+    assert!(braid.get("/").contains("<canvas"));
+    let deadline = Instant::now() + SERVE_TIMEOUT;
+    loop {
+        let m = parse_metrics(&braid.get("/metrics"));
+        let read = m
+            .iter()
+            .filter(|(n, _, _)| n == "braid_records_in_total")
+            .map(|s| s.2)
+            .sum::<f64>();
+        if read > 0.0 && total(&m, "braid_running", &[]) == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no input read:\n{}",
+            braid.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = braid.signal("-INT");
+    assert!(status.success(), "{status}:\n{}", braid.stderr());
+    let mut summary = String::new();
+    std::io::Read::read_to_string(&mut braid.stdout, &mut summary).expect("stdout");
+    assert!(
+        summary.contains("stopped by a signal") && summary.contains("accounted for exactly once"),
+        "{summary}"
+    );
+    assert!(
+        demo.join(".braid/checkpoints").is_dir(),
+        "a final checkpoint"
+    );
+}
+
 const SECRETS: [&str; 3] = [
     "planted-source-secret-5bd1",
     "planted-output-secret-77ce",
@@ -408,6 +467,24 @@ fn planted_secrets_appear_in_no_log_metric_page_or_checkpoint() {
         .unwrap_or_else(|e| panic!("the summary is JSON ({e}): {line}\n{}", braid.stderr()));
     assert_eq!(summary["accounted"], true, "{summary}");
     pages.extend([braid.get("/metrics"), braid.get("/status"), braid.get("/")]);
+    // The same run shows the Kafka series: every partition of both topics owned here
+    // (no --instance), and the consumer lag of each, none left at the end.
+    let m = parse_metrics(&pages[3]);
+    for topic in ["impressions", "plays"] {
+        let owned: Vec<f64> = m
+            .iter()
+            .filter(|(n, l, _)| {
+                n == "braid_partition_owned" && l.get("topic").map(String::as_str) == Some(topic)
+            })
+            .map(|s| s.2)
+            .collect();
+        assert_eq!(owned, vec![1.0; owned.len().max(1)], "{topic}: {owned:?}");
+        let lag = m.iter().filter(|(n, l, _)| {
+            n == "braid_consumer_lag" && l.get("topic").map(String::as_str) == Some(topic)
+        });
+        assert!(lag.clone().count() > 0, "{topic}: a consumer lag series");
+        assert!(lag.clone().all(|s| s.2 <= 1.0), "{topic}: read to the end");
+    }
     assert!(braid.stop().success());
     let stderr = braid.stderr();
     assert!(

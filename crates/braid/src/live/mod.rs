@@ -147,7 +147,12 @@ impl Live {
     /// Binds the address and starts the thread that answers on it, for `plan`.
     pub fn start(plan: &Plan, metrics: &MetricsPlan) -> anyhow::Result<Arc<Live>> {
         let live = Live::serve(&metrics.listen)?;
-        live.set_plan(plan);
+        // The plan shows the address bound (port 0 takes any free one).
+        let mut shown = plan.clone();
+        if let Some(m) = shown.metrics.as_mut() {
+            m.listen = live.addr.to_string();
+        }
+        live.set_plan(&shown);
         Ok(live)
     }
 
