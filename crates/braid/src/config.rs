@@ -433,6 +433,14 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             max_out_of_orderness_ms + allowed_lateness_ms,
         )?,
     ];
+    for s in [left, right] {
+        if s.rate.is_some() && s.start.is_none() && raw.checkpoint.is_some() {
+            return Err(format!(
+                "[[source]] {}: start: a live generator (`rate`) in a job with [checkpoint] needs a `start` time (RFC 3339), so that a resumed run goes on with the same event times; without one each run would start at its own clock",
+                s.name
+            ));
+        }
+    }
     if left.key.len() != right.key.len() {
         return Err(format!(
             "[[source]] {}: key has {} fields but {} has {}; the join pairs key fields in order",
@@ -739,6 +747,7 @@ fn source(s: &SourceFile, base: &Path, job: &str, slack_ms: i64) -> Result<Sourc
     }
     let input = match s.kind.as_str() {
         "files" => {
+            only_for(s.rate.is_some(), "rate", "generator")?;
             only_for(s.stream.is_some(), "stream", "generator")?;
             only_for(s.events.is_some(), "events", "generator")?;
             only_for(s.seed.is_some(), "seed", "generator")?;
@@ -796,6 +805,7 @@ fn source(s: &SourceFile, base: &Path, job: &str, slack_ms: i64) -> Result<Sourc
         }
         "kafka" => {
             only_for(s.path.is_some(), "path", "files")?;
+            only_for(s.rate.is_some(), "rate", "generator")?;
             only_for(s.stream.is_some(), "stream", "generator")?;
             only_for(s.events.is_some(), "events", "generator")?;
             only_for(s.seed.is_some(), "seed", "generator")?;

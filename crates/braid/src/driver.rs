@@ -338,6 +338,8 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
     let held = reading.held();
     let counts = [reading.totals(0), reading.totals(1)];
     let reader_sample = publisher.as_ref().map(|_| reading.sample_reader());
+    // What the state holds at the end (a stopped run keeps it for the next).
+    let state_at_end = reading.engine.gauges().totals();
     let Reading {
         engine,
         mut side_output,
@@ -350,7 +352,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         for r in &reports {
             join.add(&r.counts);
         }
-        sample.add_join(source_names(plan), &join, (0, 0));
+        sample.add_join(source_names(plan), &join, state_at_end);
         let committed = checkpointing
             .as_ref()
             .map_or(&[][..], |c| c.committed.as_slice());
@@ -750,7 +752,11 @@ impl<'p> Reading<'p> {
                     let w = t.saturating_sub(self.plan.max_out_of_orderness_ms);
                     sample.gauge("braid_watermark_ms", labels.clone(), w as f64);
                 }
-                if let Some(topic) = self.readers[s].topic() {
+                let reader = &self.readers[s];
+                if let Some(topic) = reader
+                    .topic()
+                    .filter(|_| reader.is_topic_partition(p as u32))
+                {
                     let mut labels = labels;
                     labels.push(("topic", topic.to_string()));
                     let owned = self.readers[s].owned(p as u32);
@@ -759,9 +765,10 @@ impl<'p> Reading<'p> {
                         labels.clone(),
                         f64::from(u8::from(owned)),
                     );
-                    if let Some(lag) = self.readers[s].lag(p as u32) {
-                        sample.gauge("braid_consumer_lag", labels, lag as f64);
-                    }
+                    // 0 for a partition not read here (an earlier generation's value
+                    // must not stay up).
+                    let lag = self.readers[s].lag(p as u32).unwrap_or(0);
+                    sample.gauge("braid_consumer_lag", labels, lag as f64);
                 }
             }
             let totals = self.totals(s);

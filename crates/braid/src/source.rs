@@ -70,6 +70,10 @@ pub trait Source {
     fn lag(&self, _partition: u32) -> Option<i64> {
         None
     }
+    /// Whether the partition is one of the topic's (not its history files).
+    fn is_topic_partition(&self, _partition: u32) -> bool {
+        false
+    }
 }
 
 /// Opens a job's source.

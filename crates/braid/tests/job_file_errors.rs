@@ -113,6 +113,11 @@ fn each_mistake_names_its_field_and_exits_2() {
         ("kind = \"files\"\npath = \"out\"", "kind = \"kafka\"\npath = \"out\"\nbrokers = \"127.0.0.1:1\"\ntopic = \"o\"", "[output] path: only a `files` output takes it"),
         ("kind = \"files\"\npath = \"out\"", "kind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ntopic = \"o\"\n[output.properties]\n\"transaction.timeout.ms\" = \"20000\"", "[output.properties] transaction.timeout.ms: 20000 ms is too short for [checkpoint] interval 10s"),
         ("interval = \"10s\"", "interval = \"10m\"\n[output.properties]", "[output] properties: only a `kafka` output takes it"),
+        // A live generator, and [metrics].
+        ("path = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "path = \"data/*.ndjson\"\nrate = 10\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "[[source]] impressions: rate: only a `generator` source takes it"),
+        ("kind = \"files\"\npath = \"data/*.ndjson\"\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "kind = \"generator\"\nstream = \"impressions\"\nrate = 10\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "[[source]] impressions: start: a live generator (`rate`) in a job with [checkpoint] needs a `start` time"),
+        ("interval = \"10s\"", "interval = \"10s\"\n[metrics]\nlisten = \"nowhere\"", "[metrics] listen: `nowhere` is not an address to listen on"),
+        ("interval = \"10s\"", "interval = \"10s\"\n[metrics]\nlinger = \"a while\"", "[metrics] linger: `a while` is not a duration"),
     ];
     for (from, to, want) in cases {
         assert!(

@@ -285,10 +285,18 @@ fn attribute(dom: &str, id: &str, name: &str) -> Option<String> {
 fn the_status_page_draws_live_data_in_headless_chromium() {
     let dir = tempfile::tempdir().expect("temp dir");
     let job = dir.path().join("job.toml");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let start = chrono::DateTime::from_timestamp_millis(now_ms)
+        .expect("a time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let source = |stream: &str| {
         format!(
             "[[source]]\nname = \"{stream}\"\nkind = \"generator\"\nstream = \"{stream}\"\n\
-             rate = 3000\nkey = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid = \"event_id\"\n\n"
+             rate = 3000\nstart = \"{start}\"\nkey = [\"profile_id\", \"title_id\"]\n\
+             time = \"ts\"\nid = \"event_id\"\n\n"
         )
     };
     let text = format!(

@@ -469,6 +469,10 @@ impl Source for KafkaSource {
         Some(&self.topic)
     }
 
+    fn is_topic_partition(&self, partition: u32) -> bool {
+        partition < self.topic_partitions()
+    }
+
     fn owned(&self, partition: u32) -> bool {
         match self.owned.get(partition as usize) {
             Some(&owned) => owned,
@@ -483,6 +487,11 @@ impl Source for KafkaSource {
         let p = partition as usize;
         if !self.owned.get(p).copied().unwrap_or(false) || !self.assigned {
             return None;
+        }
+        // At its end, or at the last record there was (past transaction markers, which
+        // `next` does not count): nothing left to read.
+        if self.finished[p] || self.caught_up[p] {
+            return Some(0);
         }
         let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
         let (mut low, mut high) = (-1i64, -1i64);

@@ -4,34 +4,61 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Live;
 
 /// The most of a request read: its request line and headers (a body is never read).
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
-/// How long one client may take to send its request or take the answer: requests
-/// are answered one at a time, so a slow client holds the others this long at most.
+/// How long one client may take, from its connection to the end of the answer:
+/// requests are answered one at a time, so a slow client holds the others this long
+/// at most.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The pause after a failed accept (out of file descriptors, say), so that the thread
+/// does not spin on it.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// What one write of an answer sends at most before the deadline is checked again.
+const WRITE_PIECE_BYTES: usize = 16 * 1024;
 
 /// The status page: plain HTML, CSS and JavaScript, no build step.
 const STATUS_PAGE: &str = include_str!("status.html");
 
 pub(super) fn serve(listener: &TcpListener, live: &Live) {
     for stream in listener.incoming() {
-        let result = stream.and_then(|s| answer(s, live));
-        if let Err(e) = result {
-            tracing::debug!("metrics: a request failed: {e}");
+        match stream {
+            Ok(s) => {
+                if let Err(e) = answer(s, live) {
+                    tracing::debug!("metrics: a request failed: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::debug!("metrics: cannot accept a connection: {e}");
+                std::thread::sleep(ACCEPT_RETRY_PAUSE);
+            }
         }
     }
 }
 
+/// The time left of a client's `CLIENT_TIMEOUT` (at least a millisecond: a timeout of
+/// zero would mean none), or an error once it has passed.
+fn left(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took too long",
+        ));
+    }
+    Ok(left.max(Duration::from_millis(1)))
+}
+
 fn answer(mut stream: TcpStream, live: &Live) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_BYTES_MAX {
+        stream.set_read_timeout(Some(left(deadline)?))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;
@@ -70,7 +97,14 @@ fn answer(mut stream: TcpStream, live: &Live) -> std::io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
+    // In pieces, so that a client that reads slowly meets the deadline too.
+    for piece in head
+        .as_bytes()
+        .chunks(WRITE_PIECE_BYTES)
+        .chain(body.as_bytes().chunks(WRITE_PIECE_BYTES))
+    {
+        stream.set_write_timeout(Some(left(deadline)?))?;
+        stream.write_all(piece)?;
+    }
     stream.flush()
 }

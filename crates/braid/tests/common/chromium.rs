@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,10 +38,12 @@ pub struct Browser {
     _profile: tempfile::TempDir,
 }
 
+/// A pipe whose ends close on exec: no other child (braid, started by another test
+/// thread) keeps an end open, so Chromium's end closing is seen.
 fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
-    // SAFETY: `pipe` writes two new descriptors into `fds`, owned from here on.
-    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    // SAFETY: `pipe2` writes two new descriptors into `fds`, owned from here on.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
     assert_eq!(rc, 0, "pipe: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors were just created and are owned by nothing else.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
@@ -53,7 +55,7 @@ impl Browser {
         let profile = tempfile::tempdir().expect("profile dir");
         let (chrome_reads, we_write) = pipe();
         let (we_read, chrome_writes) = pipe();
-        let (read_fd, write_fd) = (chrome_reads.into_raw_fd(), chrome_writes.into_raw_fd());
+        let (read_fd, write_fd) = (chrome_reads.as_raw_fd(), chrome_writes.as_raw_fd());
         let mut command = Command::new(chromium_path());
         command
             .args([
@@ -70,21 +72,22 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+        // Copied above 10 first, so that neither end is overwritten when it already
+        // is 3 or 4; the copies and 3 and 4 do not close on exec.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(read_fd, 3) < 0 || libc::dup2(write_fd, 4) < 0 {
+                let r = libc::fcntl(read_fd, libc::F_DUPFD, 10);
+                let w = libc::fcntl(write_fd, libc::F_DUPFD, 10);
+                if r < 0 || w < 0 || libc::dup2(r, 3) < 0 || libc::dup2(w, 4) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
         let child = command.spawn().expect("chromium starts");
-        // SAFETY: the child has its copies; these are the parent's, closed once.
-        unsafe {
-            libc::close(read_fd);
-            libc::close(write_fd);
-        }
+        // The child has its own; the parent's copies of Chromium's ends close here.
+        drop((chrome_reads, chrome_writes));
         let mut browser = Browser {
             child,
             to: File::from(we_write),
