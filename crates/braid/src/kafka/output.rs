@@ -272,6 +272,19 @@ impl KafkaOutput {
         let deadline = Instant::now() + BROKER_OUTAGE_MAX;
         // Drained first: rdkafka's flush inside the commit polls in 100 ms slices.
         while producer.in_flight_count() > 0 {
+            // A fenced producer's records never leave: say so now, not after the
+            // deadline (the instance that fenced it waits for this one to stop).
+            match producer.client().fatal_error() {
+                Some((RDKafkaErrorCode::Fenced, reason)) => {
+                    return Err(anyhow::Error::new(Fenced(format!(
+                        "epoch {epoch}: cannot commit: {FENCED} ({reason})"
+                    ))))
+                }
+                Some((code, reason)) => anyhow::bail!(
+                    "epoch {epoch}: the Kafka producer failed ({code:?}: {reason}); the job stops, and the next `braid run` resumes from the last committed checkpoint"
+                ),
+                None => {}
+            }
             if Instant::now() > deadline {
                 anyhow::bail!(
                     "epoch {epoch}: Kafka at {} did not take the records within {} s; the job stops, and the next `braid run` resumes from the last committed checkpoint",
