@@ -285,12 +285,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             "partitions restored"
         );
     }
-    let mut publisher = options.live.as_ref().map(|live| {
-        Publisher::new(
-            Arc::clone(live),
-            &reading.sample(&reading.engine.gauges().counts()),
-        )
-    });
+    let mut publisher = options
+        .live
+        .as_ref()
+        .map(|live| Publisher::new(Arc::clone(live), &reading.sample()));
     let mut progress = Progress::new(options.progress);
     let mut stopped = false;
     while !reading.done() {
@@ -321,10 +319,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             let committed = checkpointing
                 .as_ref()
                 .map_or(&[][..], |c| c.committed.as_slice());
-            p.publish(
-                &reading.sample(&reading.engine.gauges().counts()),
-                committed,
-            );
+            p.publish(&reading.sample(), committed);
         }
     }
     progress.finish();
@@ -346,25 +341,21 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         ..
     } = reading;
     let reports: Vec<ShardReport> = engine.finish()?;
-    if let (Some(p), Some(mut sample)) = (publisher.as_mut(), reader_sample) {
-        // The final counts, as the summary gives them.
-        let mut join = braid_core::JoinCounts::default();
-        for r in &reports {
-            join.add(&r.counts);
-        }
-        sample.add_join(source_names(plan), &join, state_at_end);
-        let committed = checkpointing
-            .as_ref()
-            .map_or(&[][..], |c| c.committed.as_slice());
-        p.publish(&sample, committed);
-        p.end(if stopped { "stopped" } else { "finished" });
-    }
     side_output.commit()?;
     let committed = match &plan.output {
         Output::Files(dir) => Some(dir.clone()),
         Output::Stdout | Output::Kafka(_) => None,
     };
     let mut summary = Summary::new(plan, counts, &reports, started.elapsed(), committed);
+    if let (Some(p), Some(mut sample)) = (publisher.as_mut(), reader_sample) {
+        // The final counts: the summary's.
+        sample.add_join(source_names(plan), &summary.join, state_at_end);
+        let committed = checkpointing
+            .as_ref()
+            .map_or(&[][..], |c| c.committed.as_slice());
+        p.publish(&sample, committed);
+        p.end(if stopped { "stopped" } else { "finished" });
+    }
     if stopped {
         summary.stopped = Some(held);
     }
@@ -730,9 +721,10 @@ impl<'p> Reading<'p> {
 
     /// Every value the metrics show, with the join's counts and state as the shards
     /// last stored them.
-    fn sample(&self, join: &braid_core::JoinCounts) -> Sample {
+    fn sample(&self) -> Sample {
         let mut sample = self.sample_reader();
-        sample.add_join(source_names(self.plan), join, self.engine.gauges().totals());
+        let gauges = self.engine.gauges();
+        sample.add_join(source_names(self.plan), &gauges.counts(), gauges.totals());
         sample
     }
 
