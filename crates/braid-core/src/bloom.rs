@@ -32,7 +32,13 @@ pub struct Bloom {
 
 impl Bloom {
     pub fn new(keys: usize) -> Bloom {
-        let blocks = (keys.max(1) * BLOOM_BITS_PER_KEY).div_ceil(BLOCK_BITS);
+        Bloom::with_bits_per_key(keys, BLOOM_BITS_PER_KEY)
+    }
+
+    /// A filter for `keys` keys at `bits_per_key` (16 gives about 0.12 % false
+    /// positives, 10 about 1 %).
+    pub fn with_bits_per_key(keys: usize, bits_per_key: usize) -> Bloom {
+        let blocks = (keys.max(1) * bits_per_key).div_ceil(BLOCK_BITS);
         Bloom {
             blocks: vec![[0; 8]; blocks].into_boxed_slice(),
         }

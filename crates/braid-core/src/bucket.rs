@@ -403,6 +403,11 @@ impl HotSegment {
         }
     }
 
+    /// The distinct key hashes of the segment's events.
+    pub fn key_hashes(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        self.data().index.keys().copied()
+    }
+
     /// Visits every event: whether it matched, its key, its time, its payload.
     pub fn for_each(&self, mut visit: impl FnMut(bool, &[u8], i64, &[u8])) {
         let d = self.data();
@@ -512,6 +517,9 @@ pub(crate) struct ColdSegment {
     pub marks: Marks,
     pub time_min: i64,
     pub time_max: i64,
+    /// The bucket's group whose filter covers this segment, or [`NO_GROUP`]. Groups are
+    /// not in checkpoint images: a restored segment is in none.
+    pub group: u32,
 }
 
 impl ColdSegment {
@@ -528,6 +536,7 @@ impl ColdSegment {
             marks: self.marks.clone(),
             time_min: self.time_min,
             time_max: self.time_max,
+            group: NO_GROUP,
         }
     }
 
@@ -554,6 +563,7 @@ impl ColdSegment {
             marks,
             time_min,
             time_max,
+            group: NO_GROUP,
         })
     }
 }
@@ -598,12 +608,74 @@ impl Segment {
 /// The least bytes a segment takes in an image: a tag, a number and two times.
 const SEGMENT_IMAGE_BYTES_MIN: u64 = 1 + 4 + 2 * 8;
 
+/// Bits per key of a group's filter: a false positive costs a look at the group's
+/// segment filters, not a read, so it can be looser than theirs (about 1 %).
+const GROUP_BLOOM_BITS_PER_KEY: usize = 10;
+/// Cold segments per group filter.
+pub(crate) const GROUP_SEGMENTS: usize = 8;
+/// A cold segment in no group.
+pub(crate) const NO_GROUP: u32 = u32::MAX;
+
+/// Key filters over groups of a bucket's cold segments, in front of the segments' own.
+/// A probe's interval overlaps every bucket of the window (9 for a one-hour join), and
+/// a spilled bucket holds one filter per segment (dozens when the budget is small):
+/// checking each of them for every probe took a fifth of a spilling run's CPU, for a
+/// key that is in one segment at most. A group's filter covers exactly the segments
+/// that name it, so a probe checks one filter per group and the segments' filters only
+/// in a group that may hold the key. Hot segments and cold ones not (yet) in a group
+/// are checked one by one, as before.
+#[derive(Default)]
+pub(crate) struct SegmentGroups {
+    filters: Vec<Bloom>,
+    /// The spilled segments not yet in a group, and the high halves of their key
+    /// hashes (see [`group_hash`]).
+    pending: Vec<u32>,
+    pending_hashes: Vec<u32>,
+}
+
+impl SegmentGroups {
+    pub fn memory_bytes(&self) -> usize {
+        self.filters.iter().map(Bloom::bytes).sum::<usize>()
+            + (self.pending.capacity() + self.pending_hashes.capacity())
+                * std::mem::size_of::<u32>()
+    }
+
+    pub fn len(&self) -> usize {
+        self.filters.len()
+    }
+
+    /// Notes the keys of segment `number`, about to spill, for its group. Returns the
+    /// change in the groups' memory.
+    pub fn collect(&mut self, number: u32, hashes: impl ExactSizeIterator<Item = u64>) -> isize {
+        let g = self;
+        let before = g.memory_bytes() as isize;
+        g.pending.push(number);
+        g.pending_hashes.reserve_exact(hashes.len());
+        g.pending_hashes.extend(hashes.map(|h| (h >> 32) as u32));
+        g.memory_bytes() as isize - before
+    }
+
+    /// Whether group `group`'s segments may hold the key.
+    pub fn may_contain(&self, group: usize, hash: u64) -> bool {
+        self.filters[group].may_contain(group_hash((hash >> 32) as u32))
+    }
+}
+
+/// A group filter's hash of a key: rebuilt from the high half of its 64-bit hash
+/// (which is all a bucket keeps of a spilled segment's keys until they are grouped),
+/// mixed so that the filter's block and bits are independent.
+fn group_hash(high: u32) -> u64 {
+    let z = u64::from(high).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (z ^ (z >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
 /// All state of one side whose event times fall in `[id * width, (id + 1) * width)`.
 #[derive(Default)]
 pub(crate) struct Bucket {
     pub segments: Vec<Segment>,
     /// The number the next segment of this bucket gets.
     pub next_segment_number: u32,
+    pub groups: SegmentGroups,
 }
 
 /// A bucket as a checkpoint sees it, written after the barrier by another thread.
@@ -667,12 +739,44 @@ impl Bucket {
         let bucket = Bucket {
             segments: Vec::with_capacity(count),
             next_segment_number,
+            groups: SegmentGroups::default(),
         };
         Ok((bucket, count))
     }
 
     pub fn segment_mut(&mut self, number: u32) -> Option<&mut Segment> {
         self.segments.iter_mut().find(|s| s.number() == number)
+    }
+
+    /// Puts the spilled segments not yet in a group into one, when there are
+    /// [`GROUP_SEGMENTS`] of them, or at least two and `last`: the bucket takes no more
+    /// events and holds no hot segment. Returns the change in the groups' memory.
+    pub fn group(&mut self, last: bool) -> isize {
+        let g = &mut self.groups;
+        let enough = g.pending.len() >= GROUP_SEGMENTS
+            || (last
+                && g.pending.len() >= 2
+                && !self.segments.iter().any(|s| matches!(s, Segment::Hot(_))));
+        if !enough {
+            return 0;
+        }
+        let before = g.memory_bytes() as isize;
+        let mut bloom = Bloom::with_bits_per_key(g.pending_hashes.len(), GROUP_BLOOM_BITS_PER_KEY);
+        for &high in &g.pending_hashes {
+            bloom.insert(group_hash(high));
+        }
+        let group = g.filters.len() as u32;
+        g.filters.push(bloom);
+        for segment in &mut self.segments {
+            if let Segment::Cold(cold) = segment {
+                if g.pending.contains(&cold.number) {
+                    cold.group = group;
+                }
+            }
+        }
+        g.pending = Vec::new();
+        g.pending_hashes = Vec::new();
+        g.memory_bytes() as isize - before
     }
 }
 

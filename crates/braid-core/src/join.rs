@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment};
+use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, NO_GROUP};
 use crate::ids::IdSet;
 use crate::spec::{JoinSpec, Side};
 use crate::store::{SegmentId, StateStore, StoreError};
@@ -116,12 +116,16 @@ pub struct Join<S> {
     chunks: ChunkPool,
     /// Sum of `memory_bytes` over every segment, hot and cold.
     segments_bytes: usize,
+    /// Sum of the buckets' group filters and the hashes collected for them.
+    filters_bytes: usize,
     counts: JoinCounts,
     /// Per batch: the cold reads' probes, and where each event was stored.
     pending: Vec<PendingRead>,
     placed: Vec<Option<(SegmentId, usize)>>,
-    /// Reused buffers: matched ordinals of one hot probe, a spill image.
+    /// Reused buffers: matched ordinals of one hot probe, which of a bucket's group
+    /// filters allow a probe's key, a spill image.
     hits: Vec<usize>,
+    group_hits: Vec<bool>,
     spill: Vec<u8>,
 }
 
@@ -158,11 +162,13 @@ impl<S: StateStore> Join<S> {
             spill_bytes_min: segment_bytes_max.min(memory_max_bytes) / SPILL_FRACTION_MIN,
             spill_retry_bytes: 0,
             segments_bytes: 0,
+            filters_bytes: 0,
             counts: JoinCounts::default(),
             chunks: ChunkPool::new(memory_max_bytes / CHUNK_POOL_FRACTION),
             pending: Vec::new(),
             placed: Vec::new(),
             hits: Vec::new(),
+            group_hits: Vec::new(),
             spill: Vec::new(),
         }
     }
@@ -178,6 +184,7 @@ impl<S: StateStore> Join<S> {
     /// Memory the state holds: segments, filters, marks and remembered ids.
     pub fn memory_bytes(&self) -> usize {
         self.segments_bytes
+            + self.filters_bytes
             + self.chunks.memory_bytes()
             + self
                 .sides
@@ -289,8 +296,10 @@ impl<S: StateStore> Join<S> {
                 + i128::from(self.spec.allowed_lateness_ms);
             let mut expired_up_to = None;
             while let Some((&bucket_id, _)) = self.sides[side.index()].buckets.first_key_value() {
-                let last_time = (i128::from(bucket_id) + 1) * i128::from(self.bucket_width_ms) - 1;
-                if !self.watermark.passed_wide(last_time + keep_ms) {
+                if !self
+                    .watermark
+                    .passed_wide(self.bucket_last_time(bucket_id) + keep_ms)
+                {
                     break;
                 }
                 let bucket = self.sides[side.index()]
@@ -303,8 +312,33 @@ impl<S: StateStore> Join<S> {
             if let Some(last) = expired_up_to {
                 self.sides[side.index()].ids.forget_up_to(last);
             }
+            let closed_ids: Vec<i64> = self.sides[side.index()]
+                .buckets
+                .keys()
+                .copied()
+                .take_while(|&id| self.is_closed(id))
+                .collect();
+            for bucket_id in closed_ids {
+                let bucket = self.sides[side.index()]
+                    .buckets
+                    .get_mut(&bucket_id)
+                    .expect("a bucket just listed");
+                self.filters_bytes = self.filters_bytes.wrapping_add_signed(bucket.group(true));
+            }
         }
         Ok(())
+    }
+
+    /// The last event time bucket `bucket_id` holds.
+    fn bucket_last_time(&self, bucket_id: i64) -> i128 {
+        (i128::from(bucket_id) + 1) * i128::from(self.bucket_width_ms) - 1
+    }
+
+    /// True when no event can reach bucket `bucket_id` any more: its last time is late.
+    fn is_closed(&self, bucket_id: i64) -> bool {
+        self.watermark.passed_wide(
+            self.bucket_last_time(bucket_id) + i128::from(self.spec.allowed_lateness_ms),
+        )
     }
 
     /// Finds the event's matches among the opposite side's hot segments, emitting them,
@@ -325,11 +359,16 @@ impl<S: StateStore> Join<S> {
             counts,
             hits,
             pending,
+            group_hits,
             ..
         } = self;
         let mut matched = false;
         let range = lo.div_euclid(width)..=hi.div_euclid(width);
         for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
+            group_hits.clear();
+            group_hits.extend(
+                (0..state.groups.len()).map(|g| state.groups.may_contain(g, event.key_hash)),
+            );
             for segment in &mut state.segments {
                 match segment {
                     Segment::Hot(hot) => {
@@ -348,7 +387,8 @@ impl<S: StateStore> Join<S> {
                         matched |= !hits.is_empty();
                     }
                     Segment::Cold(cold) => {
-                        if hi < cold.time_min
+                        if (cold.group != NO_GROUP && !group_hits[cold.group as usize])
+                            || hi < cold.time_min
                             || lo > cold.time_max
                             || !cold.bloom.may_contain(event.key_hash)
                         {
@@ -448,6 +488,9 @@ impl<S: StateStore> Join<S> {
             unreachable!("position found a hot segment")
         };
         let number = hot.number;
+        self.filters_bytes = self
+            .filters_bytes
+            .wrapping_add_signed(bucket.groups.collect(number, hot.key_hashes()));
         let (entries, bloom) = hot.freeze(&mut self.spill);
         let id = SegmentId {
             side,
@@ -463,6 +506,7 @@ impl<S: StateStore> Join<S> {
             marks: std::mem::take(&mut hot.marks),
             time_min: hot.time_min,
             time_max: hot.time_max,
+            group: NO_GROUP,
         };
         self.counts.spilled_segments += 1;
         self.counts.spilled_events += cold.len as u64;
@@ -472,6 +516,12 @@ impl<S: StateStore> Join<S> {
         if let Segment::Hot(hot) = &mut old {
             hot.release_chunks(&mut self.chunks);
         }
+        let closed = self.is_closed(bucket_id);
+        let bucket = self.sides[side.index()]
+            .buckets
+            .get_mut(&bucket_id)
+            .expect("the bucket was just spilled");
+        self.filters_bytes = self.filters_bytes.wrapping_add_signed(bucket.group(closed));
         Ok(true)
     }
 
@@ -484,6 +534,7 @@ impl<S: StateStore> Join<S> {
         sink: &mut impl JoinSink,
     ) -> Result<(), StoreError> {
         let emits = self.spec.emits_unmatched(side);
+        self.filters_bytes -= bucket.groups.memory_bytes();
         let mut has_cold = false;
         for segment in &mut bucket.segments {
             self.segments_bytes -= segment.memory_bytes();
@@ -534,5 +585,75 @@ impl<S: StateStore> Join<S> {
         }
         self.spill_retry_bytes = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::GROUP_SEGMENTS;
+    use crate::key::hash_key;
+    use crate::testkit::RowSink;
+    use crate::{JoinKind, MemStore};
+
+    const SPEC: JoinSpec = JoinSpec {
+        kind: JoinKind::Inner,
+        lower_ms: 0,
+        upper_ms: 100_000,
+        allowed_lateness_ms: 0,
+    };
+
+    fn push(join: &mut Join<MemStore>, sink: &mut RowSink, side: Side, key: u64, time: i64) {
+        let key = key.to_be_bytes();
+        let payload = [b'p'; 200];
+        let event = Event {
+            side,
+            key: &key,
+            key_hash: hash_key(&key),
+            time: EventTime(time),
+            id: None,
+            payload: &payload,
+        };
+        join.on_event(&event, sink)
+            .expect("a memory store does not fail");
+    }
+
+    /// One bucket spilled in many small segments: its cold segments are grouped under
+    /// group filters, a probe finds its one match through them and reads only the
+    /// segment that holds it, and the groups' memory is counted and given back.
+    #[test]
+    fn spilled_segments_are_grouped_and_probes_read_only_the_segment_that_matches() {
+        let mut join = Join::new(SPEC, MemStore::default(), 64 << 10);
+        let mut sink = RowSink::default();
+        // 2,000 left events in bucket 0 (width 12.5 s): far more than the 64 KiB budget.
+        for key in 0..2_000u64 {
+            push(&mut join, &mut sink, Side::Left, key, key as i64);
+        }
+        let bucket = &join.sides[0].buckets[&0];
+        let cold = bucket
+            .segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Cold(_)))
+            .count();
+        assert!(cold >= 2 * GROUP_SEGMENTS, "{cold} cold segments");
+        let groups = bucket.groups.len();
+        assert_eq!(groups, cold / GROUP_SEGMENTS, "{cold} cold segments");
+        assert!(join.filters_bytes > 0 && join.filters_bytes == bucket.groups.memory_bytes());
+        // A right event for a key spilled early: one read, one pair.
+        let before = join.counts().cold_reads;
+        push(&mut join, &mut sink, Side::Right, 5, 20_000);
+        assert_eq!(join.counts().pairs, 1);
+        assert_eq!(join.counts().cold_reads - before, 1);
+        // Keys never seen: the group filters turn nearly all of them away.
+        let before = join.counts().cold_reads;
+        for key in 10_000..11_000u64 {
+            push(&mut join, &mut sink, Side::Right, key, 20_000);
+        }
+        assert!(join.counts().cold_reads - before < 20);
+        // Expiry gives the groups' memory back.
+        join.advance(Watermark::from_raw(1 << 40), &mut sink)
+            .expect("a memory store does not fail");
+        assert_eq!(join.filters_bytes, 0);
+        assert_eq!(join.counts().pairs, 1);
     }
 }

@@ -366,7 +366,16 @@ struct RestoreTiming {
 /// Resets the process's peak resident memory (`VmHWM`) to what it holds now, so that
 /// the peak of what follows can be read apart (Linux: `/proc/self/clear_refs`). False
 /// where that is not possible.
+///
+/// First it hands the memory the allocator keeps free (what the run's shards freed:
+/// glibc keeps each thread's arena after the thread ends) back to the system, so that
+/// the restore's peak starts from what a fresh process after a crash would hold, not
+/// from the run's leftovers (measured: 852 MB for a 410 MB restore at 512 MiB without).
 fn reset_peak_rss() -> bool {
+    // SAFETY: malloc_trim only releases free heap pages; no Rust object refers to them.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

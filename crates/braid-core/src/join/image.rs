@@ -151,6 +151,7 @@ impl<S: StateStore> Join<S> {
         }
         self.sides = Default::default();
         self.segments_bytes = 0;
+        self.filters_bytes = 0;
         self.watermark = Watermark::MIN;
         self.counts = JoinCounts::default();
         self.spill_retry_bytes = 0;
@@ -194,12 +195,11 @@ impl<S: StateStore> Join<S> {
         segment: Segment,
     ) -> Result<(), SnapshotError> {
         self.segments_bytes += segment.memory_bytes();
-        self.sides[side.index()]
+        let bucket = self.sides[side.index()]
             .buckets
             .get_mut(&bucket_id)
-            .expect("the bucket was inserted before its segments")
-            .segments
-            .push(segment);
+            .expect("the bucket was inserted before its segments");
+        bucket.segments.push(segment);
         self.keep_budget()
     }
 
