@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::bloom::Bloom;
 use crate::snapshot::{Reader, SnapshotError, Writer};
-use crate::store::SegmentEntry;
+use crate::store::{PutEntry, SegmentEntries, StoreError};
 
 /// The first arena chunk of a segment; later chunks double up to [`CHUNK_BYTES_MAX`].
 const CHUNK_BYTES_MIN: usize = 4 << 10;
@@ -416,15 +416,14 @@ impl HotSegment {
         }
     }
 
-    /// Encodes the segment for the cold tier: one entry per distinct key, sorted by key,
-    /// whose value lists the key's events (see [`decode_events`]). Also builds the key
-    /// filter. `values` is scratch space the entries point into.
-    pub fn freeze<'a>(&'a self, values: &'a mut Vec<u8>) -> (Vec<SegmentEntry<'a>>, Bloom) {
+    /// The segment for the cold tier: one entry per distinct key, sorted by key, whose
+    /// value lists the key's events (see [`decode_events`]), encoded one key at a time
+    /// into `scratch` as the store takes them. Also builds the key filter.
+    pub fn freeze<'a>(&'a self, scratch: &'a mut Vec<u8>) -> (Frozen<'a>, Bloom) {
         let d = self.data();
         let mut bloom = Bloom::new(d.index.len());
-        // (key, start and end of its value in `values`)
-        let mut groups: Vec<(&[u8], usize, usize)> = Vec::with_capacity(d.index.len());
-        values.clear();
+        // (key, head of the hash chain that holds its events)
+        let mut keys: Vec<(&[u8], u32)> = Vec::with_capacity(d.index.len());
         let mut chain_keys: Vec<&[u8]> = Vec::new();
         for (&hash, &head) in &d.index {
             bloom.insert(hash);
@@ -437,32 +436,46 @@ impl HotSegment {
                 let key = d.key(slot);
                 if !chain_keys.contains(&key) {
                     chain_keys.push(key);
+                    keys.push((key, head));
                 }
                 next = slot.next;
             }
-            for &key in &chain_keys {
-                let start = values.len();
-                let mut next = head;
-                while next != NO_SLOT {
-                    let slot = &d.slots[next as usize];
-                    if d.key(slot) == key {
-                        encode_event(values, next, slot.time, d.payload(slot));
-                    }
-                    next = slot.next;
-                }
-                groups.push((key, start, values.len()));
-            }
         }
-        groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let values: &'a Vec<u8> = values;
-        let entries = groups
-            .into_iter()
-            .map(|(key, start, end)| SegmentEntry {
-                key,
-                value: &values[start..end],
-            })
-            .collect();
-        (entries, bloom)
+        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        (
+            Frozen {
+                data: d,
+                keys,
+                scratch,
+            },
+            bloom,
+        )
+    }
+}
+
+/// A hot segment's entries in key order, encoded as the store asks for them.
+pub(crate) struct Frozen<'a> {
+    data: &'a HotData,
+    keys: Vec<(&'a [u8], u32)>,
+    scratch: &'a mut Vec<u8>,
+}
+
+impl SegmentEntries for Frozen<'_> {
+    fn each(&mut self, put: &mut PutEntry<'_>) -> Result<(), StoreError> {
+        let d = self.data;
+        for &(key, head) in &self.keys {
+            self.scratch.clear();
+            let mut next = head;
+            while next != NO_SLOT {
+                let slot = &d.slots[next as usize];
+                if d.key(slot) == key {
+                    encode_event(self.scratch, next, slot.time, d.payload(slot));
+                }
+                next = slot.next;
+            }
+            put(key, self.scratch)?;
+        }
+        Ok(())
     }
 }
 
@@ -822,11 +835,18 @@ mod tests {
         seg.push(1, b"b", 12, b"b12", false, &mut pool);
         seg.push(2, b"c", 13, b"c13", false, &mut pool);
         let mut scratch = Vec::new();
-        let (entries, bloom) = seg.freeze(&mut scratch);
-        let keys: Vec<&[u8]> = entries.iter().map(|e| e.key).collect();
+        let (mut frozen, bloom) = seg.freeze(&mut scratch);
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        frozen
+            .each(&mut |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .expect("collecting cannot fail");
+        let keys: Vec<&[u8]> = entries.iter().map(|e| &e.0[..]).collect();
         assert_eq!(keys, vec![&b"a"[..], b"b", b"c"]);
         let mut b_events = Vec::new();
-        decode_events(entries[1].value, |ord, t, p| {
+        decode_events(&entries[1].1, |ord, t, p| {
             b_events.push((ord, t, p.to_vec()))
         });
         b_events.sort();

@@ -123,7 +123,7 @@ pub struct Join<S> {
     pending: Vec<PendingRead>,
     placed: Vec<Option<(SegmentId, usize)>>,
     /// Reused buffers: matched ordinals of one hot probe, which of a bucket's group
-    /// filters allow a probe's key, a spill image.
+    /// filters allow a probe's key, the value of one key being spilled.
     hits: Vec<usize>,
     group_hits: Vec<bool>,
     spill: Vec<u8>,
@@ -491,13 +491,13 @@ impl<S: StateStore> Join<S> {
         self.filters_bytes = self
             .filters_bytes
             .wrapping_add_signed(bucket.groups.collect(number, hot.key_hashes()));
-        let (entries, bloom) = hot.freeze(&mut self.spill);
+        let (mut entries, bloom) = hot.freeze(&mut self.spill);
         let id = SegmentId {
             side,
             bucket: bucket_id,
             segment: number,
         };
-        self.store.write_segment(id, &entries)?;
+        self.store.write_segment(id, &mut entries)?;
         drop(entries);
         let cold = ColdSegment {
             number,

@@ -25,7 +25,7 @@ pub use join::{Event, Join, JoinCounts, JoinImage, JoinSink};
 pub use key::{hash_id, key_parts, KeyPart, KeyWriter};
 pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};
-pub use store::{MemStore, SegmentEntry, SegmentId, StateStore, StoreError};
+pub use store::{MemStore, SegmentEntries, SegmentEntry, SegmentId, StateStore, StoreError};
 pub use time::{EventTime, Watermark};
 pub use time_guard::{
     Arrival, Candidate, Held, Rejected, TimeGuard, TimeGuardConfig, TimeGuardState, Verdict, Votes,

@@ -24,6 +24,24 @@ pub struct SegmentEntry<'a> {
     pub value: &'a [u8],
 }
 
+/// Takes one (key, value) entry of a segment being written.
+pub type PutEntry<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
+/// A segment's entries, handed to the store one at a time in key order, so that a
+/// spill never holds a second copy of the segment (a list of whole values was a
+/// segment-sized buffer per shard beyond the budget: 16 MiB at `memory_max` 512 MiB).
+pub trait SegmentEntries {
+    /// Calls `put` with every (key, value) in key order, keys unique; stops at the
+    /// first error `put` returns.
+    fn each(&mut self, put: &mut PutEntry<'_>) -> Result<(), StoreError>;
+}
+
+impl SegmentEntries for &[SegmentEntry<'_>] {
+    fn each(&mut self, put: &mut PutEntry<'_>) -> Result<(), StoreError> {
+        self.iter().try_for_each(|e| put(e.key, e.value))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {operation} failed: {detail}")]
 pub struct StoreError {
@@ -34,11 +52,11 @@ pub struct StoreError {
 /// The cold tier's operations. Implementations: [`MemStore`] (the model, for tests) and
 /// the RocksDB store in `braid-state`.
 pub trait StateStore {
-    /// Writes a whole segment. `entries` are sorted by key, keys unique.
+    /// Writes a whole segment of at least one entry.
     fn write_segment(
         &mut self,
         id: SegmentId,
-        entries: &[SegmentEntry<'_>],
+        entries: &mut dyn SegmentEntries,
     ) -> Result<(), StoreError>;
 
     /// Reads the value of `key` in segment `id` into `out`; false if absent.
@@ -82,12 +100,19 @@ impl StateStore for MemStore {
     fn write_segment(
         &mut self,
         id: SegmentId,
-        entries: &[SegmentEntry<'_>],
+        entries: &mut dyn SegmentEntries,
     ) -> Result<(), StoreError> {
-        let map = entries
-            .iter()
-            .map(|e| (e.key.to_vec(), e.value.to_vec()))
-            .collect();
+        let mut map = BTreeMap::new();
+        let mut last: Option<Vec<u8>> = None;
+        entries.each(&mut |key, value| {
+            assert!(
+                last.as_deref().is_none_or(|l| l < key),
+                "segment {id:?}: entries out of key order"
+            );
+            last = Some(key.to_vec());
+            map.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        })?;
         assert!(
             self.segments.insert(id, map).is_none(),
             "segment {id:?} written twice"

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use braid_core::{SegmentEntry, SegmentId, Side, StateStore, StoreError};
+use braid_core::{SegmentEntries, SegmentId, Side, StateStore, StoreError};
 
 use crate::reads::{point_read_options, ReadPool, ReadThreads};
 use rocksdb::{
@@ -233,11 +233,8 @@ impl StateStore for RocksStore {
     fn write_segment(
         &mut self,
         id: SegmentId,
-        entries: &[SegmentEntry<'_>],
+        entries: &mut dyn SegmentEntries,
     ) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
         let path = self.segment_path(id);
         if self.fail_writes_after == Some(self.writes) {
             return Err(failed(
@@ -252,14 +249,14 @@ impl StateStore for RocksStore {
             .open(&path)
             .map_err(|e| failed("write segment", &path, e))?;
         let mut key = Vec::with_capacity(PREFIX_BYTES + 64);
-        for entry in entries {
+        entries.each(&mut |entry_key, value| {
             key.clear();
             push_prefix(&mut key, id.side, id.bucket, Some(id.segment));
-            key.extend_from_slice(entry.key);
+            key.extend_from_slice(entry_key);
             writer
-                .put(&key, entry.value)
-                .map_err(|e| failed("write segment", &path, e))?;
-        }
+                .put(&key, value)
+                .map_err(|e| failed("write segment", &path, e))
+        })?;
         writer
             .finish()
             .map_err(|e| failed("write segment", &path, e))?;

@@ -108,8 +108,8 @@ proptest! {
                     let id = SegmentId { side: side(s), bucket, segment: *n };
                     *n += 1;
                     if list.is_empty() { continue; }
-                    rocks.write_segment(id, &list).expect("rocks write");
-                    model.write_segment(id, &list).expect("model write");
+                    rocks.write_segment(id, &mut list.as_slice()).expect("rocks write");
+                    model.write_segment(id, &mut list.as_slice()).expect("model write");
                 }
                 Op::Get { side: s, bucket, segment, key } => {
                     let id = SegmentId { side: side(s), bucket, segment };
