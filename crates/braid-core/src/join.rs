@@ -365,10 +365,13 @@ impl<S: StateStore> Join<S> {
         let mut matched = false;
         let range = lo.div_euclid(width)..=hi.div_euclid(width);
         for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
-            group_hits.clear();
-            group_hits.extend(
-                (0..state.groups.len()).map(|g| state.groups.may_contain(g, event.key_hash)),
-            );
+            // Only a bucket with groups has grouped segments, which read `group_hits`.
+            if state.groups.len() > 0 {
+                group_hits.clear();
+                group_hits.extend(
+                    (0..state.groups.len()).map(|g| state.groups.may_contain(g, event.key_hash)),
+                );
+            }
             for segment in &mut state.segments {
                 match segment {
                     Segment::Hot(hot) => {
