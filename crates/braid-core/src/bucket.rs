@@ -657,15 +657,18 @@ impl SegmentGroups {
         self.filters.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
     /// Notes the keys of segment `number`, about to spill, for its group. Returns the
     /// change in the groups' memory.
     pub fn collect(&mut self, number: u32, hashes: impl ExactSizeIterator<Item = u64>) -> isize {
-        let g = self;
-        let before = g.memory_bytes() as isize;
-        g.pending.push(number);
-        g.pending_hashes.reserve_exact(hashes.len());
-        g.pending_hashes.extend(hashes.map(|h| (h >> 32) as u32));
-        g.memory_bytes() as isize - before
+        let before = self.memory_bytes() as isize;
+        self.pending.push(number);
+        self.pending_hashes.reserve_exact(hashes.len());
+        self.pending_hashes.extend(hashes.map(|h| (h >> 32) as u32));
+        self.memory_bytes() as isize - before
     }
 
     /// Whether group `group`'s segments may hold the key.

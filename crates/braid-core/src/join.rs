@@ -137,6 +137,11 @@ struct PendingRead {
     hi: i64,
 }
 
+/// The last event time bucket `bucket_id` of width `width_ms` holds.
+fn bucket_last_time(bucket_id: i64, width_ms: i64) -> i128 {
+    (i128::from(bucket_id) + 1) * i128::from(width_ms) - 1
+}
+
 /// Marks an event matched wherever its segment is now.
 fn mark(sides: &mut [SideState; 2], at: SegmentId, ordinal: usize) {
     let segment = sides[at.side.index()]
@@ -298,7 +303,7 @@ impl<S: StateStore> Join<S> {
             while let Some((&bucket_id, _)) = self.sides[side.index()].buckets.first_key_value() {
                 if !self
                     .watermark
-                    .passed_wide(self.bucket_last_time(bucket_id) + keep_ms)
+                    .passed_wide(bucket_last_time(bucket_id, self.bucket_width_ms) + keep_ms)
                 {
                     break;
                 }
@@ -312,33 +317,26 @@ impl<S: StateStore> Join<S> {
             if let Some(last) = expired_up_to {
                 self.sides[side.index()].ids.forget_up_to(last);
             }
-            let closed_ids: Vec<i64> = self.sides[side.index()]
-                .buckets
-                .keys()
-                .copied()
-                .take_while(|&id| self.is_closed(id))
-                .collect();
-            for bucket_id in closed_ids {
-                let bucket = self.sides[side.index()]
-                    .buckets
-                    .get_mut(&bucket_id)
-                    .expect("a bucket just listed");
-                self.filters_bytes = self.filters_bytes.wrapping_add_signed(bucket.group(true));
+            let closed = self.closed_test();
+            let mut grown = 0;
+            for (&bucket_id, bucket) in self.sides[side.index()].buckets.iter_mut() {
+                if !closed(bucket_id) {
+                    break;
+                }
+                grown += bucket.group(true);
             }
+            self.filters_bytes = self.filters_bytes.wrapping_add_signed(grown);
         }
         Ok(())
     }
 
-    /// The last event time bucket `bucket_id` holds.
-    fn bucket_last_time(&self, bucket_id: i64) -> i128 {
-        (i128::from(bucket_id) + 1) * i128::from(self.bucket_width_ms) - 1
-    }
-
-    /// True when no event can reach bucket `bucket_id` any more: its last time is late.
-    fn is_closed(&self, bucket_id: i64) -> bool {
-        self.watermark.passed_wide(
-            self.bucket_last_time(bucket_id) + i128::from(self.spec.allowed_lateness_ms),
-        )
+    /// Tells whether no event can reach a bucket any more (its last time is late) at
+    /// the current watermark. Owns what it needs, so that buckets can be changed while
+    /// it is used.
+    fn closed_test(&self) -> impl Fn(i64) -> bool {
+        let (watermark, width) = (self.watermark, self.bucket_width_ms);
+        let lateness = i128::from(self.spec.allowed_lateness_ms);
+        move |bucket_id| watermark.passed_wide(bucket_last_time(bucket_id, width) + lateness)
     }
 
     /// Finds the event's matches among the opposite side's hot segments, emitting them,
@@ -366,7 +364,7 @@ impl<S: StateStore> Join<S> {
         let range = lo.div_euclid(width)..=hi.div_euclid(width);
         for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
             // Only a bucket with groups has grouped segments, which read `group_hits`.
-            if state.groups.len() > 0 {
+            if !state.groups.is_empty() {
                 group_hits.clear();
                 group_hits.extend(
                     (0..state.groups.len()).map(|g| state.groups.may_contain(g, event.key_hash)),
@@ -519,7 +517,7 @@ impl<S: StateStore> Join<S> {
         if let Segment::Hot(hot) = &mut old {
             hot.release_chunks(&mut self.chunks);
         }
-        let closed = self.is_closed(bucket_id);
+        let closed = self.closed_test()(bucket_id);
         let bucket = self.sides[side.index()]
             .buckets
             .get_mut(&bucket_id)

@@ -113,6 +113,7 @@ impl StateStore for MemStore {
             map.insert(key.to_vec(), value.to_vec());
             Ok(())
         })?;
+        assert!(!map.is_empty(), "segment {id:?} written without entries");
         assert!(
             self.segments.insert(id, map).is_none(),
             "segment {id:?} written twice"
