@@ -422,8 +422,8 @@ impl HotSegment {
     pub fn freeze<'a>(&'a self, scratch: &'a mut Vec<u8>) -> (Frozen<'a>, Bloom) {
         let d = self.data();
         let mut bloom = Bloom::new(d.index.len());
-        // (key, head of the hash chain that holds its events)
-        let mut keys: Vec<(&[u8], u32)> = Vec::with_capacity(d.index.len());
+        // (the key's first bytes, the key, head of the hash chain that holds its events)
+        let mut keys: Vec<(u128, &[u8], u32)> = Vec::with_capacity(d.index.len());
         let mut chain_keys: Vec<&[u8]> = Vec::new();
         for (&hash, &head) in &d.index {
             bloom.insert(hash);
@@ -436,12 +436,15 @@ impl HotSegment {
                 let key = d.key(slot);
                 if !chain_keys.contains(&key) {
                     chain_keys.push(key);
-                    keys.push((key, head));
+                    keys.push((sort_prefix(key), key, head));
                 }
                 next = slot.next;
             }
         }
-        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // Byte order, decided by the prefixes kept beside the keys for all but keys
+        // that share their first 16 bytes: comparing the keys themselves reached into
+        // the arena at every step (a cache miss each; 6 % of a spilling run's CPU).
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         (
             Frozen {
                 data: d,
@@ -453,17 +456,26 @@ impl HotSegment {
     }
 }
 
+/// The first 16 bytes of `key` as a number, zero-padded: ordering by it, then by the
+/// whole key, is the keys' byte order.
+fn sort_prefix(key: &[u8]) -> u128 {
+    let mut first = [0u8; 16];
+    let n = key.len().min(16);
+    first[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(first)
+}
+
 /// A hot segment's entries in key order, encoded as the store asks for them.
 pub(crate) struct Frozen<'a> {
     data: &'a HotData,
-    keys: Vec<(&'a [u8], u32)>,
+    keys: Vec<(u128, &'a [u8], u32)>,
     scratch: &'a mut Vec<u8>,
 }
 
 impl SegmentEntries for Frozen<'_> {
     fn each(&mut self, put: &mut PutEntry<'_>) -> Result<(), StoreError> {
         let d = self.data;
-        for &(key, head) in &self.keys {
+        for &(_, key, head) in &self.keys {
             self.scratch.clear();
             let mut next = head;
             while next != NO_SLOT {
@@ -858,6 +870,38 @@ mod tests {
             vec![(0, 10, b"b10".to_vec()), (2, 12, b"b12".to_vec())]
         );
         assert!(bloom.may_contain(1) && bloom.may_contain(2));
+    }
+
+    /// The spill's sort order, by prefix then bytes, is byte order: for short keys
+    /// (zero padding ties them with keys that continue in zeros) and long ones.
+    #[test]
+    fn prefix_then_bytes_is_byte_order() {
+        let mut keys: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0, 0],
+            b"ab".to_vec(),
+            b"ab\0".to_vec(),
+            b"ab\0\x01".to_vec(),
+            [b"0123456789abcdef".as_slice(), b"x"].concat(),
+            b"0123456789abcdef".to_vec(),
+            [b"0123456789abcdef".as_slice(), b"\0"].concat(),
+            [b"0123456789abcdeg".as_slice(), b"\0"].concat(),
+            vec![0xff; 17],
+        ];
+        let mut z = 7u64;
+        for _ in 0..500 {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = (z >> 59) as usize + 10;
+            // Few distinct bytes, so that long shared prefixes are common.
+            keys.push((0..len).map(|i| ((z >> (i % 50)) & 3) as u8).collect());
+        }
+        let mut by_prefix = keys.clone();
+        by_prefix.sort_by(|a, b| sort_prefix(a).cmp(&sort_prefix(b)).then_with(|| a.cmp(b)));
+        keys.sort();
+        assert_eq!(by_prefix, keys);
     }
 
     #[test]

@@ -17,9 +17,12 @@ use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
 
 mod image;
+mod probes;
 mod split;
 
 pub use image::JoinImage;
+pub use probes::ColdProbeMode;
+use probes::{ColdProbes, ColdRead};
 
 /// The largest hot segment, as a fraction of the memory budget: spilling happens in
 /// units of at most this size, so memory never overshoots by more.
@@ -119,22 +122,15 @@ pub struct Join<S> {
     /// Sum of the buckets' group filters and the hashes collected for them.
     filters_bytes: usize,
     counts: JoinCounts,
-    /// Per batch: the cold reads' probes, and where each event was stored.
-    pending: Vec<PendingRead>,
-    placed: Vec<Option<(SegmentId, usize)>>,
+    /// Cold reads not yet served, and the bytes they may take before they are served
+    /// (0: at the end of every batch).
+    probes: ColdProbes,
+    probes_bytes_max: usize,
     /// Reused buffers: matched ordinals of one hot probe, which of a bucket's group
     /// filters allow a probe's key, the value of one key being spilled.
     hits: Vec<usize>,
     group_hits: Vec<bool>,
     spill: Vec<u8>,
-}
-
-/// A queued cold read: the batch event that asked, and the times it matches.
-struct PendingRead {
-    event: usize,
-    segment: SegmentId,
-    lo: i64,
-    hi: i64,
 }
 
 /// The last event time bucket `bucket_id` of width `width_ms` holds.
@@ -170,8 +166,11 @@ impl<S: StateStore> Join<S> {
             filters_bytes: 0,
             counts: JoinCounts::default(),
             chunks: ChunkPool::new(memory_max_bytes / CHUNK_POOL_FRACTION),
-            pending: Vec::new(),
-            placed: Vec::new(),
+            probes: ColdProbes::default(),
+            probes_bytes_max: probes::deferred_bytes_max(
+                ColdProbeMode::default(),
+                memory_max_bytes,
+            ),
             hits: Vec::new(),
             group_hits: Vec::new(),
             spill: Vec::new(),
@@ -186,10 +185,12 @@ impl<S: StateStore> Join<S> {
         &self.store
     }
 
-    /// Memory the state holds: segments, filters, marks and remembered ids.
+    /// Memory the state holds: segments, filters, marks, remembered ids and waiting
+    /// cold probes.
     pub fn memory_bytes(&self) -> usize {
         self.segments_bytes
             + self.filters_bytes
+            + self.probes.memory_bytes()
             + self.chunks.memory_bytes()
             + self
                 .sides
@@ -207,19 +208,16 @@ impl<S: StateStore> Join<S> {
         self.on_batch(std::slice::from_ref(event), sink)
     }
 
-    /// Joins a batch of events, in order. Reads of the cold tier are started as the
-    /// probes find them ([`StateStore::start_read`]) and completed at the end of the
-    /// batch, so that they wait on the disk in parallel with each other and with the
-    /// rest of the batch; their pairs are emitted and their matched marks set then.
-    /// The caller has already routed late events elsewhere.
+    /// Joins a batch of events, in order. Probes of cold segments are gathered and read
+    /// together: at the end of the batch ([`ColdProbeMode::Eager`]) or later
+    /// ([`ColdProbeMode::Deferred`]); their pairs are emitted and their matched marks
+    /// set then. The caller has already routed late events elsewhere.
     pub fn on_batch(
         &mut self,
         events: &[Event<'_>],
         sink: &mut impl JoinSink,
     ) -> Result<(), StoreError> {
-        self.pending.clear();
-        self.placed.clear();
-        for (index, event) in events.iter().enumerate() {
+        for event in events {
             debug_assert!(
                 !self
                     .watermark
@@ -231,58 +229,80 @@ impl<S: StateStore> Join<S> {
             if let Some(id) = event.id {
                 if !self.sides[own].ids.insert(id, bucket_id) {
                     self.counts.duplicates[own] += 1;
-                    self.placed.push(None);
                     continue;
                 }
             }
-            let matched = self.probe(event, index, sink)?;
+            let reads_before = self.probes.reads.len();
+            let matched = self.probe(event, sink);
             let at = self.insert(event, bucket_id, matched);
-            self.placed.push(Some(at));
+            if self.probes.reads.len() > reads_before {
+                self.probes
+                    .add_event(event.side, event.key, event.payload, at);
+            }
             self.enforce_memory_max()?;
         }
-        if !self.pending.is_empty() {
-            self.finish_reads(events, sink)?;
+        if !self.probes.is_empty() && self.probes.pending_bytes() >= self.probes_bytes_max {
+            self.flush_cold_probes(sink)?;
         }
         Ok(())
     }
 
-    /// Reads the batch's cold probes and emits what they match.
-    fn finish_reads(
-        &mut self,
-        events: &[Event<'_>],
-        sink: &mut impl JoinSink,
-    ) -> Result<(), StoreError> {
+    /// When cold probes are read (see [`ColdProbeMode`]). Reads waiting now are kept.
+    pub fn set_cold_probe_mode(&mut self, mode: ColdProbeMode) {
+        self.probes_bytes_max = probes::deferred_bytes_max(mode, self.memory_max_bytes);
+    }
+
+    /// Defers cold probes until they take `bytes` (0: reads them at the end of every
+    /// batch), instead of the share of the budget [`ColdProbeMode::Deferred`] gives
+    /// them. For tests, which need long deferrals of small states.
+    pub fn set_deferred_probe_bytes_max(&mut self, bytes: usize) {
+        self.probes_bytes_max = bytes;
+    }
+
+    /// Reads every waiting cold probe and emits what they match. Call it before a
+    /// [`snapshot`](Self::snapshot) (a checkpoint barrier) and at the end of the input:
+    /// the join itself does so before a bucket expires and when the probes fill their
+    /// share of the budget.
+    pub fn flush_cold_probes(&mut self, sink: &mut impl JoinSink) -> Result<(), StoreError> {
+        if self.probes.is_empty() {
+            return Ok(());
+        }
         let Join {
             store,
             sides,
             counts,
-            pending,
-            placed,
+            probes,
             ..
         } = self;
-        counts.cold_reads += pending.len() as u64;
+        for (token, read) in probes.reads.iter().enumerate() {
+            let key = probes.key(&probes.events[read.event]);
+            store.start_read(token, read.segment, key)?;
+        }
+        counts.cold_reads += probes.reads.len() as u64;
         let mut found = 0;
-        store.finish_reads(&mut |read, value| {
+        store.finish_reads(&mut |token, value| {
             found += 1;
-            let p = &pending[read];
-            let event = &events[p.event];
+            let read = &probes.reads[token];
+            let event = &probes.events[read.event];
+            let (key, own) = (probes.key(event), probes.payload(event));
             let mut matched = false;
             decode_events(value, |ordinal, time, payload| {
-                if time >= p.lo && time <= p.hi {
+                if time >= read.lo && time <= read.hi {
                     counts.pairs += 1;
                     match event.side {
-                        Side::Left => sink.pair(event.key, event.payload, payload),
-                        Side::Right => sink.pair(event.key, payload, event.payload),
+                        Side::Left => sink.pair(key, own, payload),
+                        Side::Right => sink.pair(key, payload, own),
                     }
-                    mark(sides, p.segment, ordinal);
+                    mark(sides, read.segment, ordinal);
                     matched = true;
                 }
             });
-            if let (true, Some((at, ordinal))) = (matched, placed[p.event]) {
-                mark(sides, at, ordinal);
+            if matched {
+                mark(sides, event.at.0, event.at.1);
             }
         })?;
         counts.cold_reads_found += found;
+        probes.clear();
         Ok(())
     }
 
@@ -296,15 +316,22 @@ impl<S: StateStore> Join<S> {
             return Ok(());
         }
         self.watermark = watermark;
+        // Waiting probes name their segments and their probing events: read them
+        // before either can expire.
+        let expires = Side::BOTH.into_iter().any(|side| {
+            self.sides[side.index()]
+                .buckets
+                .first_key_value()
+                .is_some_and(|(&bucket_id, _)| self.expired_test(side)(bucket_id))
+        });
+        if expires {
+            self.flush_cold_probes(sink)?;
+        }
         for side in Side::BOTH {
-            let keep_ms = i128::from(self.spec.retention_ms(side))
-                + i128::from(self.spec.allowed_lateness_ms);
+            let expired = self.expired_test(side);
             let mut expired_up_to = None;
             while let Some((&bucket_id, _)) = self.sides[side.index()].buckets.first_key_value() {
-                if !self
-                    .watermark
-                    .passed_wide(bucket_last_time(bucket_id, self.bucket_width_ms) + keep_ms)
-                {
+                if !expired(bucket_id) {
                     break;
                 }
                 let bucket = self.sides[side.index()]
@@ -330,6 +357,15 @@ impl<S: StateStore> Join<S> {
         Ok(())
     }
 
+    /// Tells whether a bucket of `side` has expired at the current watermark: no event
+    /// can reach it or match its events any more.
+    fn expired_test(&self, side: Side) -> impl Fn(i64) -> bool {
+        let (watermark, width) = (self.watermark, self.bucket_width_ms);
+        let keep_ms =
+            i128::from(self.spec.retention_ms(side)) + i128::from(self.spec.allowed_lateness_ms);
+        move |bucket_id| watermark.passed_wide(bucket_last_time(bucket_id, width) + keep_ms)
+    }
+
     /// Tells whether no event can reach a bucket any more (its last time is late) at
     /// the current watermark. Owns what it needs, so that buckets can be changed while
     /// it is used.
@@ -340,26 +376,22 @@ impl<S: StateStore> Join<S> {
     }
 
     /// Finds the event's matches among the opposite side's hot segments, emitting them,
-    /// and starts reads of the cold segments whose filter allows its key. Returns
-    /// whether a hot segment matched.
-    fn probe(
-        &mut self,
-        event: &Event<'_>,
-        index: usize,
-        sink: &mut impl JoinSink,
-    ) -> Result<bool, StoreError> {
+    /// and queues reads of the cold segments whose filter allows its key (for the
+    /// probing event [`ColdProbes`] records next). Returns whether a hot segment
+    /// matched.
+    fn probe(&mut self, event: &Event<'_>, sink: &mut impl JoinSink) -> bool {
         let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
         let other = event.side.opposite();
         let width = self.bucket_width_ms;
         let Join {
             sides,
-            store,
             counts,
             hits,
-            pending,
+            probes,
             group_hits,
             ..
         } = self;
+        let event_index = probes.events.len();
         let mut matched = false;
         let range = lo.div_euclid(width)..=hi.div_euclid(width);
         for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
@@ -395,15 +427,13 @@ impl<S: StateStore> Join<S> {
                         {
                             continue;
                         }
-                        let id = SegmentId {
-                            side: other,
-                            bucket,
-                            segment: cold.number,
-                        };
-                        store.start_read(pending.len(), id, event.key)?;
-                        pending.push(PendingRead {
-                            event: index,
-                            segment: id,
+                        probes.reads.push(ColdRead {
+                            event: event_index,
+                            segment: SegmentId {
+                                side: other,
+                                bucket,
+                                segment: cold.number,
+                            },
                             lo,
                             hi,
                         });
@@ -411,7 +441,7 @@ impl<S: StateStore> Join<S> {
                 }
             }
         }
-        Ok(matched)
+        matched
     }
 
     /// Stores an event in its side's open hot segment; returns where it went.
@@ -619,12 +649,44 @@ mod tests {
             .expect("a memory store does not fail");
     }
 
+    /// A deferred probe of a cold segment waits: no read, no pair, until the join is
+    /// flushed or a bucket it names is about to expire; then its pair is emitted and
+    /// both events are counted matched, the probing one though its own bucket expires
+    /// in the same advance.
+    #[test]
+    fn deferred_probes_wait_for_a_flush_or_an_expiry() {
+        let mut join = Join::new(SPEC, MemStore::default(), 64 << 10);
+        join.set_deferred_probe_bytes_max(usize::MAX);
+        let mut sink = RowSink::default();
+        for key in 0..2_000u64 {
+            push(&mut join, &mut sink, Side::Left, key, key as i64);
+        }
+        assert!(join.counts().spilled_events > 0);
+        // Key 5 was spilled early; key 6 too.
+        push(&mut join, &mut sink, Side::Right, 5, 20_000);
+        assert_eq!((join.counts().pairs, join.counts().cold_reads), (0, 0));
+        assert!(join.memory_bytes() > join.segments_bytes + join.filters_bytes);
+        join.flush_cold_probes(&mut sink)
+            .expect("a memory store does not fail");
+        assert_eq!((join.counts().pairs, join.counts().cold_reads), (1, 1));
+        push(&mut join, &mut sink, Side::Right, 6, 20_000);
+        assert_eq!(join.counts().pairs, 1);
+        // The right event's bucket (retention 0) expires at this watermark; the left
+        // bucket does not yet.
+        join.advance(Watermark::from_raw(40_000), &mut sink)
+            .expect("a memory store does not fail");
+        let c = join.counts();
+        assert_eq!((c.pairs, c.matched[1], c.unmatched_expired[1]), (2, 2, 0));
+        assert_eq!(sink.0.len(), 2);
+    }
+
     /// One bucket spilled in many small segments: its cold segments are grouped under
     /// group filters, a probe finds its one match through them and reads only the
     /// segment that holds it, and the groups' memory is counted and given back.
     #[test]
     fn spilled_segments_are_grouped_and_probes_read_only_the_segment_that_matches() {
         let mut join = Join::new(SPEC, MemStore::default(), 64 << 10);
+        join.set_cold_probe_mode(ColdProbeMode::Eager);
         let mut sink = RowSink::default();
         // 2,000 left events in bucket 0 (width 12.5 s): far more than the 64 KiB budget.
         for key in 0..2_000u64 {

@@ -21,7 +21,7 @@ mod watermarks;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-pub use join::{Event, Join, JoinCounts, JoinImage, JoinSink};
+pub use join::{ColdProbeMode, Event, Join, JoinCounts, JoinImage, JoinSink};
 pub use key::{hash_id, key_parts, KeyPart, KeyWriter};
 pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};

@@ -132,6 +132,7 @@ pub fn run_join_restarting<S: StateStore>(
         if batches == restart_every {
             batches = 0;
             checkpoints += 1;
+            join.flush_cold_probes(&mut sink)?;
             let image = join.snapshot();
             let mut bytes = Vec::new();
             image.write(&mut bytes).expect("a Vec takes every byte");
@@ -199,7 +200,9 @@ pub fn run_join_resplitting(
         while let Some((_, n)) = resplits.next_if(|&(at, _)| at <= batches) {
             let mut split = new_pieces(n);
             let ways = split.len() as u64;
-            for old in pieces.drain(..) {
+            for mut old in pieces.drain(..) {
+                // A re-split starts from a checkpoint, which flushed the probes.
+                old.flush_cold_probes(&mut sink)?;
                 old.split_into(&mut split, |hash| (hash % ways) as usize)?;
             }
             pieces = split;

@@ -8,7 +8,7 @@
 use braid_core::testkit::{
     build, draws, kinds, reference, run_join, run_join_resplitting, run_join_restarting,
 };
-use braid_core::{Join, JoinSpec, MemStore};
+use braid_core::{ColdProbeMode, Join, JoinSpec, MemStore};
 use proptest::prelude::*;
 
 proptest! {
@@ -24,10 +24,16 @@ proptest! {
         memory_max in prop_oneof![Just(0usize), Just(4_096), Just(1 << 20)],
         draws in draws(),
         batch_sizes in prop::collection::vec(1usize..20, 1..5),
+        cold_probes in prop_oneof![Just(None), Just(Some(ColdProbeMode::Eager)), Just(Some(ColdProbeMode::Deferred))],
     ) {
         let spec = JoinSpec { kind, lower_ms, upper_ms: lower_ms + width_ms, allowed_lateness_ms };
         let events = build(&draws, ooo_ms);
         let mut join = Join::new(spec, MemStore::default(), memory_max);
+        // None: probes wait as long as the join lets them (before an expiry).
+        match cold_probes {
+            Some(mode) => join.set_cold_probe_mode(mode),
+            None => join.set_deferred_probe_bytes_max(usize::MAX),
+        }
         let got = run_join(&mut join, &events, &batch_sizes, ooo_ms, allowed_lateness_ms).expect("the model store never fails");
         let want = reference(&events, &spec, ooo_ms);
         prop_assert_eq!(&got.late, &want.late);
@@ -64,6 +70,8 @@ proptest! {
         let spec = JoinSpec { kind, lower_ms, upper_ms: lower_ms + width_ms, allowed_lateness_ms: 0 };
         let events = build(&draws, ooo_ms);
         let mut join = Join::new(spec, MemStore::default(), memory_max);
+        // Probes wait for an expiry or a checkpoint barrier, whichever comes first.
+        join.set_deferred_probe_bytes_max(usize::MAX);
         let got = run_join_restarting(&mut join, &events, &batch_sizes, ooo_ms, 0, restart_every).expect("the model store never fails");
         let want = reference(&events, &spec, ooo_ms);
         prop_assert_eq!(&got.rows, &want.rows);

@@ -1,10 +1,18 @@
-//! A pool of threads that serve a batch's point reads in parallel.
+//! A pool of threads that serve a store's point reads in parallel.
 //!
 //! A read of a spilled segment that is not in the page cache waits about 50 µs on the
 //! disk here. One after another, a batch's few hundred such reads kept a shard idle
 //! most of the time; issued together, they wait on the disk at once. The threads
 //! spend their time blocked in the kernel, not on the CPU.
+//!
+//! The reads are gathered first ([`ReadPool::add`]) and served together
+//! ([`ReadPool::collect`]): sorted by key and cut into one job per thread (at most
+//! [`READ_CHUNK_KEYS`] keys each), so that a job costs one wake-up, not one per key. A
+//! job reads a segment's keys in key order through one iterator when it has a few of
+//! them: a forward seek that lands in the block the iterator holds reuses it, without
+//! another index search or block read.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -14,17 +22,94 @@ use rocksdb::{ReadOptions, DB};
 /// Reader threads per shard: the stores of a shard's units share them (they never
 /// read at the same time: the shard serves one unit at a time).
 pub const READ_THREADS: usize = 8;
-/// Reads queued for the threads before the shard waits.
-const READ_QUEUE_MAX: usize = 4_096;
+/// Jobs queued for the threads before the shard waits.
+const READ_QUEUE_MAX: usize = 1_024;
+/// The most keys in one job; fewer when that would leave threads idle.
+pub const READ_CHUNK_KEYS: usize = 256;
+/// Keys of one segment in a job from which they are read through one iterator: an
+/// iterator costs a few point reads to set up, and then its forward seeks reuse the
+/// block they land in.
+const ITERATOR_KEYS_MIN: usize = 4;
 
+/// Sorted keys, each with its token; keys sharing their first `prefix_bytes` are in
+/// one segment.
 struct ReadJob {
     db: Arc<DB>,
-    index: usize,
-    key: Vec<u8>,
+    prefix_bytes: usize,
+    keys: Vec<u8>,
+    reads: Vec<(usize, Range<usize>)>,
     done: Sender<ReadDone>,
 }
 
-type ReadDone = (usize, Result<Option<Vec<u8>>, String>);
+/// The values found by one job, back to back, each with its token.
+#[derive(Default)]
+struct Found {
+    values: Vec<u8>,
+    reads: Vec<(usize, Range<usize>)>,
+}
+
+impl Found {
+    fn push(&mut self, token: usize, value: &[u8]) {
+        let start = self.values.len();
+        self.values.extend_from_slice(value);
+        self.reads.push((token, start..self.values.len()));
+    }
+}
+
+type ReadDone = Result<Found, String>;
+
+/// Serves one job, a segment at a time.
+fn serve(job: ReadJob) {
+    let mut found = Found::default();
+    let result = serve_into(&job, &mut found).map(|()| found);
+    // A store dropped with reads outstanding no longer listens.
+    let _ = job.done.send(result);
+}
+
+fn serve_into(job: &ReadJob, found: &mut Found) -> Result<(), String> {
+    let keys = &job.keys;
+    let mut rest = &job.reads[..];
+    while let Some((_, first)) = rest.first() {
+        let prefix = &keys[first.start..first.start + job.prefix_bytes];
+        let same = rest
+            .iter()
+            .take_while(|(_, r)| keys[r.clone()].starts_with(prefix))
+            .count();
+        let (segment, after) = rest.split_at(same);
+        rest = after;
+        if segment.len() < ITERATOR_KEYS_MIN {
+            let options = point_read_options();
+            for (token, range) in segment {
+                let value = job
+                    .db
+                    .get_pinned_opt(&keys[range.clone()], &options)
+                    .map_err(|e| e.to_string())?;
+                if let Some(value) = value {
+                    found.push(*token, &value);
+                }
+            }
+            continue;
+        }
+        let mut options = point_read_options();
+        options.set_iterate_lower_bound(prefix.to_vec());
+        options.set_iterate_upper_bound(successor(prefix));
+        let mut it = job.db.raw_iterator_opt(options);
+        for (token, range) in segment {
+            let key = &keys[range.clone()];
+            // Equal keys are adjacent: the iterator already stands on the second.
+            if it.key() != Some(key) {
+                it.seek(key);
+            }
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if k == key {
+                    found.push(*token, v);
+                }
+            }
+        }
+        it.status().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
 
 /// [`READ_THREADS`] threads serving the point reads of any number of stores.
 pub struct ReadThreads {
@@ -42,18 +127,7 @@ impl ReadThreads {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-read-{i}"))
-                    .spawn(move || {
-                        let read = point_read_options();
-                        for job in job_rx {
-                            let value = job
-                                .db
-                                .get_pinned_opt(&job.key, &read)
-                                .map(|v| v.map(|v| v.to_vec()))
-                                .map_err(|e| e.to_string());
-                            // A store dropped with reads outstanding no longer listens.
-                            let _ = job.done.send((job.index, value));
-                        }
-                    })?,
+                    .spawn(move || job_rx.into_iter().for_each(serve))?,
             );
         }
         Ok(Arc::new(ReadThreads {
@@ -82,10 +156,14 @@ impl Drop for ReadThreads {
 pub struct ReadPool {
     threads: Arc<ReadThreads>,
     db: Arc<DB>,
+    /// Keys sharing their first `prefix_bytes` are in one segment.
+    prefix_bytes: usize,
     done_tx: Sender<ReadDone>,
     done: Receiver<ReadDone>,
-    /// Reads submitted and not yet collected.
-    outstanding: usize,
+    /// Reads added and not yet collected: their keys back to back, and each read's
+    /// token and key.
+    keys: Vec<u8>,
+    reads: Vec<(usize, Range<usize>)>,
 }
 
 /// Options of a point read: no block-cache fill, no checksum (see `RocksStore`).
@@ -96,60 +174,119 @@ pub fn point_read_options() -> ReadOptions {
     read
 }
 
+/// The first key after every key that starts with `prefix`.
+fn successor(prefix: &[u8]) -> Vec<u8> {
+    let mut next = prefix.to_vec();
+    while let Some(last) = next.pop() {
+        if last < u8::MAX {
+            next.push(last + 1);
+            return next;
+        }
+    }
+    unreachable!("a segment prefix is never all 0xFF (its first byte is the side)")
+}
+
 impl ReadPool {
-    /// Reads of `db` on `threads`.
-    pub fn new(threads: Arc<ReadThreads>, db: &Arc<DB>) -> ReadPool {
+    /// Reads of `db`, whose keys start with a segment prefix of `prefix_bytes`, on
+    /// `threads`.
+    pub fn new(threads: Arc<ReadThreads>, db: &Arc<DB>, prefix_bytes: usize) -> ReadPool {
         let (done_tx, done) = unbounded::<ReadDone>();
         ReadPool {
             threads,
             db: Arc::clone(db),
+            prefix_bytes,
             done_tx,
             done,
-            outstanding: 0,
+            keys: Vec::new(),
+            reads: Vec::new(),
         }
     }
 
-    /// Starts reading `key`; its value comes back from [`collect`](Self::collect)
-    /// under `index`. Waits only when [`READ_QUEUE_MAX`] reads are already queued.
-    pub fn submit(&mut self, index: usize, key: Vec<u8>) -> Result<(), String> {
+    /// Adds a read of `key` (its segment prefix included); its value comes back from
+    /// [`collect`](Self::collect) under `token`.
+    pub fn add(&mut self, token: usize, key: &[u8]) {
+        let start = self.keys.len();
+        self.keys.extend_from_slice(key);
+        self.reads.push((token, start..self.keys.len()));
+    }
+
+    /// Serves every added read; calls `found(token, value)` for each present key, in
+    /// any order. Returns the first error after all reads have finished.
+    pub fn collect(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), String> {
         let jobs = self
             .threads
             .jobs
             .as_ref()
             .expect("the threads run until dropped");
-        jobs.send(ReadJob {
-            db: Arc::clone(&self.db),
-            index,
-            key,
-            done: self.done_tx.clone(),
-        })
-        .map_err(|_| "a read thread died".to_string())?;
-        self.outstanding += 1;
-        Ok(())
-    }
-
-    /// Waits for every submitted read; calls `found(index, value)` for each present
-    /// key, in any order. Returns the first error after all reads have finished.
-    pub fn collect(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), String> {
+        let keys = &self.keys;
+        self.reads
+            .sort_unstable_by(|a, b| keys[a.1.clone()].cmp(&keys[b.1.clone()]));
+        let mut outstanding = 0usize;
         let mut first_error = None;
-        while self.outstanding > 0 {
-            let done = self
-                .done
-                .recv()
-                .map_err(|_| "a read thread died".to_string())?;
-            self.outstanding -= 1;
-            take(done, found, &mut first_error);
+        let chunk_keys = self
+            .reads
+            .len()
+            .div_ceil(READ_THREADS)
+            .clamp(1, READ_CHUNK_KEYS);
+        for chunk in self.reads.chunks(chunk_keys) {
+            let mut job_keys = Vec::with_capacity(chunk.iter().map(|(_, r)| r.len()).sum());
+            let job_reads = chunk
+                .iter()
+                .map(|(token, r)| {
+                    let start = job_keys.len();
+                    job_keys.extend_from_slice(&keys[r.clone()]);
+                    (*token, start..job_keys.len())
+                })
+                .collect();
+            let job = ReadJob {
+                db: Arc::clone(&self.db),
+                prefix_bytes: self.prefix_bytes,
+                keys: job_keys,
+                reads: job_reads,
+                done: self.done_tx.clone(),
+            };
+            // A full queue: take finished jobs while waiting for room.
+            let mut job = Some(job);
+            while let Some(j) = job.take() {
+                match jobs.try_send(j) {
+                    Ok(()) => outstanding += 1,
+                    Err(crossbeam_channel::TrySendError::Full(j)) => {
+                        job = Some(j);
+                        take_one(&self.done, found, &mut first_error)?;
+                        outstanding -= 1;
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                        return Err("a read thread died".to_string())
+                    }
+                }
+            }
+        }
+        self.keys.clear();
+        self.reads.clear();
+        for _ in 0..outstanding {
+            take_one(&self.done, found, &mut first_error)?;
         }
         first_error.map_or(Ok(()), Err)
     }
 }
 
-fn take(done: ReadDone, found: &mut dyn FnMut(usize, &[u8]), first_error: &mut Option<String>) {
+/// Waits for one finished job and hands its values to `found`; keeps its error, if
+/// it failed, in `first_error`.
+fn take_one(
+    done: &Receiver<ReadDone>,
+    found: &mut dyn FnMut(usize, &[u8]),
+    first_error: &mut Option<String>,
+) -> Result<(), String> {
+    let done = done.recv().map_err(|_| "a read thread died".to_string())?;
     match done {
-        (index, Ok(Some(value))) => found(index, &value),
-        (_, Ok(None)) => {}
-        (_, Err(e)) => {
+        Ok(f) => {
+            for (token, range) in f.reads {
+                found(token, &f.values[range]);
+            }
+        }
+        Err(e) => {
             first_error.get_or_insert(e);
         }
     }
+    Ok(())
 }

@@ -109,6 +109,7 @@ impl RocksStore {
                     }
                 },
                 &db,
+                PREFIX_BYTES,
             ),
             point_read: point_read_options(),
             db,
@@ -289,12 +290,9 @@ impl StateStore for RocksStore {
     }
 
     fn start_read(&mut self, token: usize, id: SegmentId, key: &[u8]) -> Result<(), StoreError> {
-        let mut full = Vec::with_capacity(PREFIX_BYTES + key.len());
-        push_prefix(&mut full, id.side, id.bucket, Some(id.segment));
-        full.extend_from_slice(key);
-        self.pool
-            .submit(token, full)
-            .map_err(|e| failed("get", &self.dir, e))
+        self.set_key(id, key);
+        self.pool.add(token, &self.key);
+        Ok(())
     }
 
     fn finish_reads(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), StoreError> {

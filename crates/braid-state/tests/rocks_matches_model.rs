@@ -52,7 +52,12 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         3 => (any::<bool>(), bucket.clone(), 0u32..3, 0u8..8).prop_map(|(side, bucket, segment, key)| Op::Get { side, bucket, segment, key }),
         1 => (any::<bool>(), bucket.clone(), 0u32..3).prop_map(|(side, bucket, segment)| Op::Scan { side, bucket, segment }),
         1 => (any::<bool>(), bucket.clone()).prop_map(|(side, bucket)| Op::Drop { side, bucket }),
-        2 => prop::collection::vec((any::<bool>(), bucket, 0u32..3, 0u8..8), 0..12).prop_map(Op::Reads),
+        2 => prop::collection::vec((any::<bool>(), bucket.clone(), 0u32..3, 0u8..8), 0..12).prop_map(Op::Reads),
+        // Many keys of one segment, repeated ones too: the store reads them in key order
+        // through one iterator.
+        1 => (any::<bool>(), bucket, 0u32..3, prop::collection::vec(0u8..8, 0..60)).prop_map(|(s, b, seg, keys)| {
+            Op::Reads(keys.into_iter().map(|k| (s, b, seg, k)).collect())
+        }),
         1 => Just(Op::Restore),
     ];
     prop::collection::vec(op, 1..40)
@@ -166,4 +171,48 @@ proptest! {
         prop_assert_eq!(&got.rows, &want.rows);
         prop_assert_eq!(join.store().disk_bytes(), 0, "expired buckets leave no files");
     }
+}
+
+/// Hundreds of reads over three segments of 50 keys (present, absent, repeated, in
+/// any order): the store reads each segment's keys through one iterator, and finds
+/// exactly what the model finds.
+#[test]
+fn many_reads_of_few_segments_agree_with_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut rocks =
+        RocksStore::create(&dir.path().join("state"), &RocksOptions::default()).expect("open");
+    let mut model = MemStore::default();
+    for segment in 0..3u32 {
+        // Even keys only, so that odd ones fall between two present keys.
+        let keys: Vec<Vec<u8>> = (0..50u8).map(|k| vec![b'k', k * 2]).collect();
+        let values: Vec<Vec<u8>> = (0..50u8).map(|k| vec![k, segment as u8]).collect();
+        let list: Vec<SegmentEntry<'_>> = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| SegmentEntry { key: k, value: v })
+            .collect();
+        let id = SegmentId {
+            side: Side::Left,
+            bucket: 1,
+            segment,
+        };
+        rocks
+            .write_segment(id, &mut list.as_slice())
+            .expect("rocks write");
+        model
+            .write_segment(id, &mut list.as_slice())
+            .expect("model write");
+    }
+    let mut z = 11u64;
+    let reads: Vec<(bool, i64, u32, u8)> = (0..400)
+        .map(|_| {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (true, 1, (z >> 40) as u32 % 4, (z >> 50) as u8 % 104)
+        })
+        .collect();
+    let got = read_all(&mut rocks, &reads);
+    assert!(got.len() > 100, "{} found", got.len());
+    assert_eq!(got, read_all(&mut model, &reads));
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use braid_core::{Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side, Watermark};
+use braid_core::{
+    ColdProbeMode, Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side, Watermark,
+};
 use braid_io::flink_peer;
 use serde_json::json;
 
@@ -34,6 +36,8 @@ const PEER_KEY_BYTES: usize = 18;
 pub struct BenchOptions {
     pub events: u64,
     pub memory_max_bytes: u64,
+    /// When the joins read the cold segments their probes need.
+    pub cold_probes: ColdProbeMode,
     pub parallelism: usize,
     pub state_dir: std::path::PathBuf,
     /// Checkpoint this often (flink-peer), into `state_dir/../checkpoints`.
@@ -190,6 +194,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             spec,
             layout: Layout::one_partition(options.parallelism),
             memory_max_bytes: options.memory_max_bytes,
+            cold_probes: options.cold_probes,
             state_dir: &options.state_dir,
             checkpoints: checkpoints.as_ref().map(|c| c.committer.parts()),
             restore: Vec::new(),
@@ -398,6 +403,7 @@ fn time_restore(
             spec,
             layout: Layout::one_partition(options.parallelism),
             memory_max_bytes: options.memory_max_bytes,
+            cold_probes: options.cold_probes,
             state_dir: &state_dir,
             checkpoints: None,
             restore: shards,
@@ -444,6 +450,14 @@ pub fn files(options: &BenchOptions, dir: &Path) -> anyhow::Result<serde_json::V
         Some(ms) => format!("[checkpoint]\ndir = \".braid/checkpoints\"\ninterval = \"{ms}ms\"\n"),
         None => String::new(),
     };
+    let body = body.replacen(
+        "[state]\n",
+        &format!(
+            "[state]\ncold_probes = \"{}\"\n",
+            crate::config::cold_probes_name(options.cold_probes)
+        ),
+        1,
+    );
     std::fs::write(
         &job,
         format!("parallelism = {}\n{body}{checkpoint}", options.parallelism),

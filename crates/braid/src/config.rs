@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use braid_core::{JoinKind, JoinSpec, TimeGuardConfig};
+use braid_core::{ColdProbeMode, JoinKind, JoinSpec, TimeGuardConfig};
 use braid_io::takerate::{Stream, TakeRateConfig};
 use braid_io::Schema;
 use serde::Deserialize;
@@ -136,6 +136,7 @@ struct OutputFile {
 struct StateFile {
     dir: Option<String>,
     memory_max: Option<String>,
+    cold_probes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +267,8 @@ pub struct Plan {
     pub output: Output,
     pub state_dir: PathBuf,
     pub memory_max_bytes: u64,
+    /// `[state] cold_probes`: when probes of spilled state are read.
+    pub cold_probes: ColdProbeMode,
     pub checkpoint: Option<CheckpointPlan>,
     /// `[metrics]` (or `--metrics`): Prometheus metrics and the status page.
     pub metrics: Option<MetricsPlan>,
@@ -481,6 +484,12 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             "[state] memory_max: {memory_max_bytes} bytes is below the minimum of 64KiB (state would be spilled an event at a time)"
         ));
     }
+    let cold_probes = match state.cold_probes.as_deref() {
+        None => ColdProbeMode::default(),
+        Some(name) => parse_cold_probes(name).ok_or_else(|| {
+            format!("[state] cold_probes: `{name}` is neither \"deferred\" nor \"eager\"")
+        })?,
+    };
     let checkpoint = match &raw.checkpoint {
         None => None,
         Some(c) => Some(CheckpointPlan {
@@ -545,6 +554,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         output,
         state_dir,
         memory_max_bytes,
+        cold_probes,
         checkpoint,
         metrics,
         parallelism,
@@ -1057,5 +1067,22 @@ impl fmt::Display for Plan {
             )?;
         }
         Ok(())
+    }
+}
+
+/// `[state] cold_probes` (and `braid bench --cold-probes`): "deferred" or "eager".
+pub fn parse_cold_probes(name: &str) -> Option<ColdProbeMode> {
+    match name {
+        "deferred" => Some(ColdProbeMode::Deferred),
+        "eager" => Some(ColdProbeMode::Eager),
+        _ => None,
+    }
+}
+
+/// The name [`parse_cold_probes`] reads.
+pub fn cold_probes_name(mode: ColdProbeMode) -> &'static str {
+    match mode {
+        ColdProbeMode::Deferred => "deferred",
+        ColdProbeMode::Eager => "eager",
     }
 }

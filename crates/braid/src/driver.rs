@@ -212,6 +212,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
             owned: options.owned.clone(),
         },
         memory_max_bytes: plan.memory_max_bytes,
+        cold_probes: plan.cold_probes,
         state_dir: &plan.state_dir,
         checkpoints: parts.clone(),
         restore,

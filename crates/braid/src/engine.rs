@@ -24,7 +24,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use braid_core::{
-    Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, SegmentId, Side, Watermark,
+    ColdProbeMode, Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, SegmentId, Side,
+    Watermark,
 };
 use braid_io::PendingFile;
 use braid_state::{ReadThreads, RocksOptions, RocksStore};
@@ -210,6 +211,8 @@ pub struct EngineConfig<'a> {
     pub spec: JoinSpec,
     pub layout: Layout,
     pub memory_max_bytes: u64,
+    /// When the joins read the cold segments their probes need.
+    pub cold_probes: ColdProbeMode,
     /// Unit `u` keeps its state under `state_dir/shard-i/part-p`.
     pub state_dir: &'a Path,
     /// Where barriers' snapshots go; `None` without checkpoints.
@@ -342,6 +345,7 @@ impl Engine {
                 spec,
                 layout: Layout::one_partition(shards),
                 memory_max_bytes,
+                cold_probes: ColdProbeMode::default(),
                 state_dir,
                 checkpoints: None,
                 restore: Vec::new(),
@@ -359,6 +363,7 @@ impl Engine {
             spec,
             layout,
             memory_max_bytes,
+            cold_probes,
             state_dir,
             checkpoints,
             restore,
@@ -440,7 +445,11 @@ impl Engine {
                     let dir = dir.join(format!("part-{}", unit.partition));
                     let restored = restore.remove(&unit);
                     let budget = per_shard / in_shard;
-                    scope.spawn(move || build_unit(unit, &dir, &tuning, spec, budget, restored))
+                    scope.spawn(move || {
+                        let mut part = build_unit(unit, &dir, &tuning, spec, budget, restored)?;
+                        part.join.set_cold_probe_mode(cold_probes);
+                        Ok(part)
+                    })
                 })
                 .collect();
             handles
@@ -786,6 +795,10 @@ impl Shard {
     /// few hard links); the committer writes the images.
     fn barrier(&mut self, epoch: u64, sink: &mut impl ResultSink) -> anyhow::Result<()> {
         let started = Instant::now();
+        // Pairs of waiting cold probes belong to this epoch, and images never hold them.
+        for part in &mut self.parts {
+            part.join.flush_cold_probes(sink)?;
+        }
         let (pending, sink_state) = sink.barrier(epoch)?;
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(());
@@ -931,6 +944,9 @@ fn run_shard<K: ResultSink>(
         if let Some(e) = sink.take_error() {
             return Err(e);
         }
+    }
+    for part in &mut shard.parts {
+        part.join.flush_cold_probes(&mut sink)?;
     }
     sink.finish()?;
     for part in &shard.parts {

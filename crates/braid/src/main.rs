@@ -154,6 +154,10 @@ struct BenchArgs {
     /// Default: 128MiB; 2GiB for kafka.
     #[arg(long)]
     memory_max: Option<String>,
+    /// flink-peer and files: when probes of spilled state are read, "deferred" (gathered,
+    /// the default) or "eager" (at the end of every batch), as `[state] cold_probes`.
+    #[arg(long, default_value = "deferred")]
+    cold_probes: String,
     /// Shard threads (default: the number of cores).
     #[arg(long)]
     parallelism: Option<usize>,
@@ -446,9 +450,16 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     });
     let memory_max_bytes =
         parse_size_bytes(memory_max).map_err(|e| UsageError(format!("--memory-max: {e}")))?;
+    let cold_probes = braid::config::parse_cold_probes(&args.cold_probes).ok_or_else(|| {
+        UsageError(format!(
+            "--cold-probes: `{}` is neither deferred nor eager",
+            args.cold_probes
+        ))
+    })?;
     let options = BenchOptions {
         events: args.events,
         memory_max_bytes,
+        cold_probes,
         parallelism: args
             .parallelism
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),

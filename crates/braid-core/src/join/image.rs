@@ -89,7 +89,15 @@ impl<S: StateStore> Join<S> {
     /// image (new events go to new segments), marks are copied, the id sets are shared
     /// copy-on-write. The image is written later, on another thread, with
     /// [`JoinImage::write`].
+    ///
+    /// Cold probes still waiting are not part of an image: flush them first
+    /// ([`flush_cold_probes`](Self::flush_cold_probes)), so that their pairs belong to
+    /// the epoch before the image.
     pub fn snapshot(&mut self) -> JoinImage {
+        assert!(
+            self.probes.is_empty(),
+            "cold probes are flushed before a snapshot, or their pairs would be lost"
+        );
         let mut sides = Vec::with_capacity(2);
         for side in &mut self.sides {
             let buckets = side
@@ -155,6 +163,7 @@ impl<S: StateStore> Join<S> {
         self.watermark = Watermark::MIN;
         self.counts = JoinCounts::default();
         self.spill_retry_bytes = 0;
+        self.probes.clear();
     }
 
     /// Decodes an image into the empty join, in the order [`JoinImage::write`] wrote it.
@@ -267,6 +276,8 @@ mod tests {
         for i in 0..events {
             push(&mut join, &mut sink, i);
         }
+        join.flush_cold_probes(&mut sink)
+            .expect("the model store never fails");
         let mut image = Vec::new();
         join.snapshot()
             .write(&mut image)

@@ -37,6 +37,10 @@ impl<S: StateStore> Join<S> {
             !pieces.is_empty(),
             "a state is split into at least one piece"
         );
+        assert!(
+            self.probes.is_empty(),
+            "a state is split as a checkpoint left it, without waiting cold probes"
+        );
         let mut pieces: Vec<&mut Join<T>> = pieces.iter_mut().map(BorrowMut::borrow_mut).collect();
         let mut done = self.counts;
         done.retained = [0, 0];
@@ -137,6 +141,7 @@ mod tests {
             }
         }
         assert!(whole.counts().spilled_events > 0, "some state is cold");
+        whole.flush_cold_probes(&mut sink).expect("model store");
         let before = whole.counts();
         let route = |hash: u64| (hash % 3) as usize;
         let mut pieces: Vec<Join<MemStore>> = (0..3)
