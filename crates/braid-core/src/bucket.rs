@@ -6,7 +6,6 @@
 //! their matched marks in memory. Expiry drops whole buckets; there are no per-event
 //! timers and no per-event deletes.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
@@ -14,12 +13,16 @@ use crate::bloom::Bloom;
 use crate::snapshot::{Reader, SnapshotError, Writer};
 use crate::store::{PutEntry, SegmentEntries, StoreError};
 
+mod index;
+
+use index::KeyIndex;
+
 /// The first arena chunk of a segment; later chunks double up to [`CHUNK_BYTES_MAX`].
 const CHUNK_BYTES_MIN: usize = 4 << 10;
 const CHUNK_BYTES_MAX: usize = 1 << 20;
-/// Memory of one slot and one index entry (key hash, head slot, control byte, at 7/8 load).
+/// Memory of one slot and of one used index entry.
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
-const INDEX_ENTRY_BYTES: usize = 16;
+const INDEX_ENTRY_BYTES: usize = index::ENTRY_BYTES;
 /// Bytes of a length, a slot and an index entry in an image (see [`HotImage::write`]):
 /// the least a counted item can take, which bounds what a count can ask for.
 const LEN_IMAGE_BYTES: u64 = 8;
@@ -50,7 +53,8 @@ impl Hasher for IdentityHasher {
 pub(crate) type IdentityBuild = BuildHasherDefault<IdentityHasher>;
 
 /// Where one event's key and payload sit in a segment's arena. `next` chains events of
-/// the same key hash, newest first; `NO_SLOT` ends the chain.
+/// the same key hash, newest first; `NO_SLOT` ends the chain. `hash_high` is the high
+/// half of the key hash (the index holds the low half).
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     time: i64,
@@ -59,6 +63,7 @@ struct Slot {
     key_len: u32,
     payload_len: u32,
     next: u32,
+    hash_high: u32,
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -155,7 +160,7 @@ pub(crate) struct HotData {
     chunks: Vec<Vec<u8>>,
     chunk_bytes: usize,
     slots: Vec<Slot>,
-    index: HashMap<u64, u32, IdentityBuild>,
+    index: KeyIndex,
 }
 
 /// A hot segment's events: owned while it takes events; once a checkpoint seals it,
@@ -221,7 +226,7 @@ impl HotSegment {
         let d = self.data();
         d.chunk_bytes
             + d.slots.capacity() * SLOT_BYTES
-            + d.index.capacity() * INDEX_ENTRY_BYTES
+            + d.index.memory_bytes()
             + self.marks.bytes()
     }
 
@@ -285,16 +290,19 @@ impl HotSegment {
         let ordinal = d.slots.len();
         let ordinal_u32 =
             u32::try_from(ordinal).expect("segments are bounded far below 2^32 events");
-        let head = d.index.entry(key_hash).or_insert(NO_SLOT);
+        let slots = &d.slots;
+        let next = d
+            .index
+            .replace(key_hash, ordinal_u32, |h| slots[h as usize].hash_high);
         d.slots.push(Slot {
             time,
             chunk: u32::try_from(chunk_index).expect("segments are bounded far below 2^32 chunks"),
             offset: u32::try_from(offset).expect("chunks are at most a line long"),
             key_len: u32::try_from(key.len()).expect("keys are at most a line long"),
             payload_len: u32::try_from(payload.len()).expect("payloads are at most a line long"),
-            next: *head,
+            next,
+            hash_high: (key_hash >> 32) as u32,
         });
-        *head = ordinal_u32;
         self.marks.reserve_for(ordinal + 1);
         if matched {
             self.marks.set(ordinal);
@@ -307,6 +315,14 @@ impl HotSegment {
             self.time_max = self.time_max.max(time);
         }
         ordinal
+    }
+
+    /// Fetches into cache where [`probe`](Self::probe) of this key and interval would
+    /// look first.
+    pub fn prefetch(&self, key_hash: u64, lo: i64, hi: i64) {
+        if hi >= self.time_min && lo <= self.time_max {
+            self.data().index.prefetch(key_hash);
+        }
     }
 
     /// Calls `hit` with (ordinal, payload) of every event with this key and a time in
@@ -323,7 +339,7 @@ impl HotSegment {
             return;
         }
         let d = self.data();
-        let mut next = d.index.get(&key_hash).copied().unwrap_or(NO_SLOT);
+        let mut next = d.index.get(key_hash, |h| d.slots[h as usize].hash_high);
         while next != NO_SLOT {
             let slot = &d.slots[next as usize];
             if slot.time >= lo && slot.time <= hi && d.key(slot) == key {
@@ -352,7 +368,7 @@ impl HotSegment {
         let len = r.count(SLOT_IMAGE_BYTES)?;
         let bad = |what: &str| SnapshotError(format!("hot segment {number}: {what}"));
         hot.slots.reserve_exact(len);
-        for _ in 0..len {
+        for i in 0..len {
             let slot = Slot {
                 time: r.i64()?,
                 chunk: r.u32()?,
@@ -360,6 +376,7 @@ impl HotSegment {
                 key_len: r.u32()?,
                 payload_len: r.u32()?,
                 next: r.u32()?,
+                hash_high: 0,
             };
             let end =
                 u64::from(slot.offset) + u64::from(slot.key_len) + u64::from(slot.payload_len);
@@ -367,7 +384,8 @@ impl HotSegment {
                 .chunks
                 .get(slot.chunk as usize)
                 .is_some_and(|c| end <= c.len() as u64);
-            if !fits || (slot.next != NO_SLOT && slot.next as usize >= len) {
+            // A chain runs from newer events to older ones: that bounds every walk.
+            if !fits || (slot.next != NO_SLOT && slot.next as usize >= i) {
                 return Err(bad("a slot points outside the segment"));
             }
             hot.slots.push(slot);
@@ -380,7 +398,19 @@ impl HotSegment {
             if head as usize >= len {
                 return Err(bad("an index entry points outside the slots"));
             }
-            hot.index.insert(hash, head);
+            let mut next = head;
+            while next != NO_SLOT {
+                let slot = &mut hot.slots[next as usize];
+                slot.hash_high = (hash >> 32) as u32;
+                next = slot.next;
+            }
+            let slots = &hot.slots;
+            let before = hot
+                .index
+                .replace(hash, head, |h| slots[h as usize].hash_high);
+            if before != NO_SLOT {
+                return Err(bad("two index entries of one key hash"));
+            }
         }
         Ok(HotSegment {
             number,
@@ -404,8 +434,14 @@ impl HotSegment {
     }
 
     /// The distinct key hashes of the segment's events.
-    pub fn key_hashes(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
-        self.data().index.keys().copied()
+    /// Distinct key hashes of the segment's events.
+    pub fn key_count(&self) -> usize {
+        self.data().index.len()
+    }
+
+    pub fn key_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        let d = self.data();
+        d.index.chains().map(|(low, head)| d.full_hash(low, head))
     }
 
     /// Visits every event: whether it matched, its key, its time, its payload.
@@ -425,8 +461,8 @@ impl HotSegment {
         // (the key's first bytes, the key, head of the hash chain that holds its events)
         let mut keys: Vec<(u128, &[u8], u32)> = Vec::with_capacity(d.index.len());
         let mut chain_keys: Vec<&[u8]> = Vec::new();
-        for (&hash, &head) in &d.index {
-            bloom.insert(hash);
+        for (low, head) in d.index.chains() {
+            bloom.insert(d.full_hash(low, head));
             // A chain holds the events of one key hash: usually one key, more only on a
             // 64-bit hash collision, which is handled by grouping on the key bytes.
             chain_keys.clear();
@@ -492,6 +528,11 @@ impl SegmentEntries for Frozen<'_> {
 }
 
 impl HotData {
+    /// The key hash of the chain that `head` starts, whose low half is `low`.
+    fn full_hash(&self, low: u32, head: u32) -> u64 {
+        u64::from(self.slots[head as usize].hash_high) << 32 | u64::from(low)
+    }
+
     fn key(&self, slot: &Slot) -> &[u8] {
         let start = slot.offset as usize;
         &self.chunks[slot.chunk as usize][start..start + slot.key_len as usize]
@@ -525,8 +566,8 @@ impl HotImage {
             w.u32(slot.next);
         }
         w.len(d.index.len());
-        for (&hash, &head) in &d.index {
-            w.u64(hash);
+        for (low, head) in d.index.chains() {
+            w.u64(d.full_hash(low, head));
             w.u32(head);
         }
         self.marks.write(w);
@@ -673,12 +714,17 @@ impl SegmentGroups {
         self.filters.is_empty()
     }
 
-    /// Notes the keys of segment `number`, about to spill, for its group. Returns the
-    /// change in the groups' memory.
-    pub fn collect(&mut self, number: u32, hashes: impl ExactSizeIterator<Item = u64>) -> isize {
+    /// Notes the `keys` key hashes of segment `number`, about to spill, for its group.
+    /// Returns the change in the groups' memory.
+    pub fn collect(
+        &mut self,
+        number: u32,
+        keys: usize,
+        hashes: impl Iterator<Item = u64>,
+    ) -> isize {
         let before = self.memory_bytes() as isize;
         self.pending.push(number);
-        self.pending_hashes.reserve_exact(hashes.len());
+        self.pending_hashes.reserve_exact(keys);
         self.pending_hashes.extend(hashes.map(|h| (h >> 32) as u32));
         self.memory_bytes() as isize - before
     }
