@@ -68,6 +68,12 @@ impl Bloom {
         self.blocks.len() * 32
     }
 
+    /// Fetches into cache the block [`may_contain`](Self::may_contain) of `hash` reads.
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        crate::cache::prefetch(&self.blocks[self.locate(hash).0]);
+    }
+
     pub(crate) fn write(&self, w: &mut Writer<'_>) {
         w.len(self.blocks.len());
         for block in self.blocks.iter() {
@@ -96,6 +102,7 @@ impl Bloom {
     }
 
     /// The block for a hash (from its high half) and the bit of each word (from its low).
+    #[inline]
     fn locate(&self, hash: u64) -> (usize, [u32; 8]) {
         let block = (((hash >> 32) * self.blocks.len() as u64) >> 32) as usize;
         let low = hash as u32;

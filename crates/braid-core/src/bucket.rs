@@ -583,6 +583,9 @@ pub(crate) struct ColdSegment {
     pub marks: Marks,
     pub time_min: i64,
     pub time_max: i64,
+    /// Whether the bucket's whole filter ([`SegmentGroups::excludes`]) covers this
+    /// segment. Not in checkpoint images either.
+    pub in_whole: bool,
     /// The bucket's group whose filter covers this segment, or [`NO_GROUP`]. Groups are
     /// not in checkpoint images: a restored segment is in none.
     pub group: u32,
@@ -603,6 +606,7 @@ impl ColdSegment {
             time_min: self.time_min,
             time_max: self.time_max,
             group: NO_GROUP,
+            in_whole: false,
         }
     }
 
@@ -630,6 +634,7 @@ impl ColdSegment {
             time_min,
             time_max,
             group: NO_GROUP,
+            in_whole: false,
         })
     }
 }
@@ -640,6 +645,14 @@ pub(crate) enum Segment {
 }
 
 impl Segment {
+    /// Events in the segment.
+    pub fn len(&self) -> usize {
+        match self {
+            Segment::Hot(h) => h.len(),
+            Segment::Cold(c) => c.len,
+        }
+    }
+
     pub fn number(&self) -> u32 {
         match self {
             Segment::Hot(h) => h.number,
@@ -681,6 +694,29 @@ const GROUP_BLOOM_BITS_PER_KEY: usize = 10;
 pub(crate) const GROUP_SEGMENTS: usize = 8;
 /// A cold segment in no group.
 pub(crate) const NO_GROUP: u32 = u32::MAX;
+/// Bits per key of a bucket's whole filter (about 1 % false positives at its planned
+/// size), and how far past that size it may fill (5 bits per key, about 10 %) before
+/// it is given up.
+const WHOLE_BLOOM_BITS_PER_KEY: usize = 10;
+const WHOLE_OVERFILL: usize = 2;
+
+/// One filter over the keys of every segment a bucket spills, sized when it spills
+/// its first (from the bucket before it: streams keep their rate). A probe's interval
+/// covers every bucket of the window and the key is in one or two of them: for the
+/// others one check replaces a check of each group (a dozen per bucket at 32 MiB).
+#[derive(Default)]
+enum Whole {
+    /// The bucket has not spilled since it was created or loaded.
+    #[default]
+    Unplanned,
+    Building {
+        filter: Bloom,
+        keys: usize,
+        keys_planned: usize,
+    },
+    /// No estimate of its size when it first spilled, or it outgrew the plan.
+    Off,
+}
 
 /// Key filters over groups of a bucket's cold segments, in front of the segments' own.
 /// A probe's interval overlaps every bucket of the window (9 for a one-hour join), and
@@ -697,11 +733,17 @@ pub(crate) struct SegmentGroups {
     /// hashes (see [`group_hash`]).
     pending: Vec<u32>,
     pending_hashes: Vec<u32>,
+    whole: Whole,
 }
 
 impl SegmentGroups {
     pub fn memory_bytes(&self) -> usize {
-        self.filters.iter().map(Bloom::bytes).sum::<usize>()
+        let whole = match &self.whole {
+            Whole::Building { filter, .. } => filter.bytes(),
+            Whole::Unplanned | Whole::Off => 0,
+        };
+        whole
+            + self.filters.iter().map(Bloom::bytes).sum::<usize>()
             + (self.pending.capacity() + self.pending_hashes.capacity())
                 * std::mem::size_of::<u32>()
     }
@@ -715,24 +757,88 @@ impl SegmentGroups {
     }
 
     /// Notes the `keys` key hashes of segment `number`, about to spill, for its group.
-    /// Returns the change in the groups' memory.
-    pub fn collect(
-        &mut self,
-        number: u32,
-        keys: usize,
-        hashes: impl Iterator<Item = u64>,
-    ) -> isize {
-        let before = self.memory_bytes() as isize;
+    pub fn collect(&mut self, number: u32, keys: usize, hashes: impl Iterator<Item = u64>) {
         self.pending.push(number);
         self.pending_hashes.reserve_exact(keys);
         self.pending_hashes.extend(hashes.map(|h| (h >> 32) as u32));
-        self.memory_bytes() as isize - before
+    }
+
+    /// Adds the `keys` key hashes of a segment about to spill to the bucket's whole
+    /// filter; returns whether the filter covers the segment. The first spill plans
+    /// the filter for `keys_expected` keys (none: no filter for this bucket); one
+    /// that outgrows its plan is given up, and covers nothing from then on.
+    pub fn add_to_whole(
+        &mut self,
+        keys_expected: Option<usize>,
+        keys: usize,
+        hashes: impl Iterator<Item = u64>,
+    ) -> bool {
+        if matches!(self.whole, Whole::Unplanned) {
+            // Groups form only after the filter is planned, so that every grouped
+            // segment is in it (see `excludes`).
+            debug_assert!(self.filters.is_empty() && self.pending.is_empty());
+            self.whole = match keys_expected {
+                Some(planned) => Whole::Building {
+                    filter: Bloom::with_bits_per_key(planned, WHOLE_BLOOM_BITS_PER_KEY),
+                    keys: 0,
+                    keys_planned: planned,
+                },
+                None => Whole::Off,
+            };
+        }
+        let Whole::Building {
+            filter,
+            keys: held,
+            keys_planned,
+        } = &mut self.whole
+        else {
+            return false;
+        };
+        *held += keys;
+        if *held > *keys_planned * WHOLE_OVERFILL {
+            self.whole = Whole::Off;
+            return false;
+        }
+        for hash in hashes {
+            filter.insert(whole_hash(hash));
+        }
+        true
+    }
+
+    /// True when no segment the whole filter covers holds the key. Every grouped
+    /// segment is covered then: the filter was planned at the bucket's first spill,
+    /// before any group.
+    pub fn excludes(&self, hash: u64) -> bool {
+        match &self.whole {
+            Whole::Building { filter, .. } => !filter.may_contain(whole_hash(hash)),
+            Whole::Unplanned | Whole::Off => false,
+        }
+    }
+
+    /// Fetches into cache what checking the whole filter, or else every group
+    /// filter, for `hash` reads.
+    pub fn prefetch(&self, hash: u64) {
+        if let Whole::Building { filter, .. } = &self.whole {
+            filter.prefetch(whole_hash(hash));
+            return;
+        }
+        let hash = group_hash((hash >> 32) as u32);
+        for filter in &self.filters {
+            filter.prefetch(hash);
+        }
     }
 
     /// Whether group `group`'s segments may hold the key.
     pub fn may_contain(&self, group: usize, hash: u64) -> bool {
         self.filters[group].may_contain(group_hash((hash >> 32) as u32))
     }
+}
+
+/// The whole filter's hash of a key: mixed, so that its false positives are
+/// independent of the segments' filters (which take the key hash as it is).
+fn whole_hash(hash: u64) -> u64 {
+    let z = (hash ^ (hash >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 29)
 }
 
 /// A group filter's hash of a key: rebuilt from the high half of its 64-bit hash
@@ -885,6 +991,37 @@ pub(crate) fn decode_events(mut value: &[u8], mut visit: impl FnMut(usize, i64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole filter never rules out a key of a segment it covers, rules out most
+    /// others, keeps the plan of the first spill, and excludes nothing once given up.
+    #[test]
+    fn whole_filter_covers_its_segments_until_it_outgrows_its_plan() {
+        let hash = |i: u64| crate::key::hash_key(&i.to_le_bytes());
+        let mut g = SegmentGroups::default();
+        assert!(g.add_to_whole(Some(1_000), 600, (0..600).map(hash)));
+        g.collect(0, 600, (0..600).map(hash));
+        let planned = g.memory_bytes();
+        // A later estimate does not re-plan it.
+        assert!(g.add_to_whole(Some(1), 900, (600..1_500).map(hash)));
+        assert!(
+            (0..1_500).all(|i| !g.excludes(hash(i))),
+            "no false negatives"
+        );
+        let ruled_out = (10_000..20_000).filter(|&i| g.excludes(hash(i))).count();
+        assert!(
+            ruled_out > 9_000,
+            "{ruled_out} of 10,000 unknown keys ruled out"
+        );
+        // 2,001 keys planned for 1,000: given up, and its memory with it.
+        assert!(!g.add_to_whole(Some(1_000), 501, (1_500..2_001).map(hash)));
+        assert!((10_000..20_000).all(|i| !g.excludes(hash(i))));
+        assert!(g.memory_bytes() < planned);
+        assert!(!g.add_to_whole(Some(10_000), 1, std::iter::once(hash(1))));
+
+        let mut unplanned = SegmentGroups::default();
+        assert!(!unplanned.add_to_whole(None, 10, (0..10).map(hash)));
+        assert!(!unplanned.excludes(hash(99)));
+    }
 
     #[test]
     fn freeze_groups_events_by_key_in_key_order() {

@@ -385,9 +385,10 @@ impl<S: StateStore> Join<S> {
         move |bucket_id| watermark.passed_wide(bucket_last_time(bucket_id, width) + lateness)
     }
 
-    /// Fetches into cache the index entries that joining `event` looks up first: those
-    /// of the hot segments it probes and of the segment it goes into. Only a hint: it
-    /// changes nothing.
+    /// Fetches into cache what joining `event` looks up first: the index entries of the
+    /// hot segments it probes and of the segment it goes into, the blocks of the group
+    /// filters and ungrouped cold segments' filters it checks. Only a hint: it changes
+    /// nothing.
     fn prefetch(&self, event: &Event<'_>) {
         let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
         let width = self.bucket_width_ms;
@@ -397,9 +398,19 @@ impl<S: StateStore> Join<S> {
             .range(range)
             .map(|(_, b)| b)
         {
+            bucket.groups.prefetch(event.key_hash);
             for segment in &bucket.segments {
-                if let Segment::Hot(hot) = segment {
-                    hot.prefetch(event.key_hash, lo, hi);
+                match segment {
+                    Segment::Hot(hot) => hot.prefetch(event.key_hash, lo, hi),
+                    Segment::Cold(cold) => {
+                        if cold.group == NO_GROUP
+                            && !cold.in_whole
+                            && hi >= cold.time_min
+                            && lo <= cold.time_max
+                        {
+                            cold.bloom.prefetch(event.key_hash);
+                        }
+                    }
                 }
             }
         }
@@ -432,8 +443,10 @@ impl<S: StateStore> Join<S> {
         let mut matched = false;
         let range = lo.div_euclid(width)..=hi.div_euclid(width);
         for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
-            // Only a bucket with groups has grouped segments, which read `group_hits`.
-            if !state.groups.is_empty() {
+            // Only a bucket with groups has grouped segments, which read `group_hits`;
+            // those are in the whole filter, which rules them out when it excludes.
+            let excluded = state.groups.excludes(event.key_hash);
+            if !excluded && !state.groups.is_empty() {
                 group_hits.clear();
                 group_hits.extend(
                     (0..state.groups.len()).map(|g| state.groups.may_contain(g, event.key_hash)),
@@ -457,7 +470,9 @@ impl<S: StateStore> Join<S> {
                         matched |= !hits.is_empty();
                     }
                     Segment::Cold(cold) => {
-                        if (cold.group != NO_GROUP && !group_hits[cold.group as usize])
+                        debug_assert!(!excluded || cold.in_whole || cold.group == NO_GROUP);
+                        if (excluded && cold.in_whole)
+                            || (cold.group != NO_GROUP && !group_hits[cold.group as usize])
                             || hi < cold.time_min
                             || lo > cold.time_max
                             || !cold.bloom.may_contain(event.key_hash)
@@ -548,6 +563,14 @@ impl<S: StateStore> Join<S> {
         let Some((bucket_id, side, at)) = oldest else {
             return Ok(false);
         };
+        // The bucket's whole filter, if this is its first spill, is planned for the
+        // events of the bucket before it or its own so far, whichever is more.
+        let buckets = &self.sides[side.index()].buckets;
+        let events = |b: &Bucket| b.segments.iter().map(Segment::len).sum::<usize>();
+        let keys_expected = buckets
+            .range(..bucket_id)
+            .next_back()
+            .map(|(_, before)| events(before).max(events(&buckets[&bucket_id])));
         let bucket = self.sides[side.index()]
             .buckets
             .get_mut(&bucket_id)
@@ -556,13 +579,14 @@ impl<S: StateStore> Join<S> {
             unreachable!("position found a hot segment")
         };
         let number = hot.number;
-        self.filters_bytes = self
-            .filters_bytes
-            .wrapping_add_signed(
-                bucket
-                    .groups
-                    .collect(number, hot.key_count(), hot.key_hashes()),
-            );
+        let filters_before = bucket.groups.memory_bytes();
+        let in_whole = bucket
+            .groups
+            .add_to_whole(keys_expected, hot.key_count(), hot.key_hashes());
+        bucket
+            .groups
+            .collect(number, hot.key_count(), hot.key_hashes());
+        self.filters_bytes = self.filters_bytes + bucket.groups.memory_bytes() - filters_before;
         let (mut entries, bloom) = hot.freeze(&mut self.spill);
         let id = SegmentId {
             side,
@@ -579,6 +603,7 @@ impl<S: StateStore> Join<S> {
             time_min: hot.time_min,
             time_max: hot.time_max,
             group: NO_GROUP,
+            in_whole,
         };
         self.counts.spilled_segments += 1;
         self.counts.spilled_events += cold.len as u64;

@@ -8,6 +8,7 @@
 
 mod bloom;
 mod bucket;
+mod cache;
 mod ids;
 mod join;
 mod key;

@@ -7,6 +7,7 @@
 //! low halves agree, so that two hashes are one key only when all 64 bits are equal.
 
 use super::NO_SLOT;
+use crate::cache::prefetch;
 
 /// No chain: the head is [`NO_SLOT`].
 const EMPTY: u64 = u64::MAX;
@@ -127,21 +128,6 @@ impl KeyIndex {
         let at = hash as usize & (self.entries.len() - 1);
         prefetch(&self.entries[at]);
     }
-}
-
-/// A hint to load the cache line of `value`; no effect on what the program computes.
-#[inline]
-fn prefetch<T>(value: &T) {
-    // SAFETY: a prefetch reads nothing the program can observe and never faults; the
-    // pointer comes from a live reference anyway.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            (value as *const T).cast::<i8>(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
 }
 
 #[cfg(test)]
