@@ -433,12 +433,12 @@ impl HotSegment {
         }
     }
 
-    /// The distinct key hashes of the segment's events.
-    /// Distinct key hashes of the segment's events.
+    /// How many distinct key hashes the segment's events have.
     pub fn key_count(&self) -> usize {
         self.data().index.len()
     }
 
+    /// The distinct key hashes of the segment's events.
     pub fn key_hashes(&self) -> impl Iterator<Item = u64> + '_ {
         let d = self.data();
         d.index.chains().map(|(low, head)| d.full_hash(low, head))
@@ -756,23 +756,37 @@ impl SegmentGroups {
         self.filters.is_empty()
     }
 
-    /// Notes the `keys` key hashes of segment `number`, about to spill, for its group.
-    pub fn collect(&mut self, number: u32, keys: usize, hashes: impl Iterator<Item = u64>) {
-        self.pending.push(number);
-        self.pending_hashes.reserve_exact(keys);
-        self.pending_hashes.extend(hashes.map(|h| (h >> 32) as u32));
-    }
-
-    /// Adds the `keys` key hashes of a segment about to spill to the bucket's whole
-    /// filter; returns whether the filter covers the segment. The first spill plans
-    /// the filter for `keys_expected` keys (none: no filter for this bucket); one
-    /// that outgrows its plan is given up, and covers nothing from then on.
-    pub fn add_to_whole(
+    /// Takes the `keys` key hashes of segment `number`, about to spill, in one pass:
+    /// into the bucket's whole filter, and for the segment's group. Returns whether the
+    /// whole filter covers the segment. The first spill plans the filter for
+    /// `keys_expected` keys (none: no filter for this bucket); one that outgrows its
+    /// plan is given up, and covers nothing from then on.
+    pub fn add_spilled(
         &mut self,
+        number: u32,
         keys_expected: Option<usize>,
         keys: usize,
         hashes: impl Iterator<Item = u64>,
     ) -> bool {
+        let in_whole = self.plan_whole(keys_expected, keys);
+        self.pending.push(number);
+        self.pending_hashes.reserve_exact(keys);
+        let mut whole = match &mut self.whole {
+            Whole::Building { filter, .. } if in_whole => Some(filter),
+            _ => None,
+        };
+        for hash in hashes {
+            if let Some(filter) = whole.as_mut() {
+                filter.insert(whole_hash(hash));
+            }
+            self.pending_hashes.push((hash >> 32) as u32);
+        }
+        in_whole
+    }
+
+    /// Makes room in the whole filter for `keys` more keys, planning it on the first
+    /// spill; false if there is none (any more).
+    fn plan_whole(&mut self, keys_expected: Option<usize>, keys: usize) -> bool {
         if matches!(self.whole, Whole::Unplanned) {
             // Groups form only after the filter is planned, so that every grouped
             // segment is in it (see `excludes`).
@@ -787,9 +801,9 @@ impl SegmentGroups {
             };
         }
         let Whole::Building {
-            filter,
             keys: held,
             keys_planned,
+            ..
         } = &mut self.whole
         else {
             return false;
@@ -798,9 +812,6 @@ impl SegmentGroups {
         if *held > *keys_planned * WHOLE_OVERFILL {
             self.whole = Whole::Off;
             return false;
-        }
-        for hash in hashes {
-            filter.insert(whole_hash(hash));
         }
         true
     }
@@ -998,11 +1009,9 @@ mod tests {
     fn whole_filter_covers_its_segments_until_it_outgrows_its_plan() {
         let hash = |i: u64| crate::key::hash_key(&i.to_le_bytes());
         let mut g = SegmentGroups::default();
-        assert!(g.add_to_whole(Some(1_000), 600, (0..600).map(hash)));
-        g.collect(0, 600, (0..600).map(hash));
-        let planned = g.memory_bytes();
+        assert!(g.add_spilled(0, Some(1_000), 600, (0..600).map(hash)));
         // A later estimate does not re-plan it.
-        assert!(g.add_to_whole(Some(1), 900, (600..1_500).map(hash)));
+        assert!(g.add_spilled(1, Some(1), 900, (600..1_500).map(hash)));
         assert!(
             (0..1_500).all(|i| !g.excludes(hash(i))),
             "no false negatives"
@@ -1013,13 +1022,17 @@ mod tests {
             "{ruled_out} of 10,000 unknown keys ruled out"
         );
         // 2,001 keys planned for 1,000: given up, and its memory with it.
-        assert!(!g.add_to_whole(Some(1_000), 501, (1_500..2_001).map(hash)));
+        let before = g.memory_bytes();
+        assert!(!g.add_spilled(2, Some(1_000), 501, (1_500..2_001).map(hash)));
         assert!((10_000..20_000).all(|i| !g.excludes(hash(i))));
-        assert!(g.memory_bytes() < planned);
-        assert!(!g.add_to_whole(Some(10_000), 1, std::iter::once(hash(1))));
+        assert!(
+            g.memory_bytes() < before + 501 * 4,
+            "the filter's memory is given back"
+        );
+        assert!(!g.add_spilled(3, Some(10_000), 1, std::iter::once(hash(1))));
 
         let mut unplanned = SegmentGroups::default();
-        assert!(!unplanned.add_to_whole(None, 10, (0..10).map(hash)));
+        assert!(!unplanned.add_spilled(0, None, 10, (0..10).map(hash)));
         assert!(!unplanned.excludes(hash(99)));
     }
 

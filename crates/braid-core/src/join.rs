@@ -580,12 +580,10 @@ impl<S: StateStore> Join<S> {
         };
         let number = hot.number;
         let filters_before = bucket.groups.memory_bytes();
-        let in_whole = bucket
-            .groups
-            .add_to_whole(keys_expected, hot.key_count(), hot.key_hashes());
-        bucket
-            .groups
-            .collect(number, hot.key_count(), hot.key_hashes());
+        let in_whole =
+            bucket
+                .groups
+                .add_spilled(number, keys_expected, hot.key_count(), hot.key_hashes());
         self.filters_bytes = self.filters_bytes + bucket.groups.memory_bytes() - filters_before;
         let (mut entries, bloom) = hot.freeze(&mut self.spill);
         let id = SegmentId {
