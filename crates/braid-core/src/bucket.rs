@@ -6,7 +6,6 @@
 //! their matched marks in memory. Expiry drops whole buckets; there are no per-event
 //! timers and no per-event deletes.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::bloom::Bloom;
@@ -28,29 +27,6 @@ const INDEX_ENTRY_BYTES: usize = index::ENTRY_BYTES;
 const LEN_IMAGE_BYTES: u64 = 8;
 const SLOT_IMAGE_BYTES: u64 = 8 + 5 * 4;
 const INDEX_ENTRY_IMAGE_BYTES: u64 = 8 + 4;
-
-/// Key and id hashes are already xxh3 output: the maps use them as they are.
-#[derive(Default)]
-pub(crate) struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = (v as u64) ^ ((v >> 64) as u64);
-    }
-}
-
-pub(crate) type IdentityBuild = BuildHasherDefault<IdentityHasher>;
 
 /// Where one event's key and payload sit in a segment's arena. `next` chains events of
 /// the same key hash, newest first; `NO_SLOT` ends the chain. `hash_high` is the high

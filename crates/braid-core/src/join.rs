@@ -385,8 +385,8 @@ impl<S: StateStore> Join<S> {
         move |bucket_id| watermark.passed_wide(bucket_last_time(bucket_id, width) + lateness)
     }
 
-    /// Fetches into cache what joining `event` looks up first: the index entries of the
-    /// hot segments it probes and of the segment it goes into, the blocks of the group
+    /// Fetches into cache what joining `event` looks up first: the entry of its id, the
+    /// index entries of the hot segments it probes and of the segment it goes into, the blocks of the group
     /// filters and ungrouped cold segments' filters it checks. Only a hint: it changes
     /// nothing.
     fn prefetch(&self, event: &Event<'_>) {
@@ -413,6 +413,9 @@ impl<S: StateStore> Join<S> {
                     }
                 }
             }
+        }
+        if let Some(id) = event.id {
+            self.sides[event.side.index()].ids.prefetch(id);
         }
         let own = &self.sides[event.side.index()].buckets;
         if let Some(Segment::Hot(hot)) = own
