@@ -79,15 +79,32 @@ pub struct Decoder {
     schema: Schema,
     /// Slots: the key parts in order, then the time, then the id.
     slots: Vec<Slot>,
+    /// (slot, the earlier slot of the same field): a field with two roles is parsed
+    /// into its first role's slot and copied to the other.
+    aliases: Vec<(usize, usize)>,
     key: KeyWriter,
 }
 
 impl Decoder {
     pub fn new(schema: Schema) -> Decoder {
         let slots = (0..schema.key.len() + 2).map(|_| Slot::default()).collect();
+        let names: Vec<Option<&String>> = schema
+            .key
+            .iter()
+            .map(Some)
+            .chain([schema.time.as_ref(), schema.id.as_ref()])
+            .collect();
+        let aliases = (0..names.len())
+            .filter(|&i| names[i].is_some())
+            .filter_map(|i| {
+                let first = names.iter().position(|n| *n == names[i])?;
+                (first < i).then_some((i, first))
+            })
+            .collect();
         Decoder {
             schema,
             slots,
+            aliases,
             key: KeyWriter::default(),
         }
     }
@@ -117,6 +134,7 @@ impl Decoder {
         let seed = RecordSeed {
             schema: &self.schema,
             slots: &mut self.slots,
+            aliases: &self.aliases,
         };
         match seed.deserialize(&mut de).and_then(|()| de.end()) {
             Ok(()) => {}
@@ -214,6 +232,7 @@ const NOT_OBJECT: &str = "braid: not an object";
 struct RecordSeed<'a> {
     schema: &'a Schema,
     slots: &'a mut [Slot],
+    aliases: &'a [(usize, usize)],
 }
 
 impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
@@ -241,25 +260,13 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
         }
         // A field that is both a key part and the time (or the id) was parsed into its
         // first role's slot; copy it to the others.
-        let names: Vec<Option<&String>> = self
-            .schema
-            .key
-            .iter()
-            .map(Some)
-            .chain([self.schema.time.as_ref(), self.schema.id.as_ref()])
-            .collect();
-        for i in 0..names.len() {
-            if names[i].is_none() {
-                continue;
-            }
-            if let Some(first) = names.iter().position(|n| *n == names[i]).filter(|&f| f < i) {
-                let (value, text) = (
-                    self.slots[first].value.clone(),
-                    self.slots[first].text.clone(),
-                );
-                self.slots[i].value = value;
-                self.slots[i].text = text;
-            }
+        for &(i, first) in self.aliases {
+            let (value, text) = (
+                self.slots[first].value.clone(),
+                self.slots[first].text.clone(),
+            );
+            self.slots[i].value = value;
+            self.slots[i].text = text;
         }
         Ok(())
     }
@@ -425,6 +432,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("outside years 1970 to 9999"), "{err}");
+    }
+
+    /// One field may play two roles: here `t` is a key part and the id, and `p` the
+    /// other key part and the time.
+    #[test]
+    fn a_field_may_be_a_key_part_and_the_time_or_the_id() {
+        let mut d = Decoder::new(Schema {
+            key: vec!["p".into(), "t".into()],
+            time: Some("p".into()),
+            id: Some("t".into()),
+        });
+        let got = d.decode(br#"{"t":"x","p":1700000000000}"#).unwrap();
+        assert_eq!(got.time, EventTime(1_700_000_000_000));
+        let mut id = Decoder::new(Schema {
+            key: vec!["p".into()],
+            time: Some("p".into()),
+            id: Some("u".into()),
+        });
+        let same = id.decode(br#"{"u":"x","p":1700000000000}"#).unwrap();
+        assert_eq!(got.id, same.id, "the id is t's value");
+        let mut w = KeyWriter::default();
+        w.push(KeyPart::Int(1_700_000_000_000));
+        w.push(KeyPart::Str("x"));
+        assert_eq!(d.key().bytes(), w.bytes());
+        let err = d.decode(br#"{"t":"x"}"#).unwrap_err().to_string();
+        assert!(err.contains("`p` is missing"), "{err}");
     }
 
     #[test]
