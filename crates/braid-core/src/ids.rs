@@ -1,9 +1,9 @@
 //! The ids of retained events, for de-duplication (SPEC §3, "Duplicates").
 //!
-//! Ids are kept by their 128-bit hash with the bucket that holds the event, and are
-//! forgotten when that bucket expires. The set is split into [`ID_PARTS`] tables so
-//! that growing it never doubles the whole set at once: one big table reallocating from
-//! 64 MiB to 128 MiB would hold both for a moment, far beyond the budget.
+//! Ids are kept by their hash with the bucket that holds the event, and are forgotten
+//! when that bucket expires. The set is split into [`ID_PARTS`] tables so that growing
+//! it never doubles the whole set at once: one big table reallocating from 64 MiB to
+//! 128 MiB would hold both for a moment, far beyond the budget.
 //!
 //! A part is an open-addressing table with linear probing over the id's low word; the
 //! part is chosen by the top bits of its high word. Most ids are new, so an insert is a
@@ -11,32 +11,40 @@
 //! [`LOAD_DENOMINATOR`] full to keep that search short, and [`IdSet::prefetch`] lets the
 //! join fetch an id's first entry a few events ahead (a set of millions of ids misses
 //! the cache on nearly every insert).
+//!
+//! An entry is 16 bytes: the id's low word, 32 bits of its high word and the number of
+//! its bucket in a small table of live buckets. With the part's 6 bits, 102 bits of
+//! the 128-bit hash tell ids apart: n retained ids hold two different ids taken for one
+//! (a false duplicate) with probability about n² / 2^103, 1 in 10^13 for a billion ids.
 
 use std::sync::Arc;
 
 use crate::snapshot::{Reader, SnapshotError, Writer};
 
 const ID_PARTS: usize = 64;
+/// Bits of the id hash's high word that choose its part.
+const PART_BITS: u32 = 6;
 /// A part grows (doubles) before it is more than this full.
 const LOAD_NUMERATOR: usize = 3;
 const LOAD_DENOMINATOR: usize = 4;
 /// Entries of a part's first table: small, since 64 parts of it are the floor of a
 /// small join's memory.
 const PART_CAPACITY_MIN: usize = 8;
-/// Memory of one entry: the 16-byte id hash and the 8-byte bucket.
+/// Memory of one entry.
 const ID_ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+/// Memory of one bucket in [`IdSet::buckets`].
+const BUCKET_BYTES: usize = std::mem::size_of::<Option<i64>>();
 /// Bytes of one entry in an image: the id hash and the bucket.
 const ID_IMAGE_BYTES: u64 = 16 + 8;
-/// The bucket of a vacant entry. Buckets are event times (≥ 0 for any event a source
-/// admits) divided by the bucket width, so no event's bucket is this.
-const VACANT: i64 = i64::MIN;
+/// The bucket number of a vacant entry.
+const VACANT: u32 = u32::MAX;
 
-/// An id hash, split in two words so that it aligns to 8 bytes, not 16, and its bucket.
+/// Part of an id hash (see [`kept`]) and the number of its bucket in [`IdSet::buckets`].
 #[derive(Clone, Copy)]
 struct Entry {
     low: u64,
-    high: u64,
-    bucket: i64,
+    high: u32,
+    bucket: u32,
 }
 
 const VACANT_ENTRY: Entry = Entry {
@@ -116,6 +124,11 @@ impl Part {
 #[derive(Clone)]
 pub(crate) struct IdSet {
     parts: Vec<Arc<Part>>,
+    /// The buckets entries name, by number; `None` is free for reuse. As long as the
+    /// number of buckets the join holds ids of.
+    buckets: Vec<Option<i64>>,
+    /// The bucket named last, with its number: events come nearly in time order.
+    last_named: Option<(i64, u32)>,
     /// Entries the parts have room for, kept current so that memory is O(1) to read.
     capacity: usize,
 }
@@ -124,25 +137,35 @@ impl Default for IdSet {
     fn default() -> IdSet {
         IdSet {
             parts: (0..ID_PARTS).map(|_| Arc::default()).collect(),
+            buckets: Vec::new(),
+            last_named: None,
             capacity: 0,
         }
     }
 }
 
-fn split(id: u128) -> (u64, u64) {
-    (id as u64, (id >> 64) as u64)
+/// The bits of `id` the set keeps, as it hands ids back: the low word, the high word's
+/// low 32 bits and its top [`PART_BITS`].
+#[cfg(test)]
+fn kept(id: u128) -> u128 {
+    let (low, high) = split(id);
+    u128::from(low) | u128::from(high) << 64 | (id >> (128 - PART_BITS)) << (128 - PART_BITS)
 }
 
-fn part_of(high: u64) -> usize {
-    (high >> 58) as usize % ID_PARTS
+fn split(id: u128) -> (u64, u32) {
+    (id as u64, (id >> 64) as u32)
+}
+
+fn part_of(id: u128) -> usize {
+    (id >> (128 - PART_BITS)) as usize % ID_PARTS
 }
 
 impl IdSet {
     /// Remembers `id` as held by `bucket`; false if it was already remembered.
     pub fn insert(&mut self, id: u128, bucket: i64) -> bool {
-        debug_assert_ne!(bucket, VACANT, "no event's bucket");
+        let bucket = self.name(bucket);
         let (low, high) = split(id);
-        let shared = &mut self.parts[part_of(high)];
+        let shared = &mut self.parts[part_of(id)];
         let before = shared.entries.len();
         let part = Arc::make_mut(shared);
         let inserted = part.insert(Entry { low, high, bucket });
@@ -150,52 +173,91 @@ impl IdSet {
         inserted
     }
 
+    /// The number of `bucket` in [`IdSet::buckets`], given one if it has none.
+    fn name(&mut self, bucket: i64) -> u32 {
+        if let Some((b, n)) = self.last_named {
+            if b == bucket {
+                return n;
+            }
+        }
+        let n = match self.buckets.iter().position(|&b| b == Some(bucket)) {
+            Some(n) => n,
+            None => match self.buckets.iter().position(Option::is_none) {
+                Some(n) => {
+                    self.buckets[n] = Some(bucket);
+                    n
+                }
+                None => {
+                    self.buckets.push(Some(bucket));
+                    self.buckets.len() - 1
+                }
+            },
+        };
+        let n = u32::try_from(n).expect("fewer buckets than entries");
+        self.last_named = Some((bucket, n));
+        n
+    }
+
     /// A hint to fetch the entry where a search for `id` starts; changes nothing.
     pub fn prefetch(&self, id: u128) {
-        let (low, high) = split(id);
-        let part = &self.parts[part_of(high)];
+        let part = &self.parts[part_of(id)];
         if !part.entries.is_empty() {
-            crate::cache::prefetch(&part.entries[part.first(low)]);
+            crate::cache::prefetch(&part.entries[part.first(id as u64)]);
         }
     }
 
     /// Forgets the ids of every bucket up to and including `last`. A part that loses
     /// ids is rebuilt at the size its survivors need, so memory falls with the state.
     pub fn forget_up_to(&mut self, last: i64) {
+        let gone: Vec<bool> = self
+            .buckets
+            .iter()
+            .map(|b| b.is_some_and(|b| b <= last))
+            .collect();
+        if !gone.contains(&true) {
+            return;
+        }
+        let is_gone = |e: &Entry| gone[e.bucket as usize];
         for shared in &mut self.parts {
-            let gone = shared.live().filter(|e| e.bucket <= last).count();
-            if gone == 0 {
+            let lost = shared.live().filter(|e| is_gone(e)).count();
+            if lost == 0 {
                 continue;
             }
             let part = Arc::make_mut(shared);
-            let kept = part.len - gone;
+            let kept = part.len - lost;
             let capacity = if kept == 0 {
                 0
             } else {
                 Part::capacity_for(kept)
             };
-            part.rebuild(capacity, |e| e.bucket > last);
+            part.rebuild(capacity, |e| !is_gone(e));
         }
+        for (b, gone) in self.buckets.iter_mut().zip(gone) {
+            if gone {
+                *b = None;
+            }
+        }
+        self.last_named = None;
         self.capacity = self.parts.iter().map(|p| p.entries.len()).sum();
     }
 
-    /// Visits every remembered id with the bucket that holds its event.
+    /// Visits every remembered id (its kept bits) with the bucket that holds its event.
     pub fn for_each(&self, mut visit: impl FnMut(u128, i64)) {
-        for part in &self.parts {
+        for (p, part) in self.parts.iter().enumerate() {
             for e in part.live() {
-                visit(u128::from(e.low) | (u128::from(e.high) << 64), e.bucket);
+                let id =
+                    u128::from(e.low) | u128::from(e.high) << 64 | (p as u128) << (128 - PART_BITS);
+                visit(id, self.buckets[e.bucket as usize].expect("a named bucket"));
             }
         }
     }
 
     pub fn write(&self, w: &mut Writer<'_>) {
         w.len(self.parts.iter().map(|p| p.len).sum());
-        for part in &self.parts {
-            for e in part.live() {
-                w.u128(u128::from(e.low) | (u128::from(e.high) << 64));
-                w.i64(e.bucket);
-            }
-        }
+        self.for_each(|id, bucket| {
+            w.u128(id);
+            w.i64(bucket);
+        });
     }
 
     pub fn read(r: &mut Reader<'_>) -> Result<IdSet, SnapshotError> {
@@ -203,9 +265,6 @@ impl IdSet {
         for _ in 0..r.count(ID_IMAGE_BYTES)? {
             let id = r.u128()?;
             let bucket = r.i64()?;
-            if bucket == VACANT {
-                return Err(SnapshotError(format!("an id is held by bucket {bucket}")));
-            }
             if !ids.insert(id, bucket) {
                 return Err(SnapshotError("an id is listed twice".into()));
             }
@@ -215,7 +274,7 @@ impl IdSet {
 
     /// O(1): the join asks after every event.
     pub fn memory_bytes(&self) -> usize {
-        self.capacity * ID_ENTRY_BYTES
+        self.capacity * ID_ENTRY_BYTES + self.buckets.capacity() * BUCKET_BYTES
     }
 }
 
@@ -229,11 +288,22 @@ mod tests {
         assert!(ids.insert(7, 1));
         assert!(!ids.insert(7, 2), "a repeat is refused");
         assert!(ids.insert(7 << 64, 2), "both halves count");
+        assert!(ids.insert(7 | 1 << 127, 2), "the part's bits count");
+        assert!(!ids.insert(7 | 1 << 100, 2), "bits 96 to 121 are not kept");
+        assert_eq!(kept(7 | 1 << 100 | 1 << 127), 7 | 1 << 127);
+        assert_eq!(
+            kept(u128::MAX).count_ones(),
+            102,
+            "as the module's doc says"
+        );
         ids.forget_up_to(1);
         assert!(ids.insert(7, 3), "forgotten with its bucket");
         assert!(!ids.insert(7 << 64, 3), "bucket 2 is still retained");
         let counted: usize = ids.parts.iter().map(|p| p.entries.len()).sum();
-        assert_eq!(ids.memory_bytes(), counted * ID_ENTRY_BYTES);
+        assert_eq!(
+            ids.memory_bytes(),
+            counted * ID_ENTRY_BYTES + ids.buckets.capacity() * BUCKET_BYTES
+        );
     }
 
     /// The kept capacity stays the parts' own while parts are shared with a snapshot
@@ -244,6 +314,7 @@ mod tests {
         let mut ids = IdSet::default();
         let counted = |ids: &IdSet| -> usize {
             ids.parts.iter().map(|p| p.entries.len()).sum::<usize>() * ID_ENTRY_BYTES
+                + ids.buckets.capacity() * BUCKET_BYTES
         };
         for round in 0..5u128 {
             let snapshot = ids.clone();
@@ -274,7 +345,10 @@ mod tests {
         for round in 0..6i64 {
             for _ in 0..20_000 {
                 // Few distinct ids, so that repeats are common.
-                let id = u128::from(next() % 60_000) * 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835;
+                let id = kept(
+                    u128::from(next() % 60_000)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+                );
                 let bucket = round * 10 + (next() % 10) as i64;
                 let new = !model.contains_key(&id);
                 if new {
