@@ -16,7 +16,8 @@ use braid_core::{
     TimeGuardState, Verdict, Votes, Watermark, Watermarks,
 };
 use braid_io::{
-    format_rfc3339_ms, Decoded, Decoder, FileSink, Line, LineBatch, PendingFile, Position,
+    format_rfc3339_ms, BatchDecoder, DecodeError, Decoded, DecodedLines, FileSink, Line, LineBatch,
+    PendingFile, Position,
 };
 
 use crate::checkpoint::coordinator::{recover_output, Checkpointing, HandedOver};
@@ -413,7 +414,11 @@ struct Reading<'p> {
     engine: Engine,
     side_output: SideOutput,
     readers: [Box<dyn Source>; 2],
-    decoders: [Decoder; 2],
+    decoders: [BatchDecoder; 2],
+    /// The decoded lines of the batch being admitted.
+    decoded: DecodedLines,
+    /// The key of a held line decoded again when its time guard releases it.
+    held_key: Vec<u8>,
     exhausted: [bool; 2],
     /// Per source and partition: whether a bounded partition has reached its end.
     finished: [Vec<bool>; 2],
@@ -472,10 +477,12 @@ impl<'p> Reading<'p> {
             plan,
             engine,
             side_output,
-            decoders: [
-                Decoder::new(plan.sources[0].schema.clone()),
-                Decoder::new(plan.sources[1].schema.clone()),
-            ],
+            decoders: [0, 1].map(|s| {
+                let source = &plan.sources[s];
+                BatchDecoder::new(source.schema.clone(), source.max_line_bytes)
+            }),
+            decoded: DecodedLines::default(),
+            held_key: Vec::new(),
             exhausted: [false; 2],
             finished: [
                 vec![false; partitions[0] as usize],
@@ -853,9 +860,14 @@ impl<'p> Reading<'p> {
         let more = self.readers[s].read(&mut batch, READ_BATCH_LINES)?;
         self.dry[s] = batch.is_empty();
         self.last_read = s;
-        for line in batch.iter() {
-            self.admit(s, line, now_ms)?;
+        let lines: Vec<Line<'_>> = batch.iter().collect();
+        let mut decoded = std::mem::take(&mut self.decoded);
+        self.decoders[s].decode(&lines, &mut decoded);
+        for (i, line) in lines.into_iter().enumerate() {
+            let (result, key) = decoded.get(i);
+            self.admit(s, line, result.clone(), key, now_ms)?;
         }
+        self.decoded = decoded;
         self.batch = batch;
         for p in 0..self.finished[s].len() {
             if !self.finished[s][p] && (!more || self.readers[s].finished(p as u32)) {
@@ -914,14 +926,16 @@ impl<'p> Reading<'p> {
 
     /// Decodes one line and sends it where it belongs: the join, `_late/` or `_dead/`,
     /// or its partition's time guard, which holds it while its time is far ahead.
-    fn admit(&mut self, s: usize, line: Line<'_>, now_ms: u64) -> anyhow::Result<()> {
-        let decoded = match line.oversized {
-            Some(len) => Err(braid_io::DecodeError::Oversized {
-                len,
-                max: self.plan.sources[s].max_line_bytes,
-            }),
-            None => self.decoders[s].decode_at(line.bytes, line.record_time),
-        };
+    /// Takes in one line of source `s`, decoded (`decoded`, with its `key`) with the
+    /// rest of its batch.
+    fn admit(
+        &mut self,
+        s: usize,
+        line: Line<'_>,
+        decoded: Result<Decoded, DecodeError>,
+        key: &[u8],
+        now_ms: u64,
+    ) -> anyhow::Result<()> {
         let decoded = match decoded {
             Ok(d) => d,
             Err(error) => {
@@ -946,15 +960,15 @@ impl<'p> Reading<'p> {
             &mut self.verdicts,
         );
         if arrival == Arrival::Admit {
-            self.route(s, p as u32, line.bytes, line.position, decoded)?;
+            self.route(s, p as u32, line.bytes, line.position, decoded, key)?;
         }
         self.settle(s)?;
         self.observe(s, p, now_ms);
         Ok(())
     }
 
-    /// Sends a decoded event of partition `p` of source `s` to `_late/` or to the join. The
-    /// key is the decoder's.
+    /// Sends a decoded event of partition `p` of source `s` with its `key` to `_late/`
+    /// or to the join.
     fn route(
         &mut self,
         s: usize,
@@ -962,6 +976,7 @@ impl<'p> Reading<'p> {
         line: &[u8],
         position: Position,
         decoded: Decoded,
+        key: &[u8],
     ) -> anyhow::Result<()> {
         let allowed_lateness_ms = self.plan.spec.allowed_lateness_ms;
         let group = self.marks.group_of(s, PartitionId(p));
@@ -978,19 +993,18 @@ impl<'p> Reading<'p> {
             )?;
             self.record.extend_from_slice(line);
             self.record.push(b'}');
-            key_json(self.decoders[s].key().bytes(), &mut self.key);
+            key_json(key, &mut self.key);
             let record = std::mem::take(&mut self.record);
             let result = self.side_output.write(true, Some(&self.key), &record);
             self.record = record;
             return result;
         }
-        let key = self.decoders[s].key();
         self.engine.push(
             group,
             &Event {
                 side: if s == 0 { Side::Left } else { Side::Right },
-                key: key.bytes(),
-                key_hash: key.hash(),
+                key,
+                key_hash: braid_core::hash_key(key),
                 time: decoded.time,
                 id: decoded.id,
                 payload: line,
@@ -1009,10 +1023,16 @@ impl<'p> Reading<'p> {
         for verdict in verdicts.drain(..) {
             result = match verdict {
                 Verdict::Release(held) => {
-                    match self.decoders[s].decode_at(&held.line, held.record_time) {
+                    let decoder = self.decoders[s].single();
+                    match decoder.decode_at(&held.line, held.record_time) {
                         Ok(decoded) => {
+                            let mut key = std::mem::take(&mut self.held_key);
+                            key.clear();
+                            key.extend_from_slice(decoder.key().bytes());
                             let p = self.readers[s].partition_of(held.position);
-                            self.route(s, p, &held.line, held.position, decoded)
+                            let routed = self.route(s, p, &held.line, held.position, decoded, &key);
+                            self.held_key = key;
+                            routed
                         }
                         Err(e) => Err(anyhow::anyhow!(
                             "a held line no longer decodes: {e} (a bug: it decoded when read)"
