@@ -113,6 +113,35 @@ impl Part {
         }
     }
 
+    /// Keeps the entries `keep` accepts, in place. Entries are visited from just after
+    /// a vacant one, so that no run of occupied entries wraps past the start: each kept
+    /// entry is taken out and put back at the first vacant entry from its home, which
+    /// is at or before where it was, after every entry before it in its run is settled.
+    fn retain(&mut self, keep: impl Fn(&Entry) -> bool) {
+        let capacity = self.entries.len();
+        let Some(start) = self.entries.iter().position(|e| e.bucket == VACANT) else {
+            return; // Empty (never at full load: the table grows first).
+        };
+        let mask = capacity - 1;
+        for step in 1..=capacity {
+            let i = (start + step) & mask;
+            let e = self.entries[i];
+            if e.bucket == VACANT {
+                continue;
+            }
+            self.entries[i] = VACANT_ENTRY;
+            if !keep(&e) {
+                self.len -= 1;
+                continue;
+            }
+            let mut j = self.first(e.low);
+            while self.entries[j].bucket != VACANT {
+                j = (j + 1) & mask;
+            }
+            self.entries[j] = e;
+        }
+    }
+
     fn live(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter().filter(|e| e.bucket != VACANT)
     }
@@ -206,8 +235,9 @@ impl IdSet {
         }
     }
 
-    /// Forgets the ids of every bucket up to and including `last`. A part that loses
-    /// ids is rebuilt at the size its survivors need, so memory falls with the state.
+    /// Forgets the ids of every bucket up to and including `last`, in place. A part
+    /// left with less than a quarter of the entries its size is for is rebuilt
+    /// smaller, so memory falls with the state.
     pub fn forget_up_to(&mut self, last: i64) {
         let gone: Vec<bool> = self
             .buckets
@@ -217,20 +247,20 @@ impl IdSet {
         if !gone.contains(&true) {
             return;
         }
-        let is_gone = |e: &Entry| gone[e.bucket as usize];
         for shared in &mut self.parts {
-            let lost = shared.live().filter(|e| is_gone(e)).count();
-            if lost == 0 {
+            if shared.len == 0 {
                 continue;
             }
             let part = Arc::make_mut(shared);
-            let kept = part.len - lost;
-            let capacity = if kept == 0 {
+            part.retain(|e| !gone[e.bucket as usize]);
+            let needed = if part.len == 0 {
                 0
             } else {
-                Part::capacity_for(kept)
+                Part::capacity_for(part.len)
             };
-            part.rebuild(capacity, |e| !is_gone(e));
+            if part.entries.len() >= needed * 4 {
+                part.rebuild(needed, |_| true);
+            }
         }
         for (b, gone) in self.buckets.iter_mut().zip(gone) {
             if gone {
