@@ -924,10 +924,9 @@ impl<'p> Reading<'p> {
         Ok(())
     }
 
-    /// Decodes one line and sends it where it belongs: the join, `_late/` or `_dead/`,
-    /// or its partition's time guard, which holds it while its time is far ahead.
-    /// Takes in one line of source `s`, decoded (`decoded`, with its `key`) with the
-    /// rest of its batch.
+    /// Sends one line of source `s`, decoded with the rest of its batch (`decoded`, with
+    /// its `key`), where it belongs: the join, `_late/` or `_dead/`, or its partition's
+    /// time guard, which holds it while its time is far ahead.
     fn admit(
         &mut self,
         s: usize,
