@@ -106,14 +106,29 @@ impl BatchDecoder {
         let (head, tail) = lines.split_at(lines.len() / 2);
         let rest = &mut self.second;
         rest.clear();
-        std::thread::scope(|scope| {
-            let helper = scope.spawn(|| rest.decode(second, tail, max));
+        let helped = std::thread::scope(|scope| {
+            // A helper that cannot be started (the process is at its thread limit)
+            // leaves the second half to this thread.
+            let helper = std::thread::Builder::new()
+                .name("braid-decode".into())
+                .spawn_scoped(scope, || rest.decode(second, tail, max));
             out.decode(first, head, max);
-            if let Err(panic) = helper.join() {
-                std::panic::resume_unwind(panic);
+            match helper {
+                Ok(helper) => {
+                    if let Err(panic) = helper.join() {
+                        std::panic::resume_unwind(panic);
+                    }
+                    true
+                }
+                Err(_) => {
+                    out.decode(first, tail, max);
+                    false
+                }
             }
         });
-        out.append(rest);
+        if helped {
+            out.append(rest);
+        }
     }
 }
 
