@@ -54,6 +54,19 @@ impl std::fmt::Display for Fenced {
 
 impl std::error::Error for Fenced {}
 
+/// Why a send cannot go on once the producer has failed for good: [`Fenced`] when another
+/// process took its transactional id.
+fn send_failed(topic: &str, code: RDKafkaErrorCode, reason: String) -> anyhow::Error {
+    if code == RDKafkaErrorCode::Fenced {
+        return anyhow::Error::new(Fenced(format!(
+            "cannot send to Kafka topic `{topic}`: {FENCED} ({reason})"
+        )));
+    }
+    anyhow::anyhow!(
+        "cannot send to Kafka topic `{topic}`: the producer failed ({code:?}: {reason}); the job stops, and the next `braid run` resumes from the last committed checkpoint"
+    )
+}
+
 /// Between the epoch and the instance's name in a tag.
 const INSTANCE_TAG: &str = " of ";
 /// Bounds librdkafka's queue of records waiting to be sent (the default is 1 GiB).
@@ -244,14 +257,17 @@ impl KafkaOutput {
             match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // A fenced (or otherwise failed) producer never empties its queue:
+                    // waiting for room would wait for ever.
+                    if let Some((code, reason)) = producer.client().fatal_error() {
+                        return Err(send_failed(topic, code, reason));
+                    }
                     record = back;
                     std::thread::sleep(QUEUE_FULL_WAIT);
                 }
                 Err((e, _)) => match producer.client().fatal_error() {
-                    Some((RDKafkaErrorCode::Fenced, reason)) => {
-                        return Err(anyhow::Error::new(Fenced(format!(
-                            "cannot send to Kafka topic `{topic}`: {FENCED} ({reason})"
-                        ))))
+                    Some((code, reason)) if code == RDKafkaErrorCode::Fenced => {
+                        return Err(send_failed(topic, code, reason))
                     }
                     _ => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
                 },
