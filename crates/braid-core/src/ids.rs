@@ -39,7 +39,8 @@ const ID_IMAGE_BYTES: u64 = 16 + 8;
 /// The bucket number of a vacant entry.
 const VACANT: u32 = u32::MAX;
 
-/// Part of an id hash (see [`kept`]) and the number of its bucket in [`IdSet::buckets`].
+/// The kept bits of an id hash (the module's doc) but the part's, and the number of its
+/// bucket in [`IdSet::buckets`].
 #[derive(Clone, Copy)]
 struct Entry {
     low: u64,
@@ -95,12 +96,11 @@ impl Part {
     }
 
     fn grow(&mut self) {
-        let capacity = (self.entries.len() * 2).max(PART_CAPACITY_MIN);
-        self.rebuild(capacity, |_| true);
+        self.resize((self.entries.len() * 2).max(PART_CAPACITY_MIN));
     }
 
-    /// Moves the entries `keep` accepts into a new table of `capacity` entries.
-    fn rebuild(&mut self, capacity: usize, keep: impl Fn(&Entry) -> bool) {
+    /// Moves the entries into a new table of `capacity` entries.
+    fn resize(&mut self, capacity: usize) {
         let old = std::mem::replace(
             self,
             Part {
@@ -108,7 +108,7 @@ impl Part {
                 len: 0,
             },
         );
-        for e in old.live().filter(|e| keep(e)) {
+        for e in old.live() {
             self.insert(*e);
         }
     }
@@ -178,11 +178,17 @@ impl Default for IdSet {
 #[cfg(test)]
 fn kept(id: u128) -> u128 {
     let (low, high) = split(id);
-    u128::from(low) | u128::from(high) << 64 | (id >> (128 - PART_BITS)) << (128 - PART_BITS)
+    joined(low, high, part_of(id))
 }
 
 fn split(id: u128) -> (u64, u32) {
     (id as u64, (id >> 64) as u32)
+}
+
+/// The id whose kept bits are `low`, `high` and `part`: the inverse of [`split`] and
+/// [`part_of`].
+fn joined(low: u64, high: u32, part: usize) -> u128 {
+    u128::from(low) | u128::from(high) << 64 | (part as u128) << (128 - PART_BITS)
 }
 
 fn part_of(id: u128) -> usize {
@@ -259,7 +265,7 @@ impl IdSet {
                 Part::capacity_for(part.len)
             };
             if part.entries.len() >= needed * 4 {
-                part.rebuild(needed, |_| true);
+                part.resize(needed);
             }
         }
         for (b, gone) in self.buckets.iter_mut().zip(gone) {
@@ -275,9 +281,8 @@ impl IdSet {
     pub fn for_each(&self, mut visit: impl FnMut(u128, i64)) {
         for (p, part) in self.parts.iter().enumerate() {
             for e in part.live() {
-                let id =
-                    u128::from(e.low) | u128::from(e.high) << 64 | (p as u128) << (128 - PART_BITS);
-                visit(id, self.buckets[e.bucket as usize].expect("a named bucket"));
+                let bucket = self.buckets[e.bucket as usize].expect("a named bucket");
+                visit(joined(e.low, e.high, p), bucket);
             }
         }
     }

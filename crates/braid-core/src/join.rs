@@ -386,9 +386,9 @@ impl<S: StateStore> Join<S> {
     }
 
     /// Fetches into cache what joining `event` looks up first: the entry of its id, the
-    /// index entries of the hot segments it probes and of the segment it goes into, the blocks of the group
-    /// filters and ungrouped cold segments' filters it checks. Only a hint: it changes
-    /// nothing.
+    /// index entries of the hot segments it probes and of the segment it goes into, the
+    /// blocks of the group filters and ungrouped cold segments' filters it checks. Only a
+    /// hint: it changes nothing.
     fn prefetch(&self, event: &Event<'_>) {
         let (lo, hi) = self.spec.probe_range(event.side, event.time.0);
         let width = self.bucket_width_ms;

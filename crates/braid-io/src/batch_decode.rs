@@ -24,14 +24,6 @@ pub struct DecodedLines {
 }
 
 impl DecodedLines {
-    pub fn len(&self) -> usize {
-        self.results.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.results.is_empty()
-    }
-
     /// Line `i`'s result and its key (empty for a line that did not decode).
     pub fn get(&self, i: usize) -> (&Result<Decoded, DecodeError>, &[u8]) {
         let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
@@ -182,7 +174,7 @@ mod tests {
         for size in [5, 255, 256, 1_024, 1, 1_459] {
             let chunk = &lines[start..start + size];
             batch.decode(chunk, &mut out);
-            assert_eq!(out.len(), size);
+            assert_eq!(out.results.len(), size);
             for (i, line) in chunk.iter().enumerate() {
                 let expected = match line.oversized {
                     Some(len) => Err(DecodeError::Oversized { len, max: 1_000 }),

@@ -256,20 +256,19 @@ impl KafkaOutput {
         loop {
             match producer.send(record) {
                 Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // A fenced (or otherwise failed) producer never empties its queue:
-                    // waiting for room would wait for ever.
-                    if let Some((code, reason)) = producer.client().fatal_error() {
-                        return Err(send_failed(topic, code, reason));
+                // A fenced (or otherwise failed) producer never empties its queue:
+                // waiting for room would wait for ever.
+                Err((e, back)) => match producer.client().fatal_error() {
+                    Some((code, reason)) => return Err(send_failed(topic, code, reason)),
+                    None if matches!(
+                        e,
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                    ) =>
+                    {
+                        record = back;
+                        std::thread::sleep(QUEUE_FULL_WAIT);
                     }
-                    record = back;
-                    std::thread::sleep(QUEUE_FULL_WAIT);
-                }
-                Err((e, _)) => match producer.client().fatal_error() {
-                    Some((code, reason)) if code == RDKafkaErrorCode::Fenced => {
-                        return Err(send_failed(topic, code, reason))
-                    }
-                    _ => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
+                    None => anyhow::bail!("cannot send to Kafka topic `{topic}`: {e}"),
                 },
             }
         }
