@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, NO_GROUP};
 use crate::ids::IdSet;
+use crate::shape::Shapes;
 use crate::spec::{JoinSpec, Side};
 use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
@@ -50,7 +51,8 @@ pub struct Event<'a> {
     pub time: EventTime,
     /// The hash of the event's id, when its source names an id field.
     pub id: Option<u128>,
-    /// The event exactly as it arrived; written back verbatim in the output.
+    /// The event exactly as it arrived; written back verbatim in the output (the state
+    /// keeps it by shape, `crate::shape`).
     pub payload: &'a [u8],
 }
 
@@ -105,6 +107,8 @@ struct SideState {
     buckets: BTreeMap<i64, Bucket>,
     /// Ids of retained events and the bucket that holds each.
     ids: IdSet,
+    /// The shapes the side's payloads are stored by: they outlive every bucket.
+    shapes: Shapes,
 }
 
 /// The two-way interval join of one shard.
@@ -135,6 +139,12 @@ pub struct Join<S> {
     hits: Vec<usize>,
     group_hits: Vec<bool>,
     spill: Vec<u8>,
+    /// Reused buffers: the stored form of the event being inserted, and a stored
+    /// payload decoded for the sink.
+    stored: Vec<u8>,
+    shaped: Vec<u8>,
+    /// Whether payloads are stored by shape (`crate::shape`) or as they came.
+    payload_shapes: bool,
 }
 
 /// The last event time bucket `bucket_id` of width `width_ms` holds.
@@ -178,6 +188,9 @@ impl<S: StateStore> Join<S> {
             hits: Vec::new(),
             group_hits: Vec::new(),
             spill: Vec::new(),
+            stored: Vec::new(),
+            shaped: Vec::new(),
+            payload_shapes: true,
         }
     }
 
@@ -199,7 +212,7 @@ impl<S: StateStore> Join<S> {
             + self
                 .sides
                 .iter()
-                .map(|s| s.ids.memory_bytes())
+                .map(|s| s.ids.memory_bytes() + s.shapes.memory_bytes())
                 .sum::<usize>()
     }
 
@@ -269,6 +282,12 @@ impl<S: StateStore> Join<S> {
         self.probes_bytes_max = bytes;
     }
 
+    /// Whether events from now on are stored by shape (the default, `crate::shape`) or
+    /// as they came (`[state] payloads = "verbatim"`).
+    pub fn set_payload_shapes(&mut self, enabled: bool) {
+        self.payload_shapes = enabled;
+    }
+
     /// Reads every waiting cold probe and emits what they match. Call it before a
     /// [`snapshot`](Self::snapshot) (a checkpoint barrier) and at the end of the input:
     /// the join itself does so before a bucket expires and when the probes fill their
@@ -282,6 +301,7 @@ impl<S: StateStore> Join<S> {
             sides,
             counts,
             probes,
+            shaped,
             ..
         } = self;
         for (token, read) in probes.reads.iter().enumerate() {
@@ -298,6 +318,9 @@ impl<S: StateStore> Join<S> {
             let mut matched = false;
             decode_events(value, |ordinal, time, payload| {
                 if time >= read.lo && time <= read.hi {
+                    let payload = sides[read.segment.side.index()]
+                        .shapes
+                        .decode(payload, shaped);
                     counts.pairs += 1;
                     match event.side {
                         Side::Left => sink.pair(key, own, payload),
@@ -440,12 +463,16 @@ impl<S: StateStore> Join<S> {
             hits,
             probes,
             group_hits,
+            shaped,
             ..
         } = self;
+        let SideState {
+            buckets, shapes, ..
+        } = &mut sides[other.index()];
         let event_index = probes.events.len();
         let mut matched = false;
         let range = lo.div_euclid(width)..=hi.div_euclid(width);
-        for (&bucket, state) in sides[other.index()].buckets.range_mut(range) {
+        for (&bucket, state) in buckets.range_mut(range) {
             // Only a bucket with groups has grouped segments, which read `group_hits`;
             // those are in the whole filter, which rules them out when it excludes.
             let excluded = state.groups.excludes(event.key_hash);
@@ -460,6 +487,7 @@ impl<S: StateStore> Join<S> {
                     Segment::Hot(hot) => {
                         hits.clear();
                         hot.probe(event.key_hash, event.key, lo, hi, |ordinal, payload| {
+                            let payload = shapes.decode(payload, shaped);
                             counts.pairs += 1;
                             match event.side {
                                 Side::Left => sink.pair(event.key, event.payload, payload),
@@ -502,6 +530,13 @@ impl<S: StateStore> Join<S> {
     /// Stores an event in its side's open hot segment; returns where it went.
     fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) -> (SegmentId, usize) {
         let own = event.side.index();
+        if self.payload_shapes {
+            self.sides[own]
+                .shapes
+                .encode(event.payload, &mut self.stored);
+        } else {
+            Shapes::verbatim(event.payload, &mut self.stored);
+        }
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
         let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.memory_bytes() < self.segment_bytes_max);
         if !open {
@@ -517,7 +552,7 @@ impl<S: StateStore> Join<S> {
             event.key_hash,
             event.key,
             event.time.0,
-            event.payload,
+            &self.stored,
             matched,
             &mut self.chunks,
         );
@@ -639,9 +674,10 @@ impl<S: StateStore> Join<S> {
             let (len, matched) = match segment {
                 Segment::Hot(hot) => {
                     if emits {
+                        let (shapes, shaped) = (&self.sides[side.index()].shapes, &mut self.shaped);
                         hot.for_each(|matched, key, _time, payload| {
                             if !matched {
-                                sink.unmatched(side, key, payload);
+                                sink.unmatched(side, key, shapes.decode(payload, shaped));
                             }
                         });
                     }
@@ -658,10 +694,11 @@ impl<S: StateStore> Join<S> {
                             bucket: bucket_id,
                             segment: cold.number,
                         };
+                        let (shapes, shaped) = (&self.sides[side.index()].shapes, &mut self.shaped);
                         self.store.scan_segment(id, &mut |key, value| {
                             decode_events(value, |ordinal, _time, payload| {
                                 if !cold.marks.get(ordinal) {
-                                    sink.unmatched(side, key, payload);
+                                    sink.unmatched(side, key, shapes.decode(payload, shaped));
                                 }
                             });
                         })?;
@@ -745,6 +782,59 @@ mod tests {
         let c = join.counts();
         assert_eq!((c.pairs, c.matched[1], c.unmatched_expired[1]), (2, 2, 0));
         assert_eq!(sink.0.len(), 2);
+    }
+
+    /// JSON payloads kept by shape take less memory than kept as they came, and come
+    /// out as the same bytes, through hot probes, cold reads and expiry.
+    #[test]
+    fn payloads_kept_by_shape_take_less_memory_and_come_out_the_same() {
+        let spec = JoinSpec {
+            kind: JoinKind::Full,
+            ..SPEC
+        };
+        let run = |shapes: bool, memory_max: usize| {
+            let mut join = Join::new(spec, MemStore::default(), memory_max);
+            join.set_payload_shapes(shapes);
+            let mut sink = RowSink::default();
+            let mut peak = 0;
+            for i in 0..3_000u64 {
+                let side = if i % 3 == 0 { Side::Right } else { Side::Left };
+                let key = (i % 500).to_be_bytes();
+                let payload = format!(
+                    r#"{{"event_id":"e-{i}","profile_id":{},"ts":{},"device":"tv"}}"#,
+                    i % 500,
+                    i * 10
+                );
+                let event = Event {
+                    side,
+                    key: &key,
+                    key_hash: hash_key(&key),
+                    time: EventTime(i as i64 * 10),
+                    id: None,
+                    payload: payload.as_bytes(),
+                };
+                join.on_event(&event, &mut sink)
+                    .expect("a memory store does not fail");
+                peak = peak.max(join.memory_bytes());
+            }
+            join.advance(Watermark::MAX, &mut sink)
+                .expect("a memory store does not fail");
+            let mut rows = sink.0;
+            rows.sort();
+            (peak, join.counts().spilled_events, rows)
+        };
+        let (shaped, _, shaped_rows) = run(true, 1 << 30);
+        let (verbatim, _, verbatim_rows) = run(false, 1 << 30);
+        assert!(
+            shaped * 10 < verbatim * 8,
+            "shaped {shaped} bytes, verbatim {verbatim}"
+        );
+        assert!(!shaped_rows.is_empty());
+        assert_eq!(shaped_rows, verbatim_rows);
+        // Spilled: the same rows again, through cold reads and cold expiry.
+        let (_, spilled, spilled_rows) = run(true, 32 << 10);
+        assert!(spilled > 1_000, "{spilled} events spilled");
+        assert_eq!(spilled_rows, verbatim_rows);
     }
 
     /// One bucket spilled in many small segments: its cold segments are grouped under

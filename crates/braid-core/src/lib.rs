@@ -12,6 +12,7 @@ mod cache;
 mod ids;
 mod join;
 mod key;
+mod shape;
 mod snapshot;
 mod spec;
 mod store;

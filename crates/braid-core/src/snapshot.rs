@@ -12,7 +12,10 @@
 
 use std::io::{BufReader, ErrorKind, Read};
 
-const MAGIC: &[u8; 8] = b"BRAIDJ01";
+/// Format 02 added payload shapes (`crate::shape`); the segments of a 01 image, in it
+/// and in its store, hold payloads as they came and cannot be read as 02.
+const MAGIC: &[u8; 8] = b"BRAIDJ02";
+const MAGIC_FAMILY: &[u8; 6] = b"BRAIDJ";
 
 #[derive(Debug, thiserror::Error)]
 #[error("join snapshot: {0}")]
@@ -126,12 +129,22 @@ impl<'a> Reader<'a> {
         Ok(bytes)
     }
     pub fn magic(&mut self) -> Result<(), SnapshotError> {
-        if &self.array::<8>()? != MAGIC {
-            return Err(SnapshotError(
-                "not a braid join snapshot (bad header)".into(),
-            ));
+        let header = self.array::<8>()?;
+        if &header == MAGIC {
+            return Ok(());
         }
-        Ok(())
+        if header.starts_with(MAGIC_FAMILY) {
+            return Err(SnapshotError(format!(
+                "written by another version of braid (format {}, this braid reads {}): \
+                 restore it with the braid that wrote it, or start this one from an empty \
+                 state and checkpoint directory",
+                String::from_utf8_lossy(&header[6..]),
+                String::from_utf8_lossy(&MAGIC[6..]),
+            )));
+        }
+        Err(SnapshotError(
+            "not a braid join snapshot (bad header)".into(),
+        ))
     }
     pub fn u8(&mut self) -> Result<u8, SnapshotError> {
         Ok(self.array::<1>()?[0])
@@ -287,6 +300,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bad header"), "{err}");
+        // An image of an older format names both formats.
+        let mut old = buf.clone();
+        old[6..8].copy_from_slice(b"01");
+        let err = decode(&mut &old[..], old.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("format 01, this braid reads 02"), "{err}");
         // The byte string's length, turned huge: refused, not allocated.
         let at = 8 + 4 + 8 + 16;
         bad = buf.clone();

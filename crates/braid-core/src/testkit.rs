@@ -359,10 +359,24 @@ pub fn build(draws: &[Draw], ooo_ms: i64) -> Vec<TestEvent> {
             key: keys[key].clone(),
             time: nominal - jitter.min(ooo_ms) - extra,
             id: Some(i as u64),
-            payload: format!("{}{i}", if left { 'l' } else { 'r' }),
+            payload: payload(if left { 'l' } else { 'r' }, i),
         });
     }
     events
+}
+
+/// Event `i`'s payload: plain text or JSON objects of three shapes, so that the join
+/// stores some as they came and some by shape (`crate::shape`), and the reference
+/// compares them byte for byte.
+fn payload(side: char, i: usize) -> String {
+    match i % 4 {
+        0 => format!("{side}{i}"),
+        1 => format!(r#"{{"side":"{side}","n":{i}}}"#),
+        2 => {
+            format!(r#"{{"side":"{side}","n":{i},"tags":["a,{i}",{{"b":1}}],"at":{{"t":"{i}"}}}}"#)
+        }
+        _ => format!(r#"{{"n": {i}, "side" : "{side}\"q:", "e":""}}"#),
+    }
 }
 
 pub fn kinds() -> impl Strategy<Value = JoinKind> {

@@ -137,6 +137,7 @@ struct StateFile {
     dir: Option<String>,
     memory_max: Option<String>,
     cold_probes: Option<String>,
+    payloads: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +270,8 @@ pub struct Plan {
     pub memory_max_bytes: u64,
     /// `[state] cold_probes`: when probes of spilled state are read.
     pub cold_probes: ColdProbeMode,
+    /// `[state] payloads`: "shaped" (true, the default) or "verbatim".
+    pub payload_shapes: bool,
     pub checkpoint: Option<CheckpointPlan>,
     /// `[metrics]` (or `--metrics`): Prometheus metrics and the status page.
     pub metrics: Option<MetricsPlan>,
@@ -490,6 +493,15 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             format!("[state] cold_probes: `{name}` is neither \"deferred\" nor \"eager\"")
         })?,
     };
+    let payload_shapes = match state.payloads.as_deref() {
+        None | Some("shaped") => true,
+        Some("verbatim") => false,
+        Some(name) => {
+            return Err(format!(
+                "[state] payloads: `{name}` is neither \"shaped\" nor \"verbatim\""
+            ))
+        }
+    };
     let checkpoint = match &raw.checkpoint {
         None => None,
         Some(c) => Some(CheckpointPlan {
@@ -555,6 +567,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         state_dir,
         memory_max_bytes,
         cold_probes,
+        payload_shapes,
         checkpoint,
         metrics,
         parallelism,

@@ -7,6 +7,7 @@ use std::io::Read;
 use super::{Join, JoinCounts};
 use crate::bucket::{Bucket, BucketImage, Segment};
 use crate::ids::IdSet;
+use crate::shape::Shapes;
 use crate::snapshot::{Reader, SnapshotError, Writer};
 use crate::spec::Side;
 use crate::store::StateStore;
@@ -20,8 +21,14 @@ const BUCKET_IMAGE_BYTES_MIN: u64 = 8 + 4 + 8;
 pub struct JoinImage {
     watermark: Watermark,
     counts: JoinCounts,
-    /// Per side: its buckets, and its ids.
-    sides: Vec<(Vec<(i64, BucketImage)>, IdSet)>,
+    sides: Vec<SideImage>,
+}
+
+/// One side of a [`JoinImage`].
+struct SideImage {
+    buckets: Vec<(i64, BucketImage)>,
+    ids: IdSet,
+    shapes: Shapes,
 }
 
 impl JoinImage {
@@ -50,7 +57,14 @@ impl JoinImage {
                 w.u64(v);
             }
         }
-        for (buckets, ids) in &self.sides {
+        for SideImage {
+            buckets,
+            ids,
+            shapes,
+        } in &self.sides
+        {
+            // Shapes first: a segment's payloads need them.
+            shapes.write(&mut w);
             w.len(buckets.len());
             for (id, bucket) in buckets {
                 w.i64(*id);
@@ -105,7 +119,11 @@ impl<S: StateStore> Join<S> {
                 .iter_mut()
                 .map(|(&id, bucket)| (id, bucket.image()))
                 .collect();
-            sides.push((buckets, side.ids.clone()));
+            sides.push(SideImage {
+                buckets,
+                ids: side.ids.clone(),
+                shapes: side.shapes.clone(),
+            });
         }
         JoinImage {
             watermark: self.watermark,
@@ -172,6 +190,7 @@ impl<S: StateStore> Join<S> {
         self.watermark = Watermark::from_raw(r.i128()?);
         self.counts = read_counts(r)?;
         for side in Side::BOTH {
+            self.sides[side.index()].shapes = Shapes::read(r)?;
             for _ in 0..r.count(BUCKET_IMAGE_BYTES_MIN)? {
                 let id = r.i64()?;
                 let (bucket, segments) = Bucket::read_header(r)?;

@@ -58,9 +58,12 @@ impl<S: StateStore> Join<S> {
                     ids.insert(id, bucket);
                 });
             }
+            let mut shaped = Vec::new();
             for (bucket_id, bucket) in state.buckets {
                 for segment in &bucket.segments {
-                    let mut put = |matched: bool, key: &[u8], time: i64, payload: &[u8]| {
+                    // Each piece stores the payload by its own shapes.
+                    let mut put = |matched: bool, key: &[u8], time: i64, stored: &[u8]| {
+                        let payload = state.shapes.decode(stored, &mut shaped);
                         let event = Event {
                             side,
                             key,
