@@ -432,6 +432,16 @@ impl IdSet {
 mod tests {
     use super::*;
 
+    /// `ids` written to an image and read back.
+    fn through_an_image(ids: &IdSet) -> IdSet {
+        let mut image = Vec::new();
+        let mut w = Writer::new(&mut image);
+        ids.write(&mut w);
+        w.finish().expect("a Vec takes every byte");
+        let bytes = image.len() as u64;
+        IdSet::read(&mut Reader::new(&mut image.as_slice(), bytes)).expect("the image reads")
+    }
+
     #[test]
     fn remembers_until_forgotten() {
         let mut ids = IdSet::default();
@@ -519,12 +529,7 @@ mod tests {
             "{} entries for at most 2,000 live ids, {capacity} for 3,000 at the start",
             ids.capacity
         );
-        let mut image = Vec::new();
-        let mut w = Writer::new(&mut image);
-        ids.write(&mut w);
-        w.finish().unwrap();
-        let bytes = image.len() as u64;
-        let read = IdSet::read(&mut Reader::new(&mut image.as_slice(), bytes)).unwrap();
+        let read = through_an_image(&ids);
         assert_eq!(read.occupied, ids.occupied - ids.dead);
     }
 
@@ -569,12 +574,7 @@ mod tests {
                 ids.memory_bytes() >= live * ID_ENTRY_BYTES * LOAD_DENOMINATOR / LOAD_NUMERATOR
             );
         }
-        let mut image = Vec::new();
-        let mut w = Writer::new(&mut image);
-        ids.write(&mut w);
-        w.finish().unwrap();
-        let bytes = image.len() as u64;
-        let read = IdSet::read(&mut Reader::new(&mut image.as_slice(), bytes)).unwrap();
+        let read = through_an_image(&ids);
         let mut seen = HashMap::new();
         read.for_each(|id, bucket| {
             seen.insert(id, bucket);
