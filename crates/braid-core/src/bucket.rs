@@ -230,20 +230,22 @@ impl HotSegment {
         }
     }
 
-    /// Appends an event; returns its ordinal in the segment.
+    /// Appends an event whose payload is `payload[0]` then `payload[1]` (a stored form
+    /// in two pieces); returns its ordinal in the segment.
     pub fn push(
         &mut self,
         key_hash: u64,
         key: &[u8],
         time: i64,
-        payload: &[u8],
+        payload: [&[u8]; 2],
         matched: bool,
         pool: &mut ChunkPool,
     ) -> usize {
         let Events::Open(d) = &mut self.events else {
             panic!("a sealed segment takes no more events")
         };
-        let need = key.len() + payload.len();
+        let payload_len = payload[0].len() + payload[1].len();
+        let need = key.len() + payload_len;
         if d.chunks
             .last()
             .is_none_or(|c| c.capacity() - c.len() < need)
@@ -262,7 +264,8 @@ impl HotSegment {
         let chunk = &mut d.chunks[chunk_index];
         let offset = chunk.len();
         chunk.extend_from_slice(key);
-        chunk.extend_from_slice(payload);
+        chunk.extend_from_slice(payload[0]);
+        chunk.extend_from_slice(payload[1]);
         let ordinal = d.slots.len();
         let ordinal_u32 =
             u32::try_from(ordinal).expect("segments are bounded far below 2^32 events");
@@ -275,7 +278,7 @@ impl HotSegment {
             chunk: u32::try_from(chunk_index).expect("segments are bounded far below 2^32 chunks"),
             offset: u32::try_from(offset).expect("chunks are at most a line long"),
             key_len: u32::try_from(key.len()).expect("keys are at most a line long"),
-            payload_len: u32::try_from(payload.len()).expect("payloads are at most a line long"),
+            payload_len: u32::try_from(payload_len).expect("payloads are at most a line long"),
             next,
             hash_high: (key_hash >> 32) as u32,
         });
@@ -1017,10 +1020,10 @@ mod tests {
         let mut seg = HotSegment::default();
         let mut pool = ChunkPool::default();
         // Two keys forced into one hash chain, as on a hash collision.
-        seg.push(1, b"b", 10, b"b10", false, &mut pool);
-        seg.push(1, b"a", 11, b"a11", true, &mut pool);
-        seg.push(1, b"b", 12, b"b12", false, &mut pool);
-        seg.push(2, b"c", 13, b"c13", false, &mut pool);
+        seg.push(1, b"b", 10, [b"b10", b""], false, &mut pool);
+        seg.push(1, b"a", 11, [b"a11", b""], true, &mut pool);
+        seg.push(1, b"b", 12, [b"b12", b""], false, &mut pool);
+        seg.push(2, b"c", 13, [b"c13", b""], false, &mut pool);
         let mut scratch = Vec::new();
         let (mut frozen, bloom) = seg.freeze(&mut scratch);
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -1080,9 +1083,9 @@ mod tests {
     fn probe_checks_key_bytes_and_time() {
         let mut seg = HotSegment::default();
         let mut pool = ChunkPool::default();
-        seg.push(1, b"a", 10, b"x", false, &mut pool);
-        seg.push(1, b"b", 10, b"y", false, &mut pool);
-        seg.push(1, b"a", 20, b"z", false, &mut pool);
+        seg.push(1, b"a", 10, [b"x", b""], false, &mut pool);
+        seg.push(1, b"b", 10, [b"y", b""], false, &mut pool);
+        seg.push(1, b"a", 20, [b"z", b""], false, &mut pool);
         let mut hits = Vec::new();
         seg.probe(1, b"a", 0, 15, |ord, p| hits.push((ord, p.to_vec())));
         assert_eq!(hits, vec![(0, b"x".to_vec())]);

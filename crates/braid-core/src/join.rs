@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, NO_GROUP};
 use crate::ids::IdSet;
-use crate::shape::Shapes;
+use crate::shape::{Shapes, VERBATIM_MARK};
 use crate::spec::{JoinSpec, Side};
 use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
@@ -530,13 +530,17 @@ impl<S: StateStore> Join<S> {
     /// Stores an event in its side's open hot segment; returns where it went.
     fn insert(&mut self, event: &Event<'_>, bucket_id: i64, matched: bool) -> (SegmentId, usize) {
         let own = event.side.index();
-        if self.payload_shapes {
-            self.sides[own]
+        // The stored form in two pieces, written end to end: a payload kept as it came
+        // is not copied first.
+        let stored: [&[u8]; 2] = if self.payload_shapes
+            && self.sides[own]
                 .shapes
-                .encode(event.payload, &mut self.stored);
+                .encode(event.payload, &mut self.stored)
+        {
+            [&self.stored, &[]]
         } else {
-            Shapes::verbatim(event.payload, &mut self.stored);
-        }
+            [VERBATIM_MARK, event.payload]
+        };
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
         let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.memory_bytes() < self.segment_bytes_max);
         if !open {
@@ -552,7 +556,7 @@ impl<S: StateStore> Join<S> {
             event.key_hash,
             event.key,
             event.time.0,
-            &self.stored,
+            stored,
             matched,
             &mut self.chunks,
         );

@@ -28,6 +28,8 @@ pub(crate) const SHAPE_BYTES_MAX: usize = 64 << 10;
 pub(crate) const VALUES_MAX: usize = 256;
 /// The marker of a payload stored as it came.
 const VERBATIM: u8 = 0;
+/// What a payload stored as it came starts with.
+pub(crate) const VERBATIM_MARK: &[u8] = &[VERBATIM];
 /// The least bytes a shape takes in an image: its literal count and one literal's length.
 const SHAPE_IMAGE_BYTES_MIN: u64 = 8 + 8;
 
@@ -87,14 +89,16 @@ impl Shapes {
         number
     }
 
-    /// Writes `payload`'s stored form into `out` (cleared first).
-    pub fn encode(&mut self, payload: &[u8], out: &mut Vec<u8>) {
+    /// Writes `payload`'s stored form into `out` (cleared first) and returns true; or
+    /// returns false if it is stored as it came: [`VERBATIM_MARK`] then the payload
+    /// (left to the caller, which need not copy it first).
+    pub fn encode(&mut self, payload: &[u8], out: &mut Vec<u8>) -> bool {
         // Most payloads have the shape the one before had: matched and cut in one pass.
         if self.last != VERBATIM
             && self.encode_as(self.last, payload, out)
             && out.len() <= payload.len()
         {
-            return;
+            return true;
         }
         out.clear();
         // Only a JSON object is cut (anything else is not scanned for values), and one
@@ -115,19 +119,10 @@ impl Shapes {
                 out.extend_from_slice(value);
             }
             if out.len() <= payload.len() {
-                return;
+                return true;
             }
-            out.clear();
         }
-        Shapes::verbatim(payload, out);
-    }
-
-    /// Writes the stored form of `payload` as it came into `out` (cleared first), as
-    /// [`encode`](Self::encode) does for a shape it does not keep.
-    pub fn verbatim(payload: &[u8], out: &mut Vec<u8>) {
-        out.clear();
-        out.push(VERBATIM);
-        out.extend_from_slice(payload);
+        false
     }
 
     /// The payload whose stored form is `stored`: borrowed from it when it was stored
@@ -478,9 +473,17 @@ fn take_len(rest: &mut &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    fn round_trip(shapes: &mut Shapes, payload: &[u8]) -> usize {
+    /// `payload`'s stored form, as the join keeps it.
+    fn stored(shapes: &mut Shapes, payload: &[u8]) -> Vec<u8> {
         let mut stored = Vec::new();
-        shapes.encode(payload, &mut stored);
+        if !shapes.encode(payload, &mut stored) {
+            stored = [VERBATIM_MARK, payload].concat();
+        }
+        stored
+    }
+
+    fn round_trip(shapes: &mut Shapes, payload: &[u8]) -> usize {
+        let stored = stored(shapes, payload);
         let mut out = Vec::new();
         assert_eq!(
             shapes.decode(&stored, &mut out),
@@ -583,15 +586,14 @@ mod tests {
     #[test]
     fn a_payload_its_shape_would_not_shorten_is_stored_as_it_came() {
         let mut shapes = Shapes::default();
-        let payload = b"{:1:2:3:4:5";
-        let mut stored = Vec::new();
-        shapes.encode(payload, &mut stored);
-        assert!(stored.len() <= payload.len() + 1);
+        // One value of 200 bytes after a literal of 2: its length takes 2 bytes.
+        let payload = [&b"{:"[..], &[b'x'; 200]].concat();
+        let mut scratch = Vec::new();
+        assert!(!shapes.encode(&payload, &mut scratch));
+        let stored = stored(&mut shapes, &payload);
+        assert_eq!((stored[0], &stored[1..]), (VERBATIM, &payload[..]));
         let mut out = Vec::new();
         assert_eq!(shapes.decode(&stored, &mut out), payload);
-        Shapes::verbatim(IMPRESSION, &mut stored);
-        assert_eq!((stored[0], &stored[1..]), (VERBATIM, IMPRESSION));
-        assert_eq!(shapes.decode(&stored, &mut out), IMPRESSION);
     }
 
     #[test]
@@ -602,11 +604,7 @@ mod tests {
             .collect();
         let stored: Vec<Vec<u8>> = payloads
             .iter()
-            .map(|p| {
-                let mut s = Vec::new();
-                shapes.encode(p.as_bytes(), &mut s);
-                s
-            })
+            .map(|p| stored(&mut shapes, p.as_bytes()))
             .collect();
         let mut image = Vec::new();
         let mut w = Writer::new(&mut image);
@@ -664,8 +662,7 @@ mod tests {
     #[test]
     fn corrupted_stored_bytes_never_panic() {
         let mut shapes = Shapes::default();
-        let mut stored = Vec::new();
-        shapes.encode(IMPRESSION, &mut stored);
+        let stored = stored(&mut shapes, IMPRESSION);
         let mut out = Vec::new();
         for at in 0..stored.len() {
             for flip in [0x01, 0x80, 0xff] {
