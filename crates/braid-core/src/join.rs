@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, NO_GROUP};
 use crate::ids::IdSet;
-use crate::shape::{Shapes, VERBATIM_MARK};
+use crate::shape::{PayloadMode, Shapes, AUTO_SHAPE_FRACTION, VERBATIM_MARK};
 use crate::spec::{JoinSpec, Side};
 use crate::store::{SegmentId, StateStore, StoreError};
 use crate::time::{EventTime, Watermark};
@@ -143,8 +143,8 @@ pub struct Join<S> {
     /// payload decoded for the sink.
     stored: Vec<u8>,
     shaped: Vec<u8>,
-    /// Whether payloads are stored by shape (`crate::shape`) or as they came.
-    payload_shapes: bool,
+    /// How payloads are stored: by shape (`crate::shape`) or as they came.
+    payloads: PayloadMode,
 }
 
 /// The last event time bucket `bucket_id` of width `width_ms` holds.
@@ -190,7 +190,7 @@ impl<S: StateStore> Join<S> {
             spill: Vec::new(),
             stored: Vec::new(),
             shaped: Vec::new(),
-            payload_shapes: true,
+            payloads: PayloadMode::default(),
         }
     }
 
@@ -282,10 +282,21 @@ impl<S: StateStore> Join<S> {
         self.probes_bytes_max = bytes;
     }
 
-    /// Whether events from now on are stored by shape (the default, `crate::shape`) or
-    /// as they came (`[state] payloads = "verbatim"`).
-    pub fn set_payload_shapes(&mut self, enabled: bool) {
-        self.payload_shapes = enabled;
+    /// How events from now on keep their payloads (`[state] payloads`).
+    pub fn set_payload_mode(&mut self, mode: PayloadMode) {
+        self.payloads = mode;
+    }
+
+    /// Whether the next event's payload is kept by shape.
+    fn shapes_payload(&self) -> bool {
+        match self.payloads {
+            PayloadMode::Shaped => true,
+            PayloadMode::Verbatim => false,
+            PayloadMode::Auto => {
+                let (part, whole) = AUTO_SHAPE_FRACTION;
+                self.memory_bytes() * whole > self.memory_max_bytes * part
+            }
+        }
     }
 
     /// Reads every waiting cold probe and emits what they match. Call it before a
@@ -532,7 +543,7 @@ impl<S: StateStore> Join<S> {
         let own = event.side.index();
         // The stored form in two pieces, written end to end: a payload kept as it came
         // is not copied first.
-        let stored: [&[u8]; 2] = if self.payload_shapes
+        let stored: [&[u8]; 2] = if self.shapes_payload()
             && self.sides[own]
                 .shapes
                 .encode(event.payload, &mut self.stored)
@@ -796,9 +807,9 @@ mod tests {
             kind: JoinKind::Full,
             ..SPEC
         };
-        let run = |shapes: bool, memory_max: usize| {
+        let run = |mode: PayloadMode, memory_max: usize| {
             let mut join = Join::new(spec, MemStore::default(), memory_max);
-            join.set_payload_shapes(shapes);
+            join.set_payload_mode(mode);
             let mut sink = RowSink::default();
             let mut peak = 0;
             for i in 0..3_000u64 {
@@ -823,12 +834,17 @@ mod tests {
             }
             join.advance(Watermark::MAX, &mut sink)
                 .expect("a memory store does not fail");
+            let shapes = join
+                .sides
+                .iter()
+                .map(|s| s.shapes.memory_bytes())
+                .sum::<usize>();
             let mut rows = sink.0;
             rows.sort();
-            (peak, join.counts().spilled_events, rows)
+            (peak, join.counts().spilled_events, rows, shapes > 0)
         };
-        let (shaped, _, shaped_rows) = run(true, 1 << 30);
-        let (verbatim, _, verbatim_rows) = run(false, 1 << 30);
+        let (shaped, _, shaped_rows, _) = run(PayloadMode::Shaped, 1 << 30);
+        let (verbatim, _, verbatim_rows, _) = run(PayloadMode::Verbatim, 1 << 30);
         assert!(
             shaped * 10 < verbatim * 8,
             "shaped {shaped} bytes, verbatim {verbatim}"
@@ -836,9 +852,16 @@ mod tests {
         assert!(!shaped_rows.is_empty());
         assert_eq!(shaped_rows, verbatim_rows);
         // Spilled: the same rows again, through cold reads and cold expiry.
-        let (_, spilled, spilled_rows) = run(true, 32 << 10);
+        let (_, spilled, spilled_rows, _) = run(PayloadMode::Shaped, 32 << 10);
         assert!(spilled > 1_000, "{spilled} events spilled");
         assert_eq!(spilled_rows, verbatim_rows);
+        // Auto: as they came while the state is under half its budget, by shape past it.
+        let (roomy, _, roomy_rows, roomy_shapes) = run(PayloadMode::Auto, 1 << 30);
+        assert_eq!((roomy, roomy_shapes), (verbatim, false));
+        assert_eq!(roomy_rows, verbatim_rows);
+        let (tight, _, tight_rows, tight_shapes) = run(PayloadMode::Auto, verbatim);
+        assert!(tight_shapes && tight < verbatim, "{tight} bytes");
+        assert_eq!(tight_rows, verbatim_rows);
     }
 
     /// One bucket spilled in many small segments: its cold segments are grouped under

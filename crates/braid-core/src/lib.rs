@@ -25,6 +25,7 @@ pub mod testkit;
 
 pub use join::{ColdProbeMode, Event, Join, JoinCounts, JoinImage, JoinSink};
 pub use key::{hash_id, hash_key, key_parts, KeyPart, KeyWriter};
+pub use shape::{PayloadMode, AUTO_SHAPE_FRACTION};
 pub use snapshot::SnapshotError;
 pub use spec::{JoinKind, JoinSpec, Side};
 pub use store::{MemStore, SegmentEntries, SegmentEntry, SegmentId, StateStore, StoreError};

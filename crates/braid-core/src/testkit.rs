@@ -164,7 +164,12 @@ pub fn run_join_resplitting(
 ) -> Result<(Outcome, crate::JoinCounts), StoreError> {
     let new_pieces = |n: usize| -> Vec<Join<crate::MemStore>> {
         (0..n.max(1))
-            .map(|_| Join::new(spec, crate::MemStore::default(), memory_max_bytes))
+            .map(|_| {
+                let mut piece = Join::new(spec, crate::MemStore::default(), memory_max_bytes);
+                // Mixed stored forms, moved between pieces of different shapes.
+                piece.set_payload_mode(crate::PayloadMode::Auto);
+                piece
+            })
             .collect()
     };
     let mut pieces = new_pieces(first_pieces);

@@ -8,8 +8,18 @@
 use braid_core::testkit::{
     build, draws, kinds, reference, run_join, run_join_resplitting, run_join_restarting,
 };
-use braid_core::{ColdProbeMode, Join, JoinSpec, MemStore};
+use braid_core::{ColdProbeMode, Join, JoinSpec, MemStore, PayloadMode};
 use proptest::prelude::*;
+
+/// Every way of keeping payloads; `Auto` mixes stored forms in one state (shaped at
+/// budget 0, as they came at 1 MiB, both at 4 KiB).
+fn payload_modes() -> impl Strategy<Value = PayloadMode> {
+    prop_oneof![
+        Just(PayloadMode::Shaped),
+        Just(PayloadMode::Auto),
+        Just(PayloadMode::Verbatim)
+    ]
+}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
@@ -25,10 +35,12 @@ proptest! {
         draws in draws(),
         batch_sizes in prop::collection::vec(1usize..20, 1..5),
         cold_probes in prop_oneof![Just(None), Just(Some(ColdProbeMode::Eager)), Just(Some(ColdProbeMode::Deferred))],
+        payloads in payload_modes(),
     ) {
         let spec = JoinSpec { kind, lower_ms, upper_ms: lower_ms + width_ms, allowed_lateness_ms };
         let events = build(&draws, ooo_ms);
         let mut join = Join::new(spec, MemStore::default(), memory_max);
+        join.set_payload_mode(payloads);
         // None: probes wait as long as the join lets them (before an expiry).
         match cold_probes {
             Some(mode) => join.set_cold_probe_mode(mode),
@@ -66,10 +78,12 @@ proptest! {
         draws in draws(),
         batch_sizes in prop::collection::vec(1usize..20, 1..5),
         restart_every in 1usize..4,
+        payloads in payload_modes(),
     ) {
         let spec = JoinSpec { kind, lower_ms, upper_ms: lower_ms + width_ms, allowed_lateness_ms: 0 };
         let events = build(&draws, ooo_ms);
         let mut join = Join::new(spec, MemStore::default(), memory_max);
+        join.set_payload_mode(payloads);
         // Probes wait for an expiry or a checkpoint barrier, whichever comes first.
         join.set_deferred_probe_bytes_max(usize::MAX);
         let got = run_join_restarting(&mut join, &events, &batch_sizes, ooo_ms, 0, restart_every).expect("the model store never fails");

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use braid_core::{
-    ColdProbeMode, Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, Side, Watermark,
+    ColdProbeMode, Event, EventTime, JoinKind, JoinSpec, KeyPart, KeyWriter, PayloadMode, Side,
+    Watermark,
 };
 use braid_io::flink_peer;
 use serde_json::json;
@@ -195,7 +196,7 @@ pub fn flink_peer(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
             layout: Layout::one_partition(options.parallelism),
             memory_max_bytes: options.memory_max_bytes,
             cold_probes: options.cold_probes,
-            payload_shapes: true,
+            payloads: PayloadMode::default(),
             state_dir: &options.state_dir,
             checkpoints: checkpoints.as_ref().map(|c| c.committer.parts()),
             restore: Vec::new(),
@@ -405,7 +406,7 @@ fn time_restore(
             layout: Layout::one_partition(options.parallelism),
             memory_max_bytes: options.memory_max_bytes,
             cold_probes: options.cold_probes,
-            payload_shapes: true,
+            payloads: PayloadMode::default(),
             state_dir: &state_dir,
             checkpoints: None,
             restore: shards,

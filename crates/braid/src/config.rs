@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use braid_core::{ColdProbeMode, JoinKind, JoinSpec, TimeGuardConfig};
+use braid_core::{ColdProbeMode, JoinKind, JoinSpec, PayloadMode, TimeGuardConfig};
 use braid_io::takerate::{Stream, TakeRateConfig};
 use braid_io::Schema;
 use serde::Deserialize;
@@ -270,8 +270,8 @@ pub struct Plan {
     pub memory_max_bytes: u64,
     /// `[state] cold_probes`: when probes of spilled state are read.
     pub cold_probes: ColdProbeMode,
-    /// `[state] payloads`: "shaped" (true, the default) or "verbatim".
-    pub payload_shapes: bool,
+    /// `[state] payloads`: "shaped" (the default), "auto" or "verbatim".
+    pub payloads: PayloadMode,
     pub checkpoint: Option<CheckpointPlan>,
     /// `[metrics]` (or `--metrics`): Prometheus metrics and the status page.
     pub metrics: Option<MetricsPlan>,
@@ -493,12 +493,13 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
             format!("[state] cold_probes: `{name}` is neither \"deferred\" nor \"eager\"")
         })?,
     };
-    let payload_shapes = match state.payloads.as_deref() {
-        None | Some("shaped") => true,
-        Some("verbatim") => false,
+    let payloads = match state.payloads.as_deref() {
+        None | Some("shaped") => PayloadMode::Shaped,
+        Some("auto") => PayloadMode::Auto,
+        Some("verbatim") => PayloadMode::Verbatim,
         Some(name) => {
             return Err(format!(
-                "[state] payloads: `{name}` is neither \"shaped\" nor \"verbatim\""
+                "[state] payloads: `{name}` is not \"auto\", \"shaped\" or \"verbatim\""
             ))
         }
     };
@@ -567,7 +568,7 @@ fn resolve(raw: JobFile, file: &Path, base: &Path) -> Result<Plan, String> {
         state_dir,
         memory_max_bytes,
         cold_probes,
-        payload_shapes,
+        payloads,
         checkpoint,
         metrics,
         parallelism,

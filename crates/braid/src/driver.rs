@@ -214,7 +214,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> anyhow::Result<Summary> {
         },
         memory_max_bytes: plan.memory_max_bytes,
         cold_probes: plan.cold_probes,
-        payload_shapes: plan.payload_shapes,
+        payloads: plan.payloads,
         state_dir: &plan.state_dir,
         checkpoints: parts.clone(),
         restore,

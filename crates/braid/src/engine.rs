@@ -24,8 +24,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use braid_core::{
-    ColdProbeMode, Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, SegmentId, Side,
-    Watermark,
+    ColdProbeMode, Event, EventTime, Join, JoinCounts, JoinSink, JoinSpec, PayloadMode, SegmentId,
+    Side, Watermark,
 };
 use braid_io::PendingFile;
 use braid_state::{ReadThreads, RocksOptions, RocksStore};
@@ -213,8 +213,8 @@ pub struct EngineConfig<'a> {
     pub memory_max_bytes: u64,
     /// When the joins read the cold segments their probes need.
     pub cold_probes: ColdProbeMode,
-    /// Whether the joins store payloads by shape (`[state] payloads`).
-    pub payload_shapes: bool,
+    /// How the joins keep payloads (`[state] payloads`).
+    pub payloads: PayloadMode,
     /// Unit `u` keeps its state under `state_dir/shard-i/part-p`.
     pub state_dir: &'a Path,
     /// Where barriers' snapshots go; `None` without checkpoints.
@@ -348,7 +348,7 @@ impl Engine {
                 layout: Layout::one_partition(shards),
                 memory_max_bytes,
                 cold_probes: ColdProbeMode::default(),
-                payload_shapes: true,
+                payloads: PayloadMode::default(),
                 state_dir,
                 checkpoints: None,
                 restore: Vec::new(),
@@ -367,7 +367,7 @@ impl Engine {
             layout,
             memory_max_bytes,
             cold_probes,
-            payload_shapes,
+            payloads,
             state_dir,
             checkpoints,
             restore,
@@ -452,7 +452,7 @@ impl Engine {
                     scope.spawn(move || {
                         let mut part = build_unit(unit, &dir, &tuning, spec, budget, restored)?;
                         part.join.set_cold_probe_mode(cold_probes);
-                        part.join.set_payload_shapes(payload_shapes);
+                        part.join.set_payload_mode(payloads);
                         Ok(part)
                     })
                 })

@@ -93,7 +93,7 @@ fn each_mistake_names_its_field_and_exits_2() {
         ("memory_max = \"64MiB\"", "memory_max = \"64MB\"", "[state] memory_max: `64MB` is not a size"),
         ("memory_max = \"64MiB\"", "memory_max = \"1KiB\"", "[state] memory_max: 1024 bytes is below the minimum"),
         ("memory_max = \"64MiB\"", "memory_max = \"64MiB\"\ncold_probes = \"lazy\"", "[state] cold_probes: `lazy` is neither \"deferred\" nor \"eager\""),
-        ("memory_max = \"64MiB\"", "memory_max = \"64MiB\"\npayloads = \"zipped\"", "[state] payloads: `zipped` is neither \"shaped\" nor \"verbatim\""),
+        ("memory_max = \"64MiB\"", "memory_max = \"64MiB\"\npayloads = \"zipped\"", "[state] payloads: `zipped` is not \"auto\", \"shaped\" or \"verbatim\""),
         ("right = \"plays\"", "right = \"clicks\"", "[join] right: no source is named `clicks`"),
         ("left = \"impressions\"", "left = \"views\"", "[join] left: no source is named `views`"),
         ("key = [\"profile_id\", \"title_id\"]\ntime = \"ts\"\nid", "key = []\ntime = \"ts\"\nid", "[[source]] impressions: key: the key needs at least one field"),
