@@ -25,22 +25,24 @@ const INDEX_ENTRY_BYTES: usize = index::ENTRY_BYTES;
 /// Bytes of a length, a slot and an index entry in an image (see [`HotImage::write`]):
 /// the least a counted item can take, which bounds what a count can ask for.
 const LEN_IMAGE_BYTES: u64 = 8;
-const SLOT_IMAGE_BYTES: u64 = 8 + 5 * 4;
+const SLOT_IMAGE_BYTES: u64 = 8 + 3 * 4;
 const INDEX_ENTRY_IMAGE_BYTES: u64 = 8 + 4;
 
-/// Where one event's key and payload sit in a segment's arena. `next` chains events of
-/// the same key hash, newest first; `NO_SLOT` ends the chain. `hash_high` is the high
-/// half of the key hash (the index holds the low half).
+/// Where one event's record sits in a segment's arena: the key's length and the
+/// payload's (LEB128, a byte each below 128), then the key and the payload. `next`
+/// chains events of the same key hash, newest first; `NO_SLOT` ends the chain.
+/// `hash_high` is the high half of the key hash (the index holds the low half). 24
+/// bytes: the lengths in the arena take 2 where the slot took 8.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     time: i64,
     chunk: u32,
     offset: u32,
-    key_len: u32,
-    payload_len: u32,
     next: u32,
     hash_high: u32,
 }
+
+const _: () = assert!(SLOT_BYTES == 24, "a slot is 24 bytes (its doc)");
 
 const NO_SLOT: u32 = u32::MAX;
 
@@ -245,7 +247,10 @@ impl HotSegment {
             panic!("a sealed segment takes no more events")
         };
         let payload_len = payload[0].len() + payload[1].len();
-        let need = key.len() + payload_len;
+        let mut lens = [0u8; 2 * LEN_BYTES_MAX];
+        let lens_len = put_len(&mut lens, 0, key.len());
+        let lens_len = put_len(&mut lens, lens_len, payload_len);
+        let need = lens_len + key.len() + payload_len;
         if d.chunks
             .last()
             .is_none_or(|c| c.capacity() - c.len() < need)
@@ -263,6 +268,7 @@ impl HotSegment {
         let chunk_index = d.chunks.len() - 1;
         let chunk = &mut d.chunks[chunk_index];
         let offset = chunk.len();
+        chunk.extend_from_slice(&lens[..lens_len]);
         chunk.extend_from_slice(key);
         chunk.extend_from_slice(payload[0]);
         chunk.extend_from_slice(payload[1]);
@@ -277,8 +283,6 @@ impl HotSegment {
             time,
             chunk: u32::try_from(chunk_index).expect("segments are bounded far below 2^32 chunks"),
             offset: u32::try_from(offset).expect("chunks are at most a line long"),
-            key_len: u32::try_from(key.len()).expect("keys are at most a line long"),
-            payload_len: u32::try_from(payload_len).expect("payloads are at most a line long"),
             next,
             hash_high: (key_hash >> 32) as u32,
         });
@@ -352,17 +356,15 @@ impl HotSegment {
                 time: r.i64()?,
                 chunk: r.u32()?,
                 offset: r.u32()?,
-                key_len: r.u32()?,
-                payload_len: r.u32()?,
                 next: r.u32()?,
                 hash_high: 0,
             };
-            let end =
-                u64::from(slot.offset) + u64::from(slot.key_len) + u64::from(slot.payload_len);
             let fits = hot
                 .chunks
                 .get(slot.chunk as usize)
-                .is_some_and(|c| end <= c.len() as u64);
+                .and_then(|c| c.get(slot.offset as usize..))
+                .and_then(record_span)
+                .is_some();
             // A chain runs from newer events to older ones: that bounds every walk.
             if !fits || (slot.next != NO_SLOT && slot.next as usize >= i) {
                 return Err(bad("a slot points outside the segment"));
@@ -512,15 +514,79 @@ impl HotData {
         u64::from(self.slots[head as usize].hash_high) << 32 | u64::from(low)
     }
 
+    /// The key and the payload of a slot's record.
+    #[inline]
+    fn record(&self, slot: &Slot) -> (&[u8], &[u8]) {
+        let bytes = &self.chunks[slot.chunk as usize][slot.offset as usize..];
+        let mut at = 0;
+        let key_len = take_len(bytes, &mut at);
+        let payload_len = take_len(bytes, &mut at);
+        let (key, rest) = bytes[at..].split_at(key_len);
+        (key, &rest[..payload_len])
+    }
+
     fn key(&self, slot: &Slot) -> &[u8] {
-        let start = slot.offset as usize;
-        &self.chunks[slot.chunk as usize][start..start + slot.key_len as usize]
+        self.record(slot).0
     }
 
     fn payload(&self, slot: &Slot) -> &[u8] {
-        let start = (slot.offset + slot.key_len) as usize;
-        &self.chunks[slot.chunk as usize][start..start + slot.payload_len as usize]
+        self.record(slot).1
     }
+}
+
+/// The most bytes [`put_len`] writes: a `usize` in 7-bit groups.
+const LEN_BYTES_MAX: usize = 10;
+
+/// Writes `len` as LEB128 into `out` at `at`; returns where it ends.
+fn put_len(out: &mut [u8], mut at: usize, mut len: usize) -> usize {
+    while len >= 0x80 {
+        out[at] = (len as u8) | 0x80;
+        len >>= 7;
+        at += 1;
+    }
+    out[at] = len as u8;
+    at + 1
+}
+
+/// Reads a length [`put_len`] wrote at `at`, moving `at` past it. The arena is written
+/// only by `push` and checked by `HotSegment::read`, so it is well formed.
+#[inline]
+fn take_len(bytes: &[u8], at: &mut usize) -> usize {
+    let mut len = 0;
+    let mut shift = 0;
+    loop {
+        let b = bytes[*at];
+        *at += 1;
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return len;
+        }
+        shift += 7;
+    }
+}
+
+/// The length of the record at the start of `bytes`, if it is one that fits: its two
+/// lengths well formed and its key and payload within `bytes`.
+fn record_span(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    let mut lens = [0usize; 2];
+    for len in &mut lens {
+        let mut shift = 0;
+        loop {
+            let b = *bytes.get(at)?;
+            at += 1;
+            if shift >= usize::BITS {
+                return None;
+            }
+            *len |= usize::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+    }
+    let end = at.checked_add(lens[0])?.checked_add(lens[1])?;
+    (end <= bytes.len()).then_some(end)
 }
 
 impl HotImage {
@@ -540,8 +606,6 @@ impl HotImage {
             w.i64(slot.time);
             w.u32(slot.chunk);
             w.u32(slot.offset);
-            w.u32(slot.key_len);
-            w.u32(slot.payload_len);
             w.u32(slot.next);
         }
         w.len(d.index.len());
@@ -1077,6 +1141,46 @@ mod tests {
         by_prefix.sort_by(|a, b| sort_prefix(a).cmp(&sort_prefix(b)).then_with(|| a.cmp(b)));
         keys.sort();
         assert_eq!(by_prefix, keys);
+    }
+
+    #[test]
+    fn records_keep_their_lengths_in_the_arena_and_a_bad_one_is_refused() {
+        let mut seg = HotSegment::default();
+        let mut pool = ChunkPool::default();
+        let long = vec![b'p'; 300]; // a payload length of two bytes
+        seg.push(7, b"key", 1, [b"{", &long], true, &mut pool);
+        seg.push(8, b"", 2, [b"", b""], false, &mut pool);
+        let mut seen = Vec::new();
+        seg.for_each(|m, k, t, p| seen.push((m, k.to_vec(), t, p.len())));
+        assert_eq!(
+            seen,
+            vec![(true, b"key".to_vec(), 1, 301), (false, vec![], 2, 0)]
+        );
+        let mut image = Vec::new();
+        let mut w = Writer::new(&mut image);
+        seg.image().write(&mut w);
+        w.finish().expect("a Vec takes every byte");
+        let read = |image: &[u8]| {
+            let mut input = image;
+            let mut r = Reader::new(&mut input, image.len() as u64);
+            HotSegment::read(&mut r, &mut ChunkPool::default())
+        };
+        let back = read(&image).expect("the image reads");
+        let mut again = Vec::new();
+        back.for_each(|m, k, t, p| again.push((m, k.to_vec(), t, p.len())));
+        assert_eq!(again, seen);
+        // The first record's key length, made longer than the arena: refused.
+        let at = 4 + 8 + 8 + 8 + 8; // number, times, chunk count, first chunk's length
+        assert_eq!(
+            image[at], 3,
+            "the first record starts with its key's length"
+        );
+        let mut bad = image.clone();
+        bad[at] = 0x7f;
+        let err = read(&bad)
+            .err()
+            .expect("a record past the arena is refused");
+        assert!(err.to_string().contains("outside the segment"), "{err}");
     }
 
     #[test]

@@ -12,9 +12,10 @@
 
 use std::io::{BufReader, ErrorKind, Read};
 
-/// Format 02 added payload shapes (`crate::shape`); the segments of a 01 image, in it
-/// and in its store, hold payloads as they came and cannot be read as 02.
-const MAGIC: &[u8; 8] = b"BRAIDJ02";
+/// Format 02 added payload shapes (`crate::shape`): the segments of a 01 image, in it
+/// and in its store, hold payloads as they came and cannot be read as 02. Format 03
+/// keeps a hot event's lengths in the arena, not in its slot.
+const MAGIC: &[u8; 8] = b"BRAIDJ03";
 const MAGIC_FAMILY: &[u8; 6] = b"BRAIDJ";
 
 #[derive(Debug, thiserror::Error)]
@@ -306,7 +307,7 @@ mod tests {
         let err = decode(&mut &old[..], old.len() as u64)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("format 01, this braid reads 02"), "{err}");
+        assert!(err.contains("format 01, this braid reads 03"), "{err}");
         // The byte string's length, turned huge: refused, not allocated.
         let at = 8 + 4 + 8 + 16;
         bad = buf.clone();
