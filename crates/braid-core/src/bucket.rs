@@ -208,6 +208,17 @@ impl HotSegment {
             + self.marks.bytes()
     }
 
+    /// [`memory_bytes`](Self::memory_bytes) but the unused end of the last arena chunk:
+    /// what the segment holds once that chunk is full. A segment is open to events
+    /// while this is under its limit, so that its last chunk (up to 1 MiB) is filled
+    /// before a new segment starts, rather than left nearly empty because its capacity
+    /// alone reached the limit.
+    pub fn filled_bytes(&self) -> usize {
+        let d = self.data();
+        let tail = d.chunks.last().map_or(0, |c| c.capacity() - c.len());
+        self.memory_bytes() - tail
+    }
+
     /// Bytes of content (used, not reserved): what a spill would move to disk.
     pub fn content_bytes(&self) -> usize {
         let d = self.data();

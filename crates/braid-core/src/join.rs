@@ -553,7 +553,7 @@ impl<S: StateStore> Join<S> {
             [VERBATIM_MARK, event.payload]
         };
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
-        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.memory_bytes() < self.segment_bytes_max);
+        let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.filled_bytes() < self.segment_bytes_max);
         if !open {
             let number = bucket.next_segment_number;
             bucket.next_segment_number += 1;
