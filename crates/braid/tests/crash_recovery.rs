@@ -241,11 +241,12 @@ fn full_join_survives_sigkill_at_random_moments() {
 /// Rescaling in one process (issue 10): every run has another `parallelism` (2, 3, 1,
 /// ...) and the job's single partition is split over the shards by key group, so each
 /// restore re-splits the checkpoint's state by key. Killed at random moments as above
-/// (later ones: at 1 MiB a restore and its re-split take about a second here), the
-/// output is still exactly the reference.
+/// (0.2 to 1.2 s in: a whole uninterrupted run now takes little more, so later kills
+/// would miss; in local runs of seeds 301 to 307 two or three killed runs had logged
+/// their re-split), the output is still exactly the reference.
 #[test]
 fn a_restart_with_another_parallelism_re_splits_the_state() {
-    let (kills, resplits) = crash_schedule_with("full", 301, &[2, 3, 1], (1_000, 4_000));
+    let (kills, resplits) = crash_schedule_with("full", 301, &[2, 3, 1], (200, 1_200));
     assert!(kills >= 4, "only {kills} kills hit a running process");
     // The last run re-splits for certain (asserted in the schedule); the killed ones
     // only when a kill lands after their re-split, which depends on the machine.
