@@ -200,14 +200,19 @@ impl Part {
     /// and one more need if it is smaller than that (it grows) or four times that or
     /// more (memory falls with the state); `dropped` is called with each dead entry's
     /// bucket number.
-    fn purge(&mut self, names: &[Name], mut dropped: impl FnMut(u32)) {
-        self.retain(|e| {
-            let live = !names[e.bucket as usize].forgotten;
-            if !live {
-                dropped(e.bucket);
-            }
-            live
-        });
+    /// Without dead entries anywhere (`any_dead` false) there is nothing to drop, and
+    /// the part is only resized: growing costs one pass, as it did before forgetting
+    /// was lazy.
+    fn purge(&mut self, names: &[Name], any_dead: bool, mut dropped: impl FnMut(u32)) {
+        if any_dead {
+            self.retain(|e| {
+                let live = !names[e.bucket as usize].forgotten;
+                if !live {
+                    dropped(e.bucket);
+                }
+                live
+            });
+        }
         let needed = Part::capacity_for(self.len + 1);
         if self.entries.len() < needed || self.entries.len() >= needed * 4 {
             self.resize(needed, names, |_| {});
@@ -278,7 +283,7 @@ impl IdSet {
             let before = self.parts[p].entries.len();
             let mut gone = vec![0; self.names.len()];
             let part = Arc::make_mut(&mut self.parts[p]);
-            part.purge(&self.names, |n| gone[n as usize] += 1);
+            part.purge(&self.names, self.dead > 0, |n| gone[n as usize] += 1);
             self.capacity = self.capacity + part.entries.len() - before;
             self.forget_entries(&gone);
         }
@@ -383,7 +388,7 @@ impl IdSet {
             if shared.len == 0 {
                 continue;
             }
-            Arc::make_mut(shared).purge(&self.names, |n| gone[n as usize] += 1);
+            Arc::make_mut(shared).purge(&self.names, true, |n| gone[n as usize] += 1);
         }
         self.forget_entries(&gone);
         debug_assert_eq!(self.dead, 0);
