@@ -13,8 +13,9 @@
 //! length (LEB128) and its bytes; or a 0 byte and the payload as it came, for a payload
 //! of a shape the side has no room for ([`SHAPES_MAX`] shapes or [`SHAPE_BYTES_MAX`]
 //! bytes of literals), that does not start with `{` (not a JSON object), of no values
-//! or more than [`VALUES_MAX`], or that its shape would not make shorter. A side's shapes only grow: every stored payload names a shape that
-//! stays. They are part of a checkpoint image.
+//! or more than [`VALUES_MAX`], or that its shape would not make shorter. A side's
+//! shapes only grow: every stored payload names a shape that stays. They are part of a
+//! checkpoint image.
 
 use std::collections::HashMap;
 
