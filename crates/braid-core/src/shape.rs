@@ -71,6 +71,10 @@ impl Shape {
     fn values(&self) -> usize {
         self.ends.len() - 1
     }
+
+    fn literals(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.ends.len()).map(|i| self.literal(i))
+    }
 }
 
 /// The shapes of one side's payloads; see the module documentation. A clone (for a
@@ -135,9 +139,7 @@ impl Shapes {
         if number != VERBATIM {
             out.push(number);
             for &(start, end) in &self.values {
-                let value = &payload[start as usize..end as usize];
-                push_len(out, value.len());
-                out.extend_from_slice(value);
+                push_value(out, &payload[start as usize..end as usize]);
             }
             if out.len() <= payload.len() {
                 return true;
@@ -197,8 +199,7 @@ impl Shapes {
                 Some(&first) => find_byte(payload, at, first),
                 None => payload.len(),
             };
-            push_len(out, end - at);
-            out.extend_from_slice(&payload[at..end]);
+            push_value(out, &payload[at..end]);
             at = end;
         }
         payload.len() - at == literal.len() && starts_with(&payload[at..], literal)
@@ -207,7 +208,7 @@ impl Shapes {
     /// The number of the shape of `payload` (cut at `self.values`), added if it is new
     /// and there is room; [`VERBATIM`] if not.
     fn number_of(&mut self, payload: &[u8]) -> u8 {
-        let hash = literals_hash(payload, &self.values);
+        let hash = literals_hash(literals(payload, &self.values));
         let number = match self.by_hash.get(&hash) {
             Some(&number) if self.matches(number, payload) => number,
             Some(_) => return VERBATIM,
@@ -225,10 +226,10 @@ impl Shapes {
                     bytes: Vec::with_capacity(literal_bytes),
                     ends: Vec::with_capacity(self.values.len() + 1),
                 };
-                for_each_literal(payload, &self.values, |literal| {
+                for literal in literals(payload, &self.values) {
                     shape.bytes.extend_from_slice(literal);
                     shape.ends.push(shape.bytes.len() as u32);
-                });
+                }
                 self.add(shape, hash)
             }
         };
@@ -239,16 +240,7 @@ impl Shapes {
     /// Whether `payload`, cut at `self.values`, has the literals of shape `number`.
     fn matches(&self, number: u8, payload: &[u8]) -> bool {
         let shape = &self.shapes[usize::from(number) - 1];
-        if shape.values() != self.values.len() {
-            return false;
-        }
-        let mut i = 0;
-        let mut same = true;
-        for_each_literal(payload, &self.values, |literal| {
-            same = same && literal == shape.literal(i);
-            i += 1;
-        });
-        same
+        shape.values() == self.values.len() && literals(payload, &self.values).eq(shape.literals())
     }
 
     pub fn write(&self, w: &mut Writer<'_>) {
@@ -293,12 +285,7 @@ impl Shapes {
                 r.append(&mut shape.bytes, len)?;
                 shape.ends.push(shape.bytes.len() as u32);
             }
-            // The literals end to end are a payload whose values are all empty.
-            let values: Vec<(u32, u32)> = shape.ends[..literals - 1]
-                .iter()
-                .map(|&end| (end, end))
-                .collect();
-            let hash = literals_hash(&shape.bytes, &values);
+            let hash = literals_hash(shape.literals());
             shapes.add(shape, hash);
         }
         Ok(shapes)
@@ -350,25 +337,30 @@ fn find_byte(p: &[u8], from: usize, byte: u8) -> usize {
         .map_or(p.len(), |at| i + at)
 }
 
-/// Calls `visit` with each literal of `payload` cut at `values`, in order.
-fn for_each_literal(payload: &[u8], values: &[(u32, u32)], mut visit: impl FnMut(&[u8])) {
-    let mut at = 0;
-    for &(start, end) in values {
-        visit(&payload[at..start as usize]);
-        at = end as usize;
-    }
-    visit(&payload[at..]);
+/// The literals of `payload` cut at `values`, in order.
+fn literals<'a>(
+    payload: &'a [u8],
+    values: &'a [(u32, u32)],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let starts = std::iter::once(0).chain(values.iter().map(|&(_, end)| end as usize));
+    let ends = values
+        .iter()
+        .map(|&(start, _)| start as usize)
+        .chain(std::iter::once(payload.len()));
+    starts
+        .zip(ends)
+        .map(move |(start, end)| &payload[start..end])
 }
 
-/// A hash of the literals of `payload` cut at `values` (FNV-1a, each literal closed by
-/// its length, so that where literals end counts).
-fn literals_hash(payload: &[u8], values: &[(u32, u32)]) -> u64 {
+/// A hash of a sequence of literals (FNV-1a, each literal closed by its length, so that
+/// where literals end counts).
+fn literals_hash<'a>(literals: impl Iterator<Item = &'a [u8]>) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for_each_literal(payload, values, |literal| {
+    for literal in literals {
         for &b in literal.iter().chain(&(literal.len() as u32).to_le_bytes()) {
             hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
-    });
+    }
     hash
 }
 
@@ -462,6 +454,12 @@ fn scalar_end(p: &[u8], from: usize) -> usize {
         .iter()
         .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
         .map_or(p.len(), |at| from + at)
+}
+
+/// Appends a value as the stored form has it: its length, then its bytes.
+fn push_value(out: &mut Vec<u8>, value: &[u8]) {
+    push_len(out, value.len());
+    out.extend_from_slice(value);
 }
 
 fn push_len(out: &mut Vec<u8>, mut len: usize) {
