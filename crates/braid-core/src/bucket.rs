@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use crate::bloom::Bloom;
+use crate::leb128;
 use crate::snapshot::{Reader, SnapshotError, Writer};
 use crate::store::{PutEntry, SegmentEntries, StoreError};
 
@@ -258,10 +259,8 @@ impl HotSegment {
             panic!("a sealed segment takes no more events")
         };
         let payload_len = payload[0].len() + payload[1].len();
-        let mut lens = [0u8; 2 * LEN_BYTES_MAX];
-        let lens_len = put_len(&mut lens, 0, key.len());
-        let lens_len = put_len(&mut lens, lens_len, payload_len);
-        let need = lens_len + key.len() + payload_len;
+        let need =
+            leb128::len_bytes(key.len()) + leb128::len_bytes(payload_len) + key.len() + payload_len;
         if d.chunks
             .last()
             .is_none_or(|c| c.capacity() - c.len() < need)
@@ -279,7 +278,8 @@ impl HotSegment {
         let chunk_index = d.chunks.len() - 1;
         let chunk = &mut d.chunks[chunk_index];
         let offset = chunk.len();
-        chunk.extend_from_slice(&lens[..lens_len]);
+        leb128::push(chunk, key.len());
+        leb128::push(chunk, payload_len);
         chunk.extend_from_slice(key);
         chunk.extend_from_slice(payload[0]);
         chunk.extend_from_slice(payload[1]);
@@ -529,9 +529,10 @@ impl HotData {
     #[inline]
     fn record(&self, slot: &Slot) -> (&[u8], &[u8]) {
         let bytes = &self.chunks[slot.chunk as usize][slot.offset as usize..];
+        // Written by `push`, checked by `HotSegment::read`: well formed.
         let mut at = 0;
-        let key_len = take_len(bytes, &mut at);
-        let payload_len = take_len(bytes, &mut at);
+        let key_len = leb128::read(bytes, &mut at).expect("a record starts with its lengths");
+        let payload_len = leb128::read(bytes, &mut at).expect("a record starts with its lengths");
         let (key, rest) = bytes[at..].split_at(key_len);
         (key, &rest[..payload_len])
     }
@@ -545,58 +546,13 @@ impl HotData {
     }
 }
 
-/// The most bytes [`put_len`] writes: a `usize` in 7-bit groups.
-const LEN_BYTES_MAX: usize = 10;
-
-/// Writes `len` as LEB128 into `out` at `at`; returns where it ends.
-fn put_len(out: &mut [u8], mut at: usize, mut len: usize) -> usize {
-    while len >= 0x80 {
-        out[at] = (len as u8) | 0x80;
-        len >>= 7;
-        at += 1;
-    }
-    out[at] = len as u8;
-    at + 1
-}
-
-/// Reads a length [`put_len`] wrote at `at`, moving `at` past it. The arena is written
-/// only by `push` and checked by `HotSegment::read`, so it is well formed.
-#[inline]
-fn take_len(bytes: &[u8], at: &mut usize) -> usize {
-    let mut len = 0;
-    let mut shift = 0;
-    loop {
-        let b = bytes[*at];
-        *at += 1;
-        len |= usize::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return len;
-        }
-        shift += 7;
-    }
-}
-
 /// The length of the record at the start of `bytes`, if it is one that fits: its two
 /// lengths well formed and its key and payload within `bytes`.
 fn record_span(bytes: &[u8]) -> Option<usize> {
     let mut at = 0;
-    let mut lens = [0usize; 2];
-    for len in &mut lens {
-        let mut shift = 0;
-        loop {
-            let b = *bytes.get(at)?;
-            at += 1;
-            if shift >= usize::BITS {
-                return None;
-            }
-            *len |= usize::from(b & 0x7f).checked_shl(shift)?;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-        }
-    }
-    let end = at.checked_add(lens[0])?.checked_add(lens[1])?;
+    let key_len = leb128::read(bytes, &mut at)?;
+    let payload_len = leb128::read(bytes, &mut at)?;
+    let end = at.checked_add(key_len)?.checked_add(payload_len)?;
     (end <= bytes.len()).then_some(end)
 }
 

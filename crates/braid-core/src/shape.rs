@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 
+use crate::leb128;
 use crate::snapshot::{Reader, SnapshotError, Writer};
 
 /// How a join keeps its events' payloads (`[state] payloads`).
@@ -164,9 +165,12 @@ impl Shapes {
         out.clear();
         for i in 0..shape.values() {
             out.extend_from_slice(shape.literal(i));
-            let len = take_len(&mut rest).min(rest.len());
-            out.extend_from_slice(&rest[..len]);
-            rest = &rest[len..];
+            let mut at = 0;
+            let len = leb128::read(rest, &mut at).unwrap_or(0);
+            let value = rest.get(at..).unwrap_or_default();
+            let len = len.min(value.len());
+            out.extend_from_slice(&value[..len]);
+            rest = &value[len..];
         }
         out.extend_from_slice(shape.literal(shape.values()));
         out
@@ -458,34 +462,8 @@ fn scalar_end(p: &[u8], from: usize) -> usize {
 
 /// Appends a value as the stored form has it: its length, then its bytes.
 fn push_value(out: &mut Vec<u8>, value: &[u8]) {
-    push_len(out, value.len());
+    leb128::push(out, value.len());
     out.extend_from_slice(value);
-}
-
-fn push_len(out: &mut Vec<u8>, mut len: usize) {
-    while len >= 0x80 {
-        out.push((len as u8) | 0x80);
-        len >>= 7;
-    }
-    out.push(len as u8);
-}
-
-/// Reads a length [`push_len`] wrote, advancing `rest`; a malformed one reads as what
-/// it has.
-fn take_len(rest: &mut &[u8]) -> usize {
-    let mut len = 0usize;
-    let mut shift = 0;
-    while let Some((&b, tail)) = rest.split_first() {
-        *rest = tail;
-        if shift < usize::BITS {
-            len |= usize::from(b & 0x7f) << shift;
-        }
-        shift += 7;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    len
 }
 
 #[cfg(test)]
