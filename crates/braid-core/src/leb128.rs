@@ -3,7 +3,7 @@
 //! stored by shape.
 
 /// Bytes `len` takes.
-pub(crate) fn len_bytes(mut len: usize) -> usize {
+pub fn len_bytes(mut len: usize) -> usize {
     let mut bytes = 1;
     while len >= 0x80 {
         len >>= 7;
@@ -13,7 +13,7 @@ pub(crate) fn len_bytes(mut len: usize) -> usize {
 }
 
 /// Appends `len`.
-pub(crate) fn push(out: &mut Vec<u8>, mut len: usize) {
+pub fn push(out: &mut Vec<u8>, mut len: usize) {
     while len >= 0x80 {
         out.push((len as u8) | 0x80);
         len >>= 7;
@@ -24,7 +24,7 @@ pub(crate) fn push(out: &mut Vec<u8>, mut len: usize) {
 /// Reads a length at `*at`, moving `*at` past it; `None` if the bytes end first or it
 /// does not fit a `usize`.
 #[inline]
-pub(crate) fn read(bytes: &[u8], at: &mut usize) -> Option<usize> {
+pub fn read(bytes: &[u8], at: &mut usize) -> Option<usize> {
     let mut len = 0usize;
     let mut shift = 0;
     loop {

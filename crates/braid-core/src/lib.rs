@@ -12,7 +12,7 @@ mod cache;
 mod ids;
 mod join;
 mod key;
-mod leb128;
+pub mod leb128;
 mod shape;
 mod snapshot;
 mod spec;

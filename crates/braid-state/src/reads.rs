@@ -6,11 +6,12 @@
 //! spend their time blocked in the kernel, not on the CPU.
 //!
 //! The reads are gathered first ([`ReadPool::add`]) and served together
-//! ([`ReadPool::collect`]): sorted by key and cut into one job per thread (at most
-//! [`READ_CHUNK_KEYS`] keys each), so that a job costs one wake-up, not one per key. A
-//! job reads a segment's keys in key order through one iterator when it has a few of
-//! them: a forward seek that lands in the block the iterator holds reuses it, without
-//! another index search or block read.
+//! ([`ReadPool::collect`]): sorted by key (a segment prefix, then the key) and cut into
+//! one job per thread (at most [`READ_CHUNK_KEYS`] keys each), so that a job costs one
+//! wake-up, not one per key. The store turns each cut into the work its threads do
+//! ([`ReadBatch`]): the RocksDB store reads a segment's keys in key order through one
+//! iterator when it has a few of them (a forward seek that lands in the block the
+//! iterator holds reuses it); the segment-file store reads each block once.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -31,25 +32,28 @@ pub const READ_CHUNK_KEYS: usize = 256;
 /// block they land in.
 const ITERATOR_KEYS_MIN: usize = 4;
 
-/// Sorted keys, each with its token; keys sharing their first `prefix_bytes` are in
-/// one segment.
-struct ReadJob {
-    db: Arc<DB>,
-    prefix_bytes: usize,
-    keys: Vec<u8>,
-    reads: Vec<(usize, Range<usize>)>,
-    done: Sender<ReadDone>,
+/// One job's reads: keys (each after its segment's prefix) back to back, sorted, each
+/// with its token and its range in `keys`.
+pub struct ReadBatch {
+    pub keys: Vec<u8>,
+    pub reads: Vec<(usize, Range<usize>)>,
 }
+
+/// What a reader thread runs: one job, which reports to its pool itself.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The work of one job, built by the store on its own thread: serves a batch.
+pub type BatchWork = Box<dyn FnOnce(&mut Found) -> Result<(), String> + Send>;
 
 /// The values found by one job, back to back, each with its token.
 #[derive(Default)]
-struct Found {
+pub struct Found {
     values: Vec<u8>,
     reads: Vec<(usize, Range<usize>)>,
 }
 
 impl Found {
-    fn push(&mut self, token: usize, value: &[u8]) {
+    pub fn push(&mut self, token: usize, value: &[u8]) {
         let start = self.values.len();
         self.values.extend_from_slice(value);
         self.reads.push((token, start..self.values.len()));
@@ -58,19 +62,18 @@ impl Found {
 
 type ReadDone = Result<Found, String>;
 
-/// Serves one job, a segment at a time.
-fn serve(job: ReadJob) {
-    let mut found = Found::default();
-    let result = serve_into(&job, &mut found).map(|()| found);
-    // A store dropped with reads outstanding no longer listens.
-    let _ = job.done.send(result);
-}
-
-fn serve_into(job: &ReadJob, found: &mut Found) -> Result<(), String> {
+/// Serves one batch of reads of a RocksDB store, a segment at a time; keys sharing
+/// their first `prefix_bytes` are in one segment.
+pub fn serve_rocks(
+    db: &DB,
+    prefix_bytes: usize,
+    job: &ReadBatch,
+    found: &mut Found,
+) -> Result<(), String> {
     let keys = &job.keys;
     let mut rest = &job.reads[..];
     while let Some((_, first)) = rest.first() {
-        let prefix = &keys[first.start..first.start + job.prefix_bytes];
+        let prefix = &keys[first.start..first.start + prefix_bytes];
         let same = rest
             .iter()
             .take_while(|(_, r)| keys[r.clone()].starts_with(prefix))
@@ -80,8 +83,7 @@ fn serve_into(job: &ReadJob, found: &mut Found) -> Result<(), String> {
         if segment.len() < ITERATOR_KEYS_MIN {
             let options = point_read_options();
             for (token, range) in segment {
-                let value = job
-                    .db
+                let value = db
                     .get_pinned_opt(&keys[range.clone()], &options)
                     .map_err(|e| e.to_string())?;
                 if let Some(value) = value {
@@ -93,7 +95,7 @@ fn serve_into(job: &ReadJob, found: &mut Found) -> Result<(), String> {
         let mut options = point_read_options();
         options.set_iterate_lower_bound(prefix.to_vec());
         options.set_iterate_upper_bound(successor(prefix));
-        let mut it = job.db.raw_iterator_opt(options);
+        let mut it = db.raw_iterator_opt(options);
         for (token, range) in segment {
             let key = &keys[range.clone()];
             // Equal keys are adjacent: the iterator already stands on the second.
@@ -113,21 +115,21 @@ fn serve_into(job: &ReadJob, found: &mut Found) -> Result<(), String> {
 
 /// [`READ_THREADS`] threads serving the point reads of any number of stores.
 pub struct ReadThreads {
-    jobs: Option<Sender<ReadJob>>,
+    jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl ReadThreads {
     /// Starts the threads, named `{name}-read-{i}`.
     pub fn start(name: &str) -> std::io::Result<Arc<ReadThreads>> {
-        let (jobs, job_rx) = bounded::<ReadJob>(READ_QUEUE_MAX);
+        let (jobs, job_rx) = bounded::<Job>(READ_QUEUE_MAX);
         let mut threads = Vec::with_capacity(READ_THREADS);
         for i in 0..READ_THREADS {
             let job_rx = job_rx.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-read-{i}"))
-                    .spawn(move || job_rx.into_iter().for_each(serve))?,
+                    .spawn(move || job_rx.into_iter().for_each(|job| job()))?,
             );
         }
         Ok(Arc::new(ReadThreads {
@@ -155,9 +157,6 @@ impl Drop for ReadThreads {
 /// One store's reads, served by (possibly shared) [`ReadThreads`].
 pub struct ReadPool {
     threads: Arc<ReadThreads>,
-    db: Arc<DB>,
-    /// Keys sharing their first `prefix_bytes` are in one segment.
-    prefix_bytes: usize,
     done_tx: Sender<ReadDone>,
     done: Receiver<ReadDone>,
     /// Reads added and not yet collected: their keys back to back, and each read's
@@ -187,14 +186,11 @@ fn successor(prefix: &[u8]) -> Vec<u8> {
 }
 
 impl ReadPool {
-    /// Reads of `db`, whose keys start with a segment prefix of `prefix_bytes`, on
-    /// `threads`.
-    pub fn new(threads: Arc<ReadThreads>, db: &Arc<DB>, prefix_bytes: usize) -> ReadPool {
+    /// A store's reads on `threads`.
+    pub fn new(threads: Arc<ReadThreads>) -> ReadPool {
         let (done_tx, done) = unbounded::<ReadDone>();
         ReadPool {
             threads,
-            db: Arc::clone(db),
-            prefix_bytes,
             done_tx,
             done,
             keys: Vec::new(),
@@ -210,9 +206,14 @@ impl ReadPool {
         self.reads.push((token, start..self.keys.len()));
     }
 
-    /// Serves every added read; calls `found(token, value)` for each present key, in
-    /// any order. Returns the first error after all reads have finished.
-    pub fn collect(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), String> {
+    /// Serves every added read, each cut by the work `serve` makes of it on the
+    /// threads; calls `found(token, value)` for each present key, in any order. Returns
+    /// the first error after all reads have finished.
+    pub fn collect(
+        &mut self,
+        serve: &mut dyn FnMut(ReadBatch) -> BatchWork,
+        found: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), String> {
         let jobs = self
             .threads
             .jobs
@@ -238,13 +239,17 @@ impl ReadPool {
                     (*token, start..job_keys.len())
                 })
                 .collect();
-            let job = ReadJob {
-                db: Arc::clone(&self.db),
-                prefix_bytes: self.prefix_bytes,
+            let work = serve(ReadBatch {
                 keys: job_keys,
                 reads: job_reads,
-                done: self.done_tx.clone(),
-            };
+            });
+            let done = self.done_tx.clone();
+            let job: Job = Box::new(move || {
+                let mut found = Found::default();
+                let result = work(&mut found).map(|()| found);
+                // A store dropped with reads outstanding no longer listens.
+                let _ = done.send(result);
+            });
             // A full queue: take finished jobs while waiting for room.
             let mut job = Some(job);
             while let Some(j) = job.take() {

@@ -9,15 +9,14 @@ use std::sync::Arc;
 
 use braid_core::{SegmentEntries, SegmentId, Side, StateStore, StoreError};
 
-use crate::reads::{point_read_options, ReadPool, ReadThreads};
+use crate::{failed, prepare_dir, segment_file_stem};
+
+use crate::reads::{point_read_options, serve_rocks, ReadPool, ReadThreads};
+use crate::{push_prefix, PREFIX_BYTES};
 use rocksdb::{
     BlockBasedOptions, Cache, DBCompressionType, IngestExternalFileOptions, Options, ReadOptions,
     SstFileWriter, DB,
 };
-
-/// The file that marks a folder as braid's state, so that braid never wipes anything else.
-pub const MARKER_FILE: &str = "BRAID_STATE";
-const PREFIX_BYTES: usize = 13;
 
 /// Tuning of the RocksDB store.
 #[derive(Clone, Debug)]
@@ -65,13 +64,6 @@ pub struct RocksStore {
     fail_writes_after: Option<u64>,
 }
 
-fn failed(operation: &'static str, dir: &Path, e: impl std::fmt::Display) -> StoreError {
-    StoreError {
-        operation,
-        detail: format!("{}: {e}", dir.display()),
-    }
-}
-
 impl RocksStore {
     /// Opens a fresh store in `dir`, removing the state a previous run left there.
     /// Refuses a non-empty folder that is not braid's state.
@@ -101,16 +93,10 @@ impl RocksStore {
         let db = DB::open(&options, dir.join("db")).map_err(|e| failed("open", dir, e))?;
         let db = Arc::new(db);
         Ok(RocksStore {
-            pool: ReadPool::new(
-                match &tuning.read_threads {
-                    Some(threads) => Arc::clone(threads),
-                    None => {
-                        ReadThreads::start("braid").map_err(|e| failed("start readers", dir, e))?
-                    }
-                },
-                &db,
-                PREFIX_BYTES,
-            ),
+            pool: ReadPool::new(match &tuning.read_threads {
+                Some(threads) => Arc::clone(threads),
+                None => ReadThreads::start("braid").map_err(|e| failed("start readers", dir, e))?,
+            }),
             point_read: point_read_options(),
             db,
             dir: dir.to_path_buf(),
@@ -130,7 +116,7 @@ impl RocksStore {
     /// Where the file of segment `id` lives; [`ingest_segments`](Self::ingest_segments)
     /// expects restored files there.
     pub fn segment_path(&self, id: SegmentId) -> PathBuf {
-        self.dir.join("segments").join(segment_file_name(id))
+        self.dir.join("segments").join(rocks_file_name(id))
     }
 
     /// Adds segment files placed at their [`segment_path`](Self::segment_path) (by a
@@ -173,61 +159,9 @@ impl RocksStore {
     }
 }
 
-/// The file name of segment `id`, unique within one store's history.
-pub fn segment_file_name(id: SegmentId) -> String {
-    format!(
-        "{}-{:016x}-{:08x}.sst",
-        id.side.index(),
-        (id.bucket as u64) ^ (1 << 63),
-        id.segment
-    )
-}
-
-fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
-    let marker = dir.join(MARKER_FILE);
-    if dir.exists() {
-        let empty = std::fs::read_dir(dir)
-            .map_err(|e| failed("read", dir, e))?
-            .next()
-            .is_none();
-        if !empty && !marker.exists() {
-            return Err(failed(
-                "open",
-                dir,
-                "the folder is not empty and holds no braid state; choose another [state] dir",
-            ));
-        }
-    }
-    // The marker is written first and never removed, so that a crash at any point of
-    // clearing the folder leaves it recognisable as braid's.
-    std::fs::create_dir_all(dir).map_err(|e| failed("create", dir, e))?;
-    std::fs::write(&marker, b"braid state\n").map_err(|e| failed("create", dir, e))?;
-    for entry in std::fs::read_dir(dir).map_err(|e| failed("read", dir, e))? {
-        let entry = entry.map_err(|e| failed("read", dir, e))?;
-        if entry.file_name() == MARKER_FILE {
-            continue;
-        }
-        let path = entry.path();
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(|e| failed("clear", &path, e))?;
-    }
-    for sub in ["ingest", "segments"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(|e| failed("create", dir, e))?;
-    }
-    Ok(())
-}
-
-/// Appends the order-preserving prefix of a bucket, or of one of its segments.
-fn push_prefix(out: &mut Vec<u8>, side: Side, bucket: i64, segment: Option<u32>) {
-    out.push(side.index() as u8);
-    out.extend_from_slice(&((bucket as u64) ^ (1 << 63)).to_be_bytes());
-    if let Some(segment) = segment {
-        out.extend_from_slice(&segment.to_be_bytes());
-    }
+/// The file name of segment `id` in a RocksDB store.
+fn rocks_file_name(id: SegmentId) -> String {
+    format!("{}.sst", segment_file_stem(id))
 }
 
 impl StateStore for RocksStore {
@@ -296,8 +230,15 @@ impl StateStore for RocksStore {
     }
 
     fn finish_reads(&mut self, found: &mut dyn FnMut(usize, &[u8])) -> Result<(), StoreError> {
+        let db = &self.db;
         self.pool
-            .collect(found)
+            .collect(
+                &mut |batch| {
+                    let db = Arc::clone(db);
+                    Box::new(move |found| serve_rocks(&db, PREFIX_BYTES, &batch, found))
+                },
+                found,
+            )
             .map_err(|e| failed("get", &self.dir, e))
     }
 

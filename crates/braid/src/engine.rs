@@ -28,7 +28,7 @@ use braid_core::{
     Side, Watermark,
 };
 use braid_io::PendingFile;
-use braid_state::{ReadThreads, RocksOptions, RocksStore};
+use braid_state::{FileOptions, FileStore, ReadThreads};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::checkpoint::{
@@ -38,10 +38,12 @@ use crate::checkpoint::{
 /// Key groups: how the keys of a partition are split over shards when there are fewer
 /// partitions than shards.
 pub const KEY_GROUPS: u64 = 4_096;
-/// Block cache of one shard's RocksDB stores together (split between its units).
-const SHARD_BLOCK_CACHE_BYTES: usize = 8 << 20;
-/// Least block cache of one unit's store.
-const UNIT_BLOCK_CACHE_MIN_BYTES: usize = 1 << 20;
+/// Open files wanted for state: the soft limit of open files is raised to this (if the
+/// hard limit allows) and half of the limit is shared by the units' stores, which keep
+/// that many segment files open (reads of others open their file once per read job).
+const STATE_OPEN_FILES_WANTED: u64 = 65_536;
+/// Segment files each unit's store keeps open, whatever the limit.
+const UNIT_OPEN_FILES_MIN: usize = 16;
 /// Memory an old unit of a checkpoint may hold while its state is re-split onto
 /// another number of shards (beyond it, its state spills to a temporary store).
 const RESPLIT_LOAD_BYTES_MAX: usize = 64 << 20;
@@ -424,6 +426,7 @@ impl Engine {
         let (recycle, recycled) = bounded(shards * (SHARD_QUEUE_BATCHES + 2));
         let per_shard = usize::try_from(memory_max_bytes / shards as u64).unwrap_or(usize::MAX);
         // A shard's units share its read threads: it serves one unit at a time.
+        let open_files = open_files_for_state();
         let read_threads = (0..shards)
             .map(|i| ReadThreads::start(&format!("braid-shard-{i}")))
             .collect::<std::io::Result<Vec<_>>>()
@@ -438,12 +441,12 @@ impl Engine {
                 .iter()
                 .map(|&unit| {
                     let in_shard = layout.partitions_of(unit.shard).len();
-                    let tuning = RocksOptions {
+                    let tuning = FileOptions {
                         fail_writes_after: fault_after("state-write"),
-                        block_cache_bytes: (SHARD_BLOCK_CACHE_BYTES / in_shard)
-                            .max(UNIT_BLOCK_CACHE_MIN_BYTES),
                         read_threads: Some(Arc::clone(&read_threads[unit.shard])),
-                        ..RocksOptions::default()
+                        open_files_max: Some(
+                            (open_files / units.len().max(1)).max(UNIT_OPEN_FILES_MIN),
+                        ),
                     };
                     let dir = state_dir.join(format!("shard-{}", unit.shard));
                     let dir = dir.join(format!("part-{}", unit.partition));
@@ -633,6 +636,34 @@ impl Drop for Engine {
     }
 }
 
+/// Raises the soft limit of open files towards [`STATE_OPEN_FILES_WANTED`] as far as
+/// the hard limit allows (as databases do at start-up) and returns how many segment
+/// files the state may keep open: half the limit, the rest for sockets, outputs and
+/// checkpoints.
+fn open_files_for_state() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 512;
+        }
+        let wanted = STATE_OPEN_FILES_WANTED.min(limit.rlim_max);
+        if limit.rlim_cur < wanted {
+            let raised = libc::rlimit {
+                rlim_cur: wanted,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = wanted;
+            }
+        }
+    }
+    usize::try_from(limit.rlim_cur / 2).unwrap_or(usize::MAX)
+}
+
 /// Removes what an earlier run left in a shard's folder besides its units' stores
 /// (which clear themselves): checkpoint staging, and the store of a braid version that
 /// kept one store per shard (recognised by its marker file).
@@ -672,14 +703,7 @@ fn resplit(
         let partition = r.unit.partition;
         let dir = scratch.join(r.unit.path());
         let budget = (memory_max_bytes / layout.shards.max(1)).min(RESPLIT_LOAD_BYTES_MAX);
-        let from = build_unit(
-            r.unit,
-            &dir,
-            &RocksOptions::default(),
-            spec,
-            budget,
-            Some(r),
-        )?;
+        let from = build_unit(r.unit, &dir, &FileOptions::default(), spec, budget, Some(r))?;
         let mut pieces: Vec<&mut PartJoin> = units
             .iter_mut()
             .filter(|u| u.unit.partition == partition)
@@ -689,8 +713,7 @@ fn resplit(
         for (i, piece) in pieces.iter().enumerate() {
             position[piece.unit.shard] = i;
         }
-        let mut joins: Vec<&mut Join<RocksStore>> =
-            pieces.iter_mut().map(|p| &mut p.join).collect();
+        let mut joins: Vec<&mut Join<FileStore>> = pieces.iter_mut().map(|p| &mut p.join).collect();
         from.join
             .split_into(&mut joins, |hash| {
                 position[layout.shard_of(partition, hash)]
@@ -719,12 +742,12 @@ fn resplit(
 fn build_unit(
     unit: Unit,
     dir: &Path,
-    tuning: &RocksOptions,
+    tuning: &FileOptions,
     spec: JoinSpec,
     memory_max_bytes: usize,
     restored: Option<UnitRestore>,
 ) -> anyhow::Result<PartJoin> {
-    let mut store = RocksStore::create(dir, tuning)?;
+    let mut store = FileStore::create(dir, tuning)?;
     let mut checkpointed = BTreeSet::new();
     let Some(r) = restored else {
         return Ok(PartJoin {
@@ -764,7 +787,7 @@ fn build_unit(
 
 /// Loads a join image from its file, streaming: the load holds the state it rebuilds
 /// and a read buffer, never the image (see [`Join::load_from`]).
-fn load_image(join: &mut Join<RocksStore>, path: &Path) -> anyhow::Result<()> {
+fn load_image(join: &mut Join<FileStore>, path: &Path) -> anyhow::Result<()> {
     let mut file = std::fs::File::open(path)?;
     let bytes = file.metadata()?.len();
     join.load_from(&mut file, bytes)?;
@@ -774,7 +797,7 @@ fn load_image(join: &mut Join<RocksStore>, path: &Path) -> anyhow::Result<()> {
 /// One partition's join on a shard.
 struct PartJoin {
     unit: Unit,
-    join: Join<RocksStore>,
+    join: Join<FileStore>,
     /// Segments whose files an earlier barrier handed over.
     checkpointed: BTreeSet<SegmentId>,
     /// Whether it took events or a watermark since the last barrier (else the last

@@ -65,7 +65,7 @@ fn inject_far_future(dir: &std::path::Path, every: usize) -> usize {
 /// Runs one kill-and-restart schedule; returns the number of kills that hit a running
 /// process.
 fn crash_schedule(kind: &str, seed: u64) -> usize {
-    crash_schedule_with(kind, seed, &[2], (20, 700)).0
+    crash_schedule_with(kind, seed, &[2], (20, 400)).0
 }
 
 /// [`crash_schedule`], with run `i` (killed or not) on `parallelisms[i % len]` shards,

@@ -32,7 +32,10 @@ use common::kafka::run::{BraidRun, KafkaJob};
 use common::kafka::{create_job_topics, exclusive, read_committed_now, Broker, OffsetWatch, OUT};
 use common::{generate, is_sub_multiset, TestRng};
 
-const EVENTS: u64 = 40_000;
+/// Events of a schedule: enough that a run still has work after its first commit
+/// (at 40,000 most runs had read everything by then once the state's start-up no
+/// longer opened a RocksDB per unit, and schedules ended before their kills).
+const EVENTS: u64 = 120_000;
 /// Kills per schedule, and per test run at least.
 const KILLS_PER_SCHEDULE: usize = 6;
 const KILLS_WANTED: usize = 10;

@@ -78,7 +78,7 @@ fn run_and_kill(dir: &Path, job: &Path, moto: &Moto, kill_delay: Duration) -> Ve
     );
     let segments = moto.keys(BUCKET, &format!("{PREFIX}/files/"));
     assert!(
-        segments.iter().any(|k| k.ends_with(".sst")),
+        segments.iter().any(|k| k.ends_with(".seg")),
         "a checkpoint is in the bucket, but no spilled segment file: {segments:?}"
     );
     std::thread::sleep(kill_delay);

@@ -341,19 +341,19 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("ckpt")).unwrap();
         let src = dir.path().join("src");
         std::fs::write(&src, b"segment").unwrap();
-        store.put_file("files/shard-0/a.sst", &src).unwrap();
+        store.put_file("files/shard-0/a.seg", &src).unwrap();
         store.put_bytes("manifests/1.json", b"m1").unwrap();
         store.put_bytes("manifests/1.json", b"m1b").unwrap();
         assert_eq!(
             store.list("").unwrap(),
-            vec!["files/shard-0/a.sst", "manifests/1.json"]
+            vec!["files/shard-0/a.seg", "manifests/1.json"]
         );
         assert_eq!(store.get_bytes("manifests/1.json").unwrap(), b"m1b");
         let back = dir.path().join("back");
-        store.get_file("files/shard-0/a.sst", &back).unwrap();
+        store.get_file("files/shard-0/a.seg", &back).unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), b"segment");
-        store.delete("files/shard-0/a.sst").unwrap();
-        store.delete("files/shard-0/a.sst").unwrap();
+        store.delete("files/shard-0/a.seg").unwrap();
+        store.delete("files/shard-0/a.seg").unwrap();
         assert_eq!(store.list("files").unwrap(), Vec::<String>::new());
     }
 

@@ -34,6 +34,8 @@ pub struct KafkaJob {
     pub source_properties: Vec<(String, String)>,
     /// `[join] repartition = true`.
     pub repartition: bool,
+    /// `[checkpoint] keep`, if set.
+    pub checkpoint_keep: Option<usize>,
 }
 
 /// `"name" = "value"` lines of a TOML properties table.
@@ -57,6 +59,7 @@ impl KafkaJob {
             output_properties: Vec::new(),
             source_properties: Vec::new(),
             repartition: false,
+            checkpoint_keep: None,
         }
     }
 
@@ -119,6 +122,9 @@ id = "event_id"
              [checkpoint]\ndir = \"checkpoints\"\ninterval = \"{}\"\n",
             self.checkpoint_interval
         ));
+        if let Some(keep) = self.checkpoint_keep {
+            text.push_str(&format!("keep = {keep}\n"));
+        }
         let path = dir.join("job.toml");
         std::fs::write(&path, text).expect("write job");
         path
