@@ -425,11 +425,6 @@ impl HotSegment {
         }
     }
 
-    /// How many distinct key hashes the segment's events have.
-    pub fn key_count(&self) -> usize {
-        self.data().index.len()
-    }
-
     /// The distinct key hashes of the segment's events.
     pub fn key_hashes(&self) -> impl Iterator<Item = u64> + '_ {
         let d = self.data();
@@ -446,12 +441,14 @@ impl HotSegment {
 
     /// The segment for the cold tier: one entry per distinct key, sorted by key, whose
     /// value lists the key's events, newest first (see [`decode_events`]), encoded one
-    /// key at a time into `scratch` as the store takes them. Also builds the key filter.
-    pub fn freeze<'a>(&'a self, scratch: &'a mut Vec<u8>) -> (Frozen<'a>, Bloom) {
+    /// key at a time into `scratch` as the store takes them. Also builds the key filter
+    /// of `hashes`, the segment's [`key_hashes`](Self::key_hashes).
+    pub fn freeze<'a>(&'a self, hashes: &[u64], scratch: &'a mut Vec<u8>) -> (Frozen<'a>, Bloom) {
         let d = self.data();
-        let mut bloom = Bloom::new(d.index.len());
-        for (low, head) in d.index.chains() {
-            bloom.insert(d.full_hash(low, head));
+        debug_assert_eq!(hashes.len(), d.index.len());
+        let mut bloom = Bloom::new(hashes.len());
+        for &hash in hashes {
+            bloom.insert(hash);
         }
         // Every event's key, read in slot order, which is the arena's: records in
         // index order were a cache miss each (86 % of this function's time at
@@ -1073,7 +1070,8 @@ mod tests {
         seg.push(1, b"b", 12, [b"b12", b""], false, &mut pool);
         seg.push(2, b"c", 13, [b"c13", b""], false, &mut pool);
         let mut scratch = Vec::new();
-        let (mut frozen, bloom) = seg.freeze(&mut scratch);
+        let hashes: Vec<u64> = seg.key_hashes().collect();
+        let (mut frozen, bloom) = seg.freeze(&hashes, &mut scratch);
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         frozen
             .each(&mut |k, v| {

@@ -1,7 +1,7 @@
 //! braid's on-disk state tier: two implementations of [`braid_core::StateStore`].
 //!
 //! [`FileStore`] (the one braid runs on) writes every spilled segment as one file of its
-//! own format: entries in key order in blocks of about 4 KiB, with the first key of each
+//! own format: entries in key order in blocks of about 2 KiB, with the first key of each
 //! block kept in memory, so a point read is one `pread` of one block.
 //! [`RocksStore`] writes every spilled segment as one SST file with `SstFileWriter` and
 //! ingests it into the bottom level (no memtable, no write-ahead log, no compaction).

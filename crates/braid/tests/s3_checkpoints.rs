@@ -26,10 +26,11 @@ const BUCKET: &str = "braid-checkpoints";
 const PREFIX: &str = "job";
 /// How long the first run may take to commit its first checkpoint.
 const FIRST_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Twice the 30,000 of `join_kinds.rs`: over these, a run lasts several seconds past its first
-/// checkpoint (about 10 s here, the first manifest after 1.5-2 s), so that the kill
-/// finds it running. With 30,000 it could end (about 1.7 s) before the kill.
-const EVENTS: u64 = 60_000;
+/// Enough that a run lasts well past its first checkpoint, so that the kill finds it
+/// running. With 30,000 it could end (about 1.7 s) before the kill; 60,000 lasted
+/// about 10 s while segments spilled into RocksDB, and less than a second since they
+/// go to braid's own files (a fresh-clone CI run ended before its first manifest).
+const EVENTS: u64 = 400_000;
 /// The kill lands this long after the first manifest appeared, at most (from the seed),
 /// so that it cuts the run at different points of the next epoch's uploads.
 const KILL_DELAY_MS_MAX: u64 = 300;
