@@ -443,39 +443,43 @@ impl HotSegment {
     /// value lists the key's events, newest first (see [`decode_events`]), encoded one
     /// key at a time into `scratch` as the store takes them. Also builds the key filter
     /// of `hashes`, the segment's [`key_hashes`](Self::key_hashes).
-    pub fn freeze<'a>(&'a self, hashes: &[u64], scratch: &'a mut Vec<u8>) -> (Frozen<'a>, Bloom) {
+    pub fn freeze<'a>(
+        &'a self,
+        hashes: &[u64],
+        order: &'a mut Vec<(u128, u32)>,
+        scratch: &'a mut Vec<u8>,
+    ) -> (Frozen<'a>, Bloom) {
         let d = self.data();
         debug_assert_eq!(hashes.len(), d.index.len());
         let mut bloom = Bloom::new(hashes.len());
         for &hash in hashes {
             bloom.insert(hash);
         }
-        // Every event's key, read in slot order, which is the arena's: records in
-        // index order were a cache miss each (86 % of this function's time at
+        // Every event's key prefix, read in slot order, which is the arena's: records
+        // in index order were a cache miss each (86 % of this function's time at
         // `memory_max` 128 MiB). Events of one key (or of keys sharing a 64-bit hash)
-        // are told apart by the key bytes, so collisions need no chain walk.
-        let mut events: Vec<(u128, &[u8], u32)> = d
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| {
-                let key = d.key(slot);
-                (sort_prefix(key), key, i as u32)
-            })
-            .collect();
-        // Byte order, decided by the prefixes kept beside the keys for all but keys
-        // that share their first 16 bytes: comparing the keys themselves reached into
-        // the arena at every step (a cache miss each; 6 % of a spilling run's CPU).
-        // Then newest first within a key.
-        events.sort_unstable_by(|a, b| {
+        // are told apart by the key bytes, so collisions need no chain walk. `order`
+        // is reused from spill to spill: a fresh one per spill was zeroed pages each
+        // time (it is larger than the allocator keeps).
+        order.clear();
+        order.extend(
+            d.slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| (sort_prefix(d.key(slot)), i as u32)),
+        );
+        // Byte order, decided by the prefixes for all but keys that share their first
+        // 16 bytes (only those reach into the arena); then newest first within a key.
+        let key = |ordinal: u32| d.key(&d.slots[ordinal as usize]);
+        order.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0)
-                .then_with(|| a.1.cmp(b.1))
-                .then_with(|| b.2.cmp(&a.2))
+                .then_with(|| key(a.1).cmp(key(b.1)))
+                .then_with(|| b.1.cmp(&a.1))
         });
         (
             Frozen {
                 data: d,
-                events,
+                events: order,
                 scratch,
             },
             bloom,
@@ -495,36 +499,42 @@ fn sort_prefix(key: &[u8]) -> u128 {
 /// A hot segment's entries in key order, encoded as the store asks for them.
 pub(crate) struct Frozen<'a> {
     data: &'a HotData,
-    /// Every event: its key's first bytes, its key, its ordinal; sorted by key, then
-    /// newest first.
-    events: Vec<(u128, &'a [u8], u32)>,
+    /// Every event: its key's first bytes and its ordinal; sorted by key, then newest
+    /// first.
+    events: &'a [(u128, u32)],
     scratch: &'a mut Vec<u8>,
 }
 
-/// Events ahead whose record and slot [`Frozen::each`] fetches into cache while it
-/// encodes one: key order visits the arena at random.
+/// Events ahead whose record [`Frozen::each`] fetches into cache while it encodes one
+/// (key order visits the arena at random); their slots are fetched twice as far ahead,
+/// since a record's address is in its slot.
 const FREEZE_PREFETCH_AHEAD: usize = 8;
 
 impl SegmentEntries for Frozen<'_> {
     fn each(&mut self, put: &mut PutEntry<'_>) -> Result<(), StoreError> {
         let d = self.data;
-        let events = &self.events;
+        let events = self.events;
         let mut i = 0;
         while i < events.len() {
-            let (prefix, key, _) = events[i];
+            let (prefix, first) = events[i];
+            let key = d.key(&d.slots[first as usize]);
             self.scratch.clear();
-            while let Some(&(p, k, ordinal)) = events.get(i) {
-                if p != prefix || k != key {
+            while let Some(&(p, ordinal)) = events.get(i) {
+                if p != prefix {
                     break;
                 }
-                if let Some(&(_, ahead, ahead_ordinal)) = events.get(i + FREEZE_PREFETCH_AHEAD) {
-                    if let Some(first) = ahead.first() {
-                        crate::cache::prefetch(first);
-                    }
-                    crate::cache::prefetch(&d.slots[ahead_ordinal as usize]);
+                if let Some(&(_, ahead)) = events.get(i + 2 * FREEZE_PREFETCH_AHEAD) {
+                    crate::cache::prefetch(&d.slots[ahead as usize]);
+                }
+                if let Some(&(_, ahead)) = events.get(i + FREEZE_PREFETCH_AHEAD) {
+                    d.prefetch_record(&d.slots[ahead as usize]);
                 }
                 let slot = &d.slots[ordinal as usize];
-                encode_event(self.scratch, ordinal, slot.time, d.payload(slot));
+                let (k, payload) = d.record(slot);
+                if k != key {
+                    break;
+                }
+                encode_event(self.scratch, ordinal, slot.time, payload);
                 i += 1;
             }
             put(key, self.scratch)?;
@@ -553,6 +563,13 @@ impl HotData {
 
     fn key(&self, slot: &Slot) -> &[u8] {
         self.record(slot).0
+    }
+
+    /// Fetches into cache the start of a slot's record.
+    fn prefetch_record(&self, slot: &Slot) {
+        if let Some(byte) = self.chunks[slot.chunk as usize].get(slot.offset as usize) {
+            crate::cache::prefetch(byte);
+        }
     }
 
     fn payload(&self, slot: &Slot) -> &[u8] {
@@ -1071,7 +1088,8 @@ mod tests {
         seg.push(2, b"c", 13, [b"c13", b""], false, &mut pool);
         let mut scratch = Vec::new();
         let hashes: Vec<u64> = seg.key_hashes().collect();
-        let (mut frozen, bloom) = seg.freeze(&hashes, &mut scratch);
+        let mut order = Vec::new();
+        let (mut frozen, bloom) = seg.freeze(&hashes, &mut order, &mut scratch);
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         frozen
             .each(&mut |k, v| {

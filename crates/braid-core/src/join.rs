@@ -145,6 +145,8 @@ pub struct Join<S> {
     /// Reused by a spill: the key hashes of the segment, for its filter and its
     /// bucket's whole and group filters (gathered once: each is a walk of the index).
     spill_hashes: Vec<u64>,
+    /// Reused by a spill: the segment's events in key order (see `HotSegment::freeze`).
+    spill_order: Vec<(u128, u32)>,
     /// Reused buffers: the stored form of the event being inserted, and a stored
     /// payload decoded for the sink.
     stored: Vec<u8>,
@@ -195,6 +197,7 @@ impl<S: StateStore> Join<S> {
             group_hits: Vec::new(),
             spill: Vec::new(),
             spill_hashes: Vec::new(),
+            spill_order: Vec::new(),
             stored: Vec::new(),
             shaped: Vec::new(),
             payloads: PayloadMode::default(),
@@ -649,14 +652,14 @@ impl<S: StateStore> Join<S> {
             self.spill_hashes.iter().copied(),
         );
         self.filters_bytes = self.filters_bytes + bucket.groups.memory_bytes() - filters_before;
-        let (mut entries, bloom) = hot.freeze(&self.spill_hashes, &mut self.spill);
+        let (mut entries, bloom) =
+            hot.freeze(&self.spill_hashes, &mut self.spill_order, &mut self.spill);
         let id = SegmentId {
             side,
             bucket: bucket_id,
             segment: number,
         };
         self.store.write_segment(id, &mut entries)?;
-        drop(entries);
         let cold = ColdSegment {
             number,
             len: hot.len(),
