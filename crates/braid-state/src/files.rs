@@ -34,7 +34,10 @@ use std::sync::Arc;
 use braid_core::{leb128, SegmentEntries, SegmentId, Side, StateStore, StoreError};
 
 use crate::reads::{BatchWork, Found, ReadBatch, ReadPool, ReadThreads};
-use crate::{failed, parse_prefix, prepare_dir, push_prefix, segment_file_name, PREFIX_BYTES};
+use crate::{
+    failed, parse_prefix, prepare_dir, push_prefix, segment_file_name, segments_of_bucket,
+    WriteFaults, PREFIX_BYTES,
+};
 
 /// The first and last 8 bytes of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"BRAIDSG1";
@@ -315,8 +318,7 @@ pub struct FileStore {
     write_buf: Vec<u8>,
     read_buf: Vec<u8>,
     key: Vec<u8>,
-    writes: u64,
-    fail_writes_after: Option<u64>,
+    faults: WriteFaults,
 }
 
 impl FileStore {
@@ -339,8 +341,7 @@ impl FileStore {
             write_buf: Vec::new(),
             read_buf: Vec::new(),
             key: Vec::new(),
-            writes: 0,
-            fail_writes_after: tuning.fail_writes_after,
+            faults: WriteFaults::after(tuning.fail_writes_after),
         })
     }
 
@@ -527,14 +528,7 @@ impl StateStore for FileStore {
         entries: &mut dyn SegmentEntries,
     ) -> Result<(), StoreError> {
         let path = self.segment_path(id);
-        if self.fail_writes_after == Some(self.writes) {
-            return Err(failed(
-                "write segment",
-                &path,
-                "No space left on device (os error 28) (injected fault)",
-            ));
-        }
-        self.writes += 1;
+        self.faults.before_write(&path)?;
         match self.write_file(&path, entries) {
             Ok(segment) => {
                 self.add(id, segment);
@@ -643,18 +637,7 @@ impl StateStore for FileStore {
     }
 
     fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError> {
-        let first = SegmentId {
-            side,
-            bucket,
-            segment: 0,
-        };
-        let dropped: Vec<SegmentId> = self
-            .segments
-            .range(first..)
-            .take_while(|(id, _)| id.side == side && id.bucket == bucket)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in dropped {
+        for id in segments_of_bucket(&self.segments, side, bucket) {
             let segment = self.remove(id).expect("listed above");
             std::fs::remove_file(&segment.path)
                 .map_err(|e| failed("drop bucket", &segment.path, e))?;

@@ -11,6 +11,7 @@ mod files;
 mod reads;
 mod rocks;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use braid_core::{SegmentId, Side, StoreError};
@@ -38,6 +39,53 @@ fn segment_file_stem(id: SegmentId) -> String {
         (id.bucket as u64) ^ (1 << 63),
         id.segment
     )
+}
+
+/// Fault injection for tests: the segment write after `fail_after` succeeded ones fails
+/// as a full disk would.
+pub(crate) struct WriteFaults {
+    writes: u64,
+    fail_after: Option<u64>,
+}
+
+impl WriteFaults {
+    pub(crate) fn after(fail_after: Option<u64>) -> WriteFaults {
+        WriteFaults {
+            writes: 0,
+            fail_after,
+        }
+    }
+
+    /// Counts a write of `path`; the injected error if it is the one to fail.
+    pub(crate) fn before_write(&mut self, path: &Path) -> Result<(), StoreError> {
+        if self.fail_after == Some(self.writes) {
+            return Err(failed(
+                "write segment",
+                path,
+                "No space left on device (os error 28) (injected fault)",
+            ));
+        }
+        self.writes += 1;
+        Ok(())
+    }
+}
+
+/// The segments of `bucket` on `side` among the keys of `segments`.
+pub(crate) fn segments_of_bucket<V>(
+    segments: &BTreeMap<SegmentId, V>,
+    side: Side,
+    bucket: i64,
+) -> Vec<SegmentId> {
+    let first = SegmentId {
+        side,
+        bucket,
+        segment: 0,
+    };
+    segments
+        .range(first..)
+        .take_while(|(id, _)| id.side == side && id.bucket == bucket)
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 fn failed(operation: &'static str, dir: &Path, e: impl std::fmt::Display) -> StoreError {

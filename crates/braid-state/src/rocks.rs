@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use braid_core::{SegmentEntries, SegmentId, Side, StateStore, StoreError};
 
-use crate::{failed, prepare_dir, segment_file_stem};
+use crate::{failed, prepare_dir, segment_file_stem, segments_of_bucket, WriteFaults};
 
 use crate::reads::{point_read_options, serve_rocks, ReadPool, ReadThreads};
 use crate::{push_prefix, PREFIX_BYTES};
@@ -60,8 +60,7 @@ pub struct RocksStore {
     /// Every live segment's file in `segments/`: a hard link to the file RocksDB
     /// ingested, which stays unchanged, so that checkpoints can copy it.
     files: BTreeMap<SegmentId, PathBuf>,
-    writes: u64,
-    fail_writes_after: Option<u64>,
+    faults: WriteFaults,
 }
 
 impl RocksStore {
@@ -103,8 +102,7 @@ impl RocksStore {
             options,
             key: Vec::new(),
             files: BTreeMap::new(),
-            writes: 0,
-            fail_writes_after: tuning.fail_writes_after,
+            faults: WriteFaults::after(tuning.fail_writes_after),
         })
     }
 
@@ -171,14 +169,7 @@ impl StateStore for RocksStore {
         entries: &mut dyn SegmentEntries,
     ) -> Result<(), StoreError> {
         let path = self.segment_path(id);
-        if self.fail_writes_after == Some(self.writes) {
-            return Err(failed(
-                "write segment",
-                &path,
-                "No space left on device (os error 28) (injected fault)",
-            ));
-        }
-        self.writes += 1;
+        self.faults.before_write(&path)?;
         let mut writer = SstFileWriter::create(&self.options);
         writer
             .open(&path)
@@ -278,18 +269,7 @@ impl StateStore for RocksStore {
         self.db
             .delete_file_in_range(&from, &to)
             .map_err(|e| failed("drop bucket", &self.dir, e))?;
-        let first = SegmentId {
-            side,
-            bucket,
-            segment: 0,
-        };
-        let dropped: Vec<SegmentId> = self
-            .files
-            .range(first..)
-            .take_while(|(id, _)| id.side == side && id.bucket == bucket)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in dropped {
+        for id in segments_of_bucket(&self.files, side, bucket) {
             let path = self.files.remove(&id).expect("listed above");
             std::fs::remove_file(&path).map_err(|e| failed("drop bucket", &path, e))?;
         }

@@ -255,28 +255,35 @@ fn agrees_with_model<S: DiskStore>(ops: Vec<Op>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// The join on a fresh store of type `S` with `memory_max` equals the naive join.
-#[allow(clippy::too_many_arguments)]
-fn join_equals_naive<S: DiskStore>(
-    kind: JoinKind,
-    lower_ms: i64,
-    width_ms: i64,
-    ooo_ms: i64,
-    memory_max: usize,
-    draws: &[Draw],
-    batch_sizes: &[usize],
-) -> Result<(), TestCaseError> {
+/// A join to run: kind, lower bound, width, disorder, budget, events, batch sizes.
+type JoinCase = (JoinKind, i64, i64, i64, usize, Vec<Draw>, Vec<usize>);
+
+fn join_case() -> impl Strategy<Value = JoinCase> {
+    (
+        kinds(),
+        -3_000i64..3_000,
+        prop_oneof![Just(0i64), 0i64..4_000],
+        prop_oneof![Just(0i64), Just(2_000)],
+        prop_oneof![Just(0usize), Just(2_048)],
+        draws(),
+        prop::collection::vec(1usize..20, 1..5),
+    )
+}
+
+/// The join of `case` on a fresh store of type `S` equals the naive join.
+fn join_equals_naive<S: DiskStore>(case: JoinCase) -> Result<(), TestCaseError> {
+    let (kind, lower_ms, width_ms, ooo_ms, memory_max, draws, batch_sizes) = case;
     let spec = JoinSpec {
         kind,
         lower_ms,
         upper_ms: lower_ms + width_ms,
         allowed_lateness_ms: 0,
     };
-    let events = build(draws, ooo_ms);
+    let events = build(&draws, ooo_ms);
     let dir = tempfile::tempdir().expect("temp dir");
     let store = S::create(&dir.path().join("state"));
     let mut join = Join::new(spec, store, memory_max);
-    let got = run_join(&mut join, &events, batch_sizes, ooo_ms, 0).expect("the store works");
+    let got = run_join(&mut join, &events, &batch_sizes, ooo_ms, 0).expect("the store works");
     let want = reference(&events, &spec, ooo_ms);
     prop_assert_eq!(&got.late, &want.late);
     prop_assert_eq!(&got.rows, &want.rows);
@@ -302,29 +309,13 @@ proptest! {
     }
 
     #[test]
-    fn join_on_files_with_tiny_memory_equals_naive_join(
-        kind in kinds(),
-        lower_ms in -3_000i64..3_000,
-        width_ms in prop_oneof![Just(0i64), 0i64..4_000],
-        ooo_ms in prop_oneof![Just(0i64), Just(2_000)],
-        memory_max in prop_oneof![Just(0usize), Just(2_048)],
-        draws in draws(),
-        batch_sizes in prop::collection::vec(1usize..20, 1..5),
-    ) {
-        join_equals_naive::<FileStore>(kind, lower_ms, width_ms, ooo_ms, memory_max, &draws, &batch_sizes)?;
+    fn join_on_files_with_tiny_memory_equals_naive_join(case in join_case()) {
+        join_equals_naive::<FileStore>(case)?;
     }
 
     #[test]
-    fn join_on_rocks_with_tiny_memory_equals_naive_join(
-        kind in kinds(),
-        lower_ms in -3_000i64..3_000,
-        width_ms in prop_oneof![Just(0i64), 0i64..4_000],
-        ooo_ms in prop_oneof![Just(0i64), Just(2_000)],
-        memory_max in prop_oneof![Just(0usize), Just(2_048)],
-        draws in draws(),
-        batch_sizes in prop::collection::vec(1usize..20, 1..5),
-    ) {
-        join_equals_naive::<RocksStore>(kind, lower_ms, width_ms, ooo_ms, memory_max, &draws, &batch_sizes)?;
+    fn join_on_rocks_with_tiny_memory_equals_naive_join(case in join_case()) {
+        join_equals_naive::<RocksStore>(case)?;
     }
 }
 
