@@ -91,11 +91,16 @@ impl BlockIndex {
         &self.first_keys[start..self.key_ends[block] as usize]
     }
 
-    fn push(&mut self, first_key: &[u8], end: u64) {
+    /// Starts a block whose first key is `first_key`; [`end_block`](Self::end_block)
+    /// closes it.
+    fn start_block(&mut self, first_key: &[u8]) {
         self.first_keys.extend_from_slice(first_key);
         self.key_ends.push(
             u32::try_from(self.first_keys.len()).expect("a segment's first keys fit in 4 GiB"),
         );
+    }
+
+    fn end_block(&mut self, end: u64) {
         self.block_ends.push(end);
     }
 
@@ -171,7 +176,8 @@ impl BlockIndex {
             if index.len() > 0 && index.first_key(index.len() - 1) >= key {
                 return Err("blocks out of key order".into());
             }
-            index.push(key, end);
+            index.start_block(key);
+            index.end_block(end);
         }
         if end != data_end || at + FOOTER_BYTES != tail.len() {
             return Err("the index does not cover the blocks".into());
@@ -448,7 +454,8 @@ impl FileStore {
         &mut self,
         path: &Path,
         entries: &mut dyn SegmentEntries,
-    ) -> Result<SegmentFile, String> {
+    ) -> Result<SegmentFile, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| failed("write segment", path, e);
         // Read as well: the handle serves the segment's reads.
         let mut file = File::options()
             .read(true)
@@ -456,7 +463,7 @@ impl FileStore {
             .create(true)
             .truncate(true)
             .open(path)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| fail(&e))?;
         let buf = &mut self.write_buf;
         buf.clear();
         buf.extend_from_slice(SEGMENT_MAGIC);
@@ -464,49 +471,36 @@ impl FileStore {
         // Bytes written before `buf`, and where the open block started.
         let mut written = 0u64;
         let mut block_start = None::<u64>;
-        let mut io_error = None;
-        entries
-            .each(&mut |key, value| {
-                let at = written + buf.len() as u64;
-                match block_start {
-                    Some(start) if at - start < BLOCK_BYTES as u64 => {}
-                    _ => {
-                        if block_start.is_some() {
-                            index.block_ends.push(at);
-                        }
-                        index.first_keys.extend_from_slice(key);
-                        index.key_ends.push(
-                            u32::try_from(index.first_keys.len())
-                                .expect("a segment's first keys fit in 4 GiB"),
-                        );
-                        block_start = Some(at);
+        entries.each(&mut |key, value| {
+            let at = written + buf.len() as u64;
+            match block_start {
+                Some(start) if at - start < BLOCK_BYTES as u64 => {}
+                _ => {
+                    if block_start.is_some() {
+                        index.end_block(at);
                     }
+                    index.start_block(key);
+                    block_start = Some(at);
                 }
-                leb128::push(buf, key.len());
-                leb128::push(buf, value.len());
-                buf.extend_from_slice(key);
-                buf.extend_from_slice(value);
-                if buf.len() >= WRITE_BUFFER_BYTES {
-                    if let Err(e) = file.write_all(buf) {
-                        io_error = Some(e.to_string());
-                        return Err(StoreError {
-                            operation: "write segment",
-                            detail: String::new(),
-                        });
-                    }
-                    written += buf.len() as u64;
-                    buf.clear();
-                }
-                Ok(())
-            })
-            .map_err(|e| io_error.take().unwrap_or(e.to_string()))?;
+            }
+            leb128::push(buf, key.len());
+            leb128::push(buf, value.len());
+            buf.extend_from_slice(key);
+            buf.extend_from_slice(value);
+            if buf.len() >= WRITE_BUFFER_BYTES {
+                file.write_all(buf).map_err(|e| fail(&e))?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
+            Ok(())
+        })?;
         let data_end = written + buf.len() as u64;
         if block_start.is_none() {
-            return Err("a segment without entries".into());
+            return Err(fail(&"a segment without entries"));
         }
-        index.block_ends.push(data_end);
+        index.end_block(data_end);
         index.write(buf, data_end);
-        file.write_all(buf).map_err(|e| e.to_string())?;
+        file.write_all(buf).map_err(|e| fail(&e))?;
         let bytes = written + buf.len() as u64;
         buf.clear();
         if buf.capacity() > WRITE_BUFFER_BYTES * 2 {
@@ -537,7 +531,7 @@ impl StateStore for FileStore {
             Err(e) => {
                 // Leave no partial file behind; the write's error is what matters.
                 let _ = std::fs::remove_file(&path);
-                Err(failed("write segment", &path, e))
+                Err(e)
             }
         }
     }
