@@ -509,6 +509,12 @@ pub(crate) struct Frozen<'a> {
 /// (key order visits the arena at random); their slots are fetched twice as far ahead,
 /// since a record's address is in its slot.
 const FREEZE_PREFETCH_AHEAD: usize = 8;
+/// How much of a record [`Frozen::each`] fetches ahead: its lengths, a key and a payload
+/// of flink-peer's size. Fetching only its first cache line left the copy of the rest a
+/// miss: 3.7 % of a flink-peer run at 128 MiB; fetching 160 bytes ran it 6 % faster (3
+/// alternating rounds).
+const RECORD_PREFETCH_BYTES: usize = 160;
+const CACHE_LINE_BYTES: usize = 64;
 
 impl SegmentEntries for Frozen<'_> {
     fn each(&mut self, put: &mut PutEntry<'_>) -> Result<(), StoreError> {
@@ -565,10 +571,17 @@ impl HotData {
         self.record(slot).0
     }
 
-    /// Fetches into cache the start of a slot's record.
+    /// Fetches into cache the first [`RECORD_PREFETCH_BYTES`] of a slot's record: a
+    /// byte every cache line's width and the last, so that every line they touch is
+    /// fetched wherever the record starts.
     fn prefetch_record(&self, slot: &Slot) {
-        if let Some(byte) = self.chunks[slot.chunk as usize].get(slot.offset as usize) {
-            crate::cache::prefetch(byte);
+        let chunk = &self.chunks[slot.chunk as usize];
+        let start = slot.offset as usize;
+        let last = start + RECORD_PREFETCH_BYTES - 1;
+        for at in (start..last).step_by(CACHE_LINE_BYTES).chain([last]) {
+            if let Some(byte) = chunk.get(at) {
+                crate::cache::prefetch(byte);
+            }
         }
     }
 
