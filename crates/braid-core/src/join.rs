@@ -212,11 +212,12 @@ impl<S: StateStore> Join<S> {
         &self.store
     }
 
-    /// Memory the state holds: segments, filters, marks, remembered ids and waiting
-    /// cold probes.
+    /// Memory the state holds: segments, filters, marks, remembered ids, waiting cold
+    /// probes and the store's indexes of spilled segments.
     pub fn memory_bytes(&self) -> usize {
         self.segments_bytes
             + self.filters_bytes
+            + self.store.memory_bytes()
             + self.probes.memory_bytes()
             + self.chunks.memory_bytes()
             + self

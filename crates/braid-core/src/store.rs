@@ -80,6 +80,10 @@ pub trait StateStore {
 
     /// Removes every segment of `bucket` on `side`.
     fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError>;
+
+    /// Memory the store keeps for its live segments (what finds a key in a segment
+    /// without reading it), which the join counts in its budget.
+    fn memory_bytes(&self) -> usize;
 }
 
 /// The in-memory model of a [`StateStore`]: obviously right, used to check the others.
@@ -161,5 +165,10 @@ impl StateStore for MemStore {
         self.segments
             .retain(|id, _| !(id.side == side && id.bucket == bucket));
         Ok(())
+    }
+
+    /// None: the model's segments stand for files on disk.
+    fn memory_bytes(&self) -> usize {
+        0
     }
 }

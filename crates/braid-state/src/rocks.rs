@@ -256,6 +256,11 @@ impl StateStore for RocksStore {
             .map_err(|e| failed("scan segment", &self.dir, e))
     }
 
+    /// Not counted: RocksDB keeps its index blocks in its own caches.
+    fn memory_bytes(&self) -> usize {
+        0
+    }
+
     fn drop_bucket(&mut self, side: Side, bucket: i64) -> Result<(), StoreError> {
         let mut from = Vec::with_capacity(PREFIX_BYTES);
         push_prefix(&mut from, side, bucket, None);
