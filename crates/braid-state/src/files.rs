@@ -69,14 +69,31 @@ pub struct FileOptions {
     pub open_files_max: Option<usize>,
 }
 
-/// Where a segment's blocks are: each block's first key and where it ends.
+/// Where a segment's blocks are: for each block a key that sorts after every key of
+/// the block before it and not after the block's first key, and where the block ends.
+/// The first block's is its first key; a later block's is the shortest such key, its
+/// first key cut after the first byte where it differs from the last key before it
+/// ([`separator`]): a few bytes, where flink-peer's keys take 18. Files of earlier
+/// builds, which hold every block's first key, read the same way.
 #[derive(Default, Debug)]
 struct BlockIndex {
-    /// First keys back to back; block `i`'s ends at `key_ends[i]`.
+    /// The blocks' keys back to back; block `i`'s ends at `key_ends[i]`.
     first_keys: Vec<u8>,
     key_ends: Vec<u32>,
-    /// File offset of each block's end; block 0 starts after the magic.
-    block_ends: Vec<u64>,
+    /// File offset of each block's end; block 0 starts after the magic. Blocks end
+    /// within [`SEGMENT_FILE_BYTES_MAX`].
+    block_ends: Vec<u32>,
+}
+
+/// Where a segment file's blocks end at the latest: their ends are kept in 4 bytes. A
+/// segment holds at most `SEGMENT_BYTES_MAX` (64 MiB) of a join's memory.
+const SEGMENT_FILE_BYTES_MAX: u64 = u32::MAX as u64;
+
+/// The shortest key that sorts after `before` and not after `key`, given `before <
+/// key`: `key` cut after the first byte where the two differ.
+fn separator<'a>(before: &[u8], key: &'a [u8]) -> &'a [u8] {
+    let common = before.iter().zip(key).take_while(|(a, b)| a == b).count();
+    &key[..(common + 1).min(key.len())]
 }
 
 impl BlockIndex {
@@ -91,8 +108,8 @@ impl BlockIndex {
         &self.first_keys[start..self.key_ends[block] as usize]
     }
 
-    /// Starts a block whose first key is `first_key`; [`end_block`](Self::end_block)
-    /// closes it.
+    /// Starts a block under `first_key` (its first key, or a [`separator`]);
+    /// [`end_block`](Self::end_block) closes it.
     fn start_block(&mut self, first_key: &[u8]) {
         self.first_keys.extend_from_slice(first_key);
         self.key_ends.push(
@@ -100,19 +117,24 @@ impl BlockIndex {
         );
     }
 
+    /// Closes the open block at `end`, which callers keep within
+    /// [`SEGMENT_FILE_BYTES_MAX`].
     fn end_block(&mut self, end: u64) {
-        self.block_ends.push(end);
+        self.block_ends
+            .push(u32::try_from(end).expect("segment files end before 4 GiB"));
     }
 
     /// The file range of block `block`.
     fn span(&self, block: usize) -> (u64, u64) {
         let start = block
             .checked_sub(1)
-            .map_or(SEGMENT_MAGIC.len() as u64, |b| self.block_ends[b]);
-        (start, self.block_ends[block])
+            .map_or(SEGMENT_MAGIC.len() as u64, |b| {
+                u64::from(self.block_ends[b])
+            });
+        (start, u64::from(self.block_ends[block]))
     }
 
-    /// The block that holds `key` if any does: the last whose first key is not after it.
+    /// The block that holds `key` if any does: the last whose key is not after it.
     fn find(&self, key: &[u8]) -> Option<usize> {
         let after = {
             // The first block whose first key is after `key`.
@@ -131,7 +153,7 @@ impl BlockIndex {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.first_keys.capacity() + self.key_ends.capacity() * 4 + self.block_ends.capacity() * 8
+        self.first_keys.capacity() + (self.key_ends.capacity() + self.block_ends.capacity()) * 4
     }
 
     /// Gives back what growing by doubling left unused: an index never grows again.
@@ -148,7 +170,7 @@ impl BlockIndex {
             let key = self.first_key(block);
             leb128::push(out, key.len());
             out.extend_from_slice(key);
-            let end = self.block_ends[block];
+            let end = u64::from(self.block_ends[block]);
             leb128::push(
                 out,
                 usize::try_from(end - start).expect("a block fits in memory"),
@@ -421,6 +443,9 @@ impl FileStore {
         if data_end < SEGMENT_MAGIC.len() as u64 || data_end > bytes - FOOTER_BYTES as u64 {
             return Err("its footer points outside the file (corrupted)".into());
         }
+        if data_end > SEGMENT_FILE_BYTES_MAX {
+            return Err("blocks past 4 GiB, more than a segment file holds (corrupted)".into());
+        }
         let mut tail = vec![0u8; (bytes - data_end) as usize];
         file.read_exact_at(&mut tail, data_end)
             .map_err(|e| e.to_string())?;
@@ -481,25 +506,33 @@ impl FileStore {
         buf.clear();
         buf.extend_from_slice(SEGMENT_MAGIC);
         let mut index = BlockIndex::default();
-        // Bytes written before `buf`, and where the open block started.
+        // Bytes written before `buf`, where the open block started, the last key.
         let mut written = 0u64;
         let mut block_start = None::<u64>;
+        let mut last_key = Vec::new();
         entries.each(&mut |key, value| {
             let at = written + buf.len() as u64;
             match block_start {
                 Some(start) if at - start < BLOCK_BYTES as u64 => {}
-                _ => {
-                    if block_start.is_some() {
-                        index.end_block(at);
-                    }
+                Some(_) => {
+                    index.end_block(at);
+                    index.start_block(separator(&last_key, key));
+                    block_start = Some(at);
+                }
+                None => {
                     index.start_block(key);
                     block_start = Some(at);
                 }
             }
+            last_key.clear();
+            last_key.extend_from_slice(key);
             leb128::push(buf, key.len());
             leb128::push(buf, value.len());
             buf.extend_from_slice(key);
             buf.extend_from_slice(value);
+            if written + buf.len() as u64 > SEGMENT_FILE_BYTES_MAX {
+                return Err(fail(&"a segment of 4 GiB or more"));
+            }
             if buf.len() >= WRITE_BUFFER_BYTES {
                 file.write_all(buf).map_err(|e| fail(&e))?;
                 written += buf.len() as u64;
@@ -732,7 +765,7 @@ mod tests {
         let (mut store, _) = store_with_segment(dir.path());
         let index = &store.segments[&id(0)].index;
         let first_keys: usize = (0..index.len()).map(|b| index.first_key(b).len()).sum();
-        let exact = first_keys + index.len() * (4 + 8);
+        let exact = first_keys + index.len() * (4 + 4);
         assert_eq!(StateStore::memory_bytes(&store), exact);
         let id0 = id(0);
         store.drop_bucket(id0.side, id0.bucket).expect("drop");
