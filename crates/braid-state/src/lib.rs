@@ -1,8 +1,8 @@
 //! braid's on-disk state tier: two implementations of [`braid_core::StateStore`].
 //!
 //! [`FileStore`] (the one braid runs on) writes every spilled segment as one file of its
-//! own format: entries in key order in blocks of about 2 KiB, with the first key of each
-//! block kept in memory, so a point read is one `pread` of one block.
+//! own format: entries in key order in blocks of about 2 KiB, with a key of each block
+//! kept in memory, so a point read is one `pread` of one block.
 //! [`RocksStore`] writes every spilled segment as one SST file with `SstFileWriter` and
 //! ingests it into the bottom level (no memtable, no write-ahead log, no compaction).
 //! In both, expiry deletes whole files, leaving no tombstones.
@@ -16,7 +16,7 @@ use std::path::Path;
 
 use braid_core::{SegmentId, Side, StoreError};
 
-pub use files::{FileOptions, FileStore, SEGMENT_MAGIC};
+pub use files::{FileOptions, FileStore, FileSum, SEGMENT_MAGIC};
 pub use reads::ReadThreads;
 pub use rocks::{RocksOptions, RocksStore};
 

@@ -839,14 +839,15 @@ impl Shard {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let image = part.changed.then(|| part.join.snapshot());
             part.changed = false;
-            let files = part.join.store().segment_files();
+            let store = part.join.store();
+            let files = store.segment_files();
             let mut new_files = Vec::new();
             for (id, path) in files {
                 if !part.checkpointed.contains(id) {
                     let link = dir.join(path.file_name().expect("a file name"));
                     std::fs::hard_link(path, &link)
                         .with_context(|| format!("cannot stage {}", path.display()))?;
-                    new_files.push((*id, link));
+                    new_files.push((*id, link, store.written_sum(*id)));
                 }
             }
             let live: Vec<SegmentId> = files.keys().copied().collect();

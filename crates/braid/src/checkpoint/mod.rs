@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use braid_core::{JoinImage, SegmentId, Side, Watermark};
 use braid_io::{FileSink, PendingFile, SourcePosition};
+use braid_state::FileSum;
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -329,6 +330,45 @@ pub fn read_manifest(store: &dyn CheckpointStore, epoch: u64) -> anyhow::Result<
     Manifest::decode(&bytes).map_err(|e| anyhow::anyhow!("{} in {}: {e}", name, store.describe()))
 }
 
+/// A writer that checksums what it passes on, so that a file need not be read back to
+/// be checksummed.
+struct Summed<W> {
+    inner: W,
+    hasher: Xxh3,
+    bytes: u64,
+}
+
+impl<W> Summed<W> {
+    fn new(inner: W) -> Summed<W> {
+        Summed {
+            inner,
+            hasher: Xxh3::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The checksum and length of everything written so far.
+    fn sum(&self) -> FileSum {
+        FileSum {
+            xxh3: self.hasher.digest(),
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Summed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// xxh3-64 and length of a local file.
 pub fn checksum_file(path: &Path) -> anyhow::Result<(u64, u64)> {
     use std::io::Read;
@@ -391,7 +431,8 @@ pub struct UnitSnapshot {
     /// Every live segment, and the files of those spilled since the last barrier,
     /// hard-linked into `dir`.
     pub live: Vec<SegmentId>,
-    pub new_files: Vec<(SegmentId, PathBuf)>,
+    /// With their checksums as the store wrote them, if it did.
+    pub new_files: Vec<(SegmentId, PathBuf, Option<FileSum>)>,
     pub dir: PathBuf,
 }
 
@@ -587,26 +628,39 @@ impl CommitterState {
     /// one request per file, and a checkpoint can hold hundreds of new ones).
     fn upload_all(
         &self,
-        files: &[(Unit, SegmentId, &Path)],
+        files: &[(Unit, SegmentId, &Path, Option<FileSum>)],
     ) -> anyhow::Result<Vec<(Unit, SegmentId, FileRef)>> {
-        in_parallel(files, UPLOADS_IN_FLIGHT, |&(unit, id, path)| {
+        in_parallel(files, UPLOADS_IN_FLIGHT, |&(unit, id, path, sum)| {
             let name = format!(
                 "{FILES}/{}/{}-{}",
                 unit.path(),
                 self.nonce,
                 path.file_name().expect("a file name").to_string_lossy()
             );
-            Ok((unit, id, self.put_checked_file(name, path)?))
+            Ok((unit, id, self.put_checked_file(name, path, sum)?))
         })
     }
 
-    /// Syncs a local file (a link in the store must be durable too), checksums it and
-    /// stores it.
-    fn put_checked_file(&self, name: String, path: &Path) -> anyhow::Result<FileRef> {
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
+    /// Syncs a local file (a link in the store must be durable too) and stores it,
+    /// with its checksum: `written`, taken as the file was written, if its length
+    /// still agrees; else read from the file.
+    fn put_checked_file(
+        &self,
+        name: String,
+        path: &Path,
+        written: Option<FileSum>,
+    ) -> anyhow::Result<FileRef> {
+        let file = std::fs::File::open(path)
+            .and_then(|f| f.sync_all().map(|()| f))
             .with_context(|| format!("cannot sync {}", path.display()))?;
-        let (sum, bytes) = checksum_file(path)?;
+        let length = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        let (sum, bytes) = match written {
+            Some(w) if w.bytes == length => (w.xxh3, w.bytes),
+            _ => checksum_file(path)?,
+        };
         self.store.put_file(&name, path)?;
         Ok(FileRef {
             name,
@@ -628,10 +682,14 @@ impl CommitterState {
         let mut sinks = reader.sinks.clone();
         let mut pause = reader.pause;
         let images = write_images(&mut shards)?;
-        let new_files: Vec<(Unit, SegmentId, &Path)> = shards
+        let new_files: Vec<(Unit, SegmentId, &Path, Option<FileSum>)> = shards
             .iter()
             .flat_map(|s| &s.units)
-            .flat_map(|u| u.new_files.iter().map(|(id, p)| (u.unit, *id, p.as_path())))
+            .flat_map(|u| {
+                u.new_files
+                    .iter()
+                    .map(|(id, p, sum)| (u.unit, *id, p.as_path(), *sum))
+            })
             .collect();
         for (unit, id, file) in self.upload_all(&new_files)? {
             uploaded_bytes += file.bytes;
@@ -646,9 +704,9 @@ impl CommitterState {
         let mut images_now = HashMap::new();
         for (u, image_path) in units.zip(&images) {
             let image = match image_path {
-                Some(path) => {
+                Some((path, sum)) => {
                     let name = format!("{FILES}/{}/{}-e{epoch}.image", u.unit.path(), self.nonce);
-                    let image = self.put_checked_file(name, path)?;
+                    let image = self.put_checked_file(name, path, Some(*sum))?;
                     uploaded_bytes += image.bytes;
                     image
                 }
@@ -779,7 +837,8 @@ impl CommitterState {
 
 /// Writes each changed unit's join image into its staging folder, one thread per unit;
 /// returns the files (`None` for a unit unchanged), in the order of the shards' units.
-fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<Option<PathBuf>>> {
+/// Writes the units' changed images, each checksummed as it is written.
+fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<Option<(PathBuf, FileSum)>>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .iter_mut()
@@ -790,12 +849,14 @@ fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<Option<PathB
                 Some(scope.spawn(move || {
                     let file = std::fs::File::create(&path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
-                    let mut out = std::io::BufWriter::with_capacity(IMAGE_BUFFER_BYTES, file);
+                    let mut out =
+                        std::io::BufWriter::with_capacity(IMAGE_BUFFER_BYTES, Summed::new(file));
                     image
                         .write(&mut out)
                         .and_then(|()| std::io::Write::flush(&mut out))
                         .with_context(|| format!("cannot write {}", path.display()))?;
-                    Ok(path)
+                    let sum = out.get_ref().sum();
+                    Ok((path, sum))
                 }))
             })
             .collect();
@@ -1003,6 +1064,32 @@ fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `Summed` passes on through a buffer, in pieces of every size, checksums as
+    /// `checksum_file` reads it back.
+    #[test]
+    fn a_summed_file_checksums_as_read_back() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("image");
+        let mut out = std::io::BufWriter::with_capacity(
+            1000,
+            Summed::new(std::fs::File::create(&path).expect("create")),
+        );
+        let mut written = 0u64;
+        for piece in 0..300u64 {
+            let bytes: Vec<u8> = (0..piece * 7).map(|i| (i * 31 + piece) as u8).collect();
+            out.write_all(&bytes).expect("write");
+            written += bytes.len() as u64;
+        }
+        out.flush().expect("flush");
+        let sum = out.get_ref().sum();
+        assert_eq!(sum.bytes, written);
+        assert_eq!(
+            (sum.xxh3, sum.bytes),
+            checksum_file(&path).expect("checksum")
+        );
+    }
 
     /// A segment file the local state still holds, unchanged, is linked from there; one
     /// that changed (same name, other bytes) is fetched from the store, as is the image.
