@@ -870,6 +870,12 @@ impl SegmentGroups {
         true
     }
 
+    /// Whether the whole filter is there (planned and not given up): then it covers
+    /// every segment marked `in_whole`.
+    pub fn whole_covers(&self) -> bool {
+        matches!(self.whole, Whole::Building { .. })
+    }
+
     /// True when no segment the whole filter covers holds the key. Every grouped
     /// segment is covered then: the filter was planned at the bucket's first spill,
     /// before any group.
@@ -996,6 +1002,12 @@ impl Bucket {
     /// Puts the spilled segments not yet in a group into one, when there are
     /// [`GROUP_SEGMENTS`] of them, or at least two and `last`: the bucket takes no more
     /// events and holds no hot segment. Returns the change in the groups' memory.
+    ///
+    /// Not when the group would be the bucket's only one and cover only segments its
+    /// whole filter covers: it would answer what the whole filter answers, at the same
+    /// 10 bits a key. The segments stay ungrouped (a probe the whole filter lets
+    /// through checks their filters, fewer than [`GROUP_SEGMENTS`]) and their pending
+    /// hashes are dropped.
     pub fn group(&mut self, last: bool) -> isize {
         let g = &mut self.groups;
         let enough = g.pending.len() >= GROUP_SEGMENTS
@@ -1006,6 +1018,18 @@ impl Bucket {
             return 0;
         }
         let before = g.memory_bytes() as isize;
+        let whole_suffices = last
+            && g.filters.is_empty()
+            && g.whole_covers()
+            && self.segments.iter().all(|s| match s {
+                Segment::Cold(cold) => cold.in_whole || !g.pending.contains(&cold.number),
+                Segment::Hot(_) => true,
+            });
+        if whole_suffices {
+            g.pending = Vec::new();
+            g.pending_hashes = Vec::new();
+            return g.memory_bytes() as isize - before;
+        }
         let mut bloom = Bloom::with_bits_per_key(g.pending_hashes.len(), GROUP_BLOOM_BITS_PER_KEY);
         for &high in &g.pending_hashes {
             bloom.insert(group_hash(high));

@@ -879,6 +879,82 @@ mod tests {
         assert_eq!(tight_rows, verbatim_rows);
     }
 
+    /// A closed bucket whose few cold segments its whole filter covers gets no group
+    /// filter (it would answer what the whole filter answers): its pending hashes are
+    /// dropped, the memory counted is the filters that remain, and probes still find
+    /// their one match with one read and turn absent keys away.
+    #[test]
+    fn a_whole_filter_stands_for_the_only_group_of_a_closed_bucket() {
+        let mut join = Join::new(SPEC, MemStore::default(), 64 << 10);
+        join.set_cold_probe_mode(ColdProbeMode::Eager);
+        let mut sink = RowSink::default();
+        // Bucket 0 (no bucket before it to size a whole filter from), then a few
+        // segments' worth in bucket 1 (sized from bucket 0), then bucket 2, so that
+        // bucket 1 spills whole.
+        for key in 0..2_000u64 {
+            push(&mut join, &mut sink, Side::Left, key, key as i64);
+        }
+        for key in 0..300u64 {
+            push(
+                &mut join,
+                &mut sink,
+                Side::Left,
+                100_000 + key,
+                12_500 + key as i64,
+            );
+        }
+        for key in 0..600u64 {
+            push(
+                &mut join,
+                &mut sink,
+                Side::Left,
+                200_000 + key,
+                25_000 + key as i64,
+            );
+        }
+        // Bucket 1 closes (the watermark passes its end), bucket 0 stays.
+        join.advance(Watermark::at(EventTime(26_000)), &mut sink)
+            .expect("a memory store does not fail");
+        let bucket = &join.sides[0].buckets[&1];
+        let cold: Vec<&ColdSegment> = bucket
+            .segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Cold(c) => Some(c),
+                Segment::Hot(_) => None,
+            })
+            .collect();
+        assert_eq!(cold.len(), bucket.segments.len(), "bucket 1 spilled whole");
+        assert!(
+            (2..GROUP_SEGMENTS).contains(&cold.len()),
+            "{} segments",
+            cold.len()
+        );
+        assert!(bucket.groups.whole_covers());
+        assert!(cold.iter().all(|c| c.in_whole && c.group == NO_GROUP));
+        assert!(bucket.groups.is_empty(), "no group beside the whole filter");
+        assert!(
+            !join.sides[0].buckets[&0].groups.is_empty(),
+            "bucket 0 has no whole filter, so it has groups"
+        );
+        let filters: usize = join.sides[0]
+            .buckets
+            .values()
+            .map(|b| b.groups.memory_bytes())
+            .sum();
+        assert_eq!(join.filters_bytes, filters);
+        // A key of bucket 1: one read, one pair; keys never seen: nearly no reads.
+        let before = join.counts().cold_reads;
+        push(&mut join, &mut sink, Side::Right, 100_007, 30_000);
+        assert_eq!(join.counts().pairs, 1);
+        assert_eq!(join.counts().cold_reads - before, 1);
+        let before = join.counts().cold_reads;
+        for key in 500_000..501_000u64 {
+            push(&mut join, &mut sink, Side::Right, key, 30_000);
+        }
+        assert!(join.counts().cold_reads - before < 20);
+    }
+
     /// One bucket spilled in many small segments: its cold segments are grouped under
     /// group filters, a probe finds its one match through them and reads only the
     /// segment that holds it, and the groups' memory is counted and given back.
