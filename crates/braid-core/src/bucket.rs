@@ -102,9 +102,11 @@ impl Marks {
             self.0.resize(len.div_ceil(64), 0);
         }
     }
+    #[inline]
     pub fn set(&mut self, i: usize) {
         self.0[i / 64] |= 1 << (i % 64);
     }
+    #[inline]
     pub fn get(&self, i: usize) -> bool {
         self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
@@ -184,6 +186,7 @@ impl HotSegment {
         }
     }
 
+    #[inline]
     fn data(&self) -> &HotData {
         match &self.events {
             Events::Open(d) => d,
@@ -192,6 +195,7 @@ impl HotSegment {
     }
 
     /// False once a checkpoint has sealed the segment.
+    #[inline]
     pub fn is_open(&self) -> bool {
         matches!(self.events, Events::Open(_))
     }
@@ -201,6 +205,7 @@ impl HotSegment {
     }
 
     /// Bytes of memory this segment holds, by capacity.
+    #[inline]
     pub fn memory_bytes(&self) -> usize {
         let d = self.data();
         d.chunk_bytes
@@ -214,6 +219,7 @@ impl HotSegment {
     /// while this is under its limit, so that its last chunk (up to 1 MiB) is filled
     /// before a new segment starts, rather than left nearly empty because its capacity
     /// alone reached the limit.
+    #[inline]
     pub fn filled_bytes(&self) -> usize {
         let d = self.data();
         let tail = d.chunks.last().map_or(0, |c| c.capacity() - c.len());
@@ -246,6 +252,7 @@ impl HotSegment {
 
     /// Appends an event whose payload is `payload[0]` then `payload[1]` (a stored form
     /// in two pieces); returns its ordinal in the segment.
+    #[inline]
     pub fn push(
         &mut self,
         key_hash: u64,
@@ -313,6 +320,7 @@ impl HotSegment {
 
     /// Fetches into cache where [`probe`](Self::probe) of this key and interval would
     /// look first.
+    #[inline]
     pub fn prefetch(&self, key_hash: u64, lo: i64, hi: i64) {
         if hi >= self.time_min && lo <= self.time_max {
             self.data().index.prefetch(key_hash);
@@ -321,6 +329,7 @@ impl HotSegment {
 
     /// Calls `hit` with (ordinal, payload) of every event with this key and a time in
     /// `[lo, hi]`.
+    #[inline]
     pub fn probe(
         &self,
         key_hash: u64,
@@ -567,6 +576,7 @@ impl HotData {
         (key, &rest[..payload_len])
     }
 
+    #[inline]
     fn key(&self, slot: &Slot) -> &[u8] {
         self.record(slot).0
     }
@@ -585,6 +595,7 @@ impl HotData {
         }
     }
 
+    #[inline]
     fn payload(&self, slot: &Slot) -> &[u8] {
         self.record(slot).1
     }
@@ -879,6 +890,7 @@ impl SegmentGroups {
     /// True when no segment the whole filter covers holds the key. Every grouped
     /// segment is covered then: the filter was planned at the bucket's first spill,
     /// before any group.
+    #[inline]
     pub fn excludes(&self, hash: u64) -> bool {
         match &self.whole {
             Whole::Building { filter, .. } => !filter.may_contain(whole_hash(hash)),
@@ -888,6 +900,7 @@ impl SegmentGroups {
 
     /// Fetches into cache what checking the whole filter, or else every group
     /// filter, for `hash` reads.
+    #[inline]
     pub fn prefetch(&self, hash: u64) {
         if let Whole::Building { filter, .. } = &self.whole {
             filter.prefetch(whole_hash(hash));
@@ -900,6 +913,7 @@ impl SegmentGroups {
     }
 
     /// Whether group `group`'s segments may hold the key.
+    #[inline]
     pub fn may_contain(&self, group: usize, hash: u64) -> bool {
         self.filters[group].may_contain(group_hash((hash >> 32) as u32))
     }
@@ -907,6 +921,7 @@ impl SegmentGroups {
 
 /// The whole filter's hash of a key: mixed, so that its false positives are
 /// independent of the segments' filters (which take the key hash as it is).
+#[inline]
 fn whole_hash(hash: u64) -> u64 {
     let z = (hash ^ (hash >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 29)
@@ -915,6 +930,7 @@ fn whole_hash(hash: u64) -> u64 {
 /// A group filter's hash of a key: rebuilt from the high half of its 64-bit hash
 /// (which is all a bucket keeps of a spilled segment's keys until they are grouped),
 /// mixed so that the filter's block and bits are independent.
+#[inline]
 fn group_hash(high: u32) -> u64 {
     let z = u64::from(high).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (z ^ (z >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9)

@@ -361,6 +361,7 @@ impl IdSet {
     }
 
     /// A hint to fetch the entry where a search for `id` starts; changes nothing.
+    #[inline]
     pub fn prefetch(&self, id: u128) {
         let part = &self.parts[part_of(id)];
         if !part.entries.is_empty() {

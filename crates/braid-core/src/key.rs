@@ -21,10 +21,12 @@ pub struct KeyWriter {
 }
 
 impl KeyWriter {
+    #[inline]
     pub fn clear(&mut self) {
         self.buf.clear();
     }
 
+    #[inline]
     pub fn push(&mut self, part: KeyPart<'_>) {
         match part {
             KeyPart::Int(v) => {
@@ -40,11 +42,13 @@ impl KeyWriter {
         }
     }
 
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
         &self.buf
     }
 
     /// The key's 64-bit hash, used for routing, hash indexes and filters.
+    #[inline]
     pub fn hash(&self) -> u64 {
         hash_key(&self.buf)
     }
@@ -73,6 +77,7 @@ pub fn key_parts(mut key: &[u8]) -> impl Iterator<Item = KeyPart<'_>> {
     })
 }
 
+#[inline]
 pub fn hash_key(key: &[u8]) -> u64 {
     xxh3_64(key)
 }

@@ -11,6 +11,7 @@ pub enum Side {
 impl Side {
     pub const BOTH: [Side; 2] = [Side::Left, Side::Right];
 
+    #[inline]
     pub fn opposite(self) -> Side {
         match self {
             Side::Left => Side::Right,
@@ -18,6 +19,7 @@ impl Side {
         }
     }
 
+    #[inline]
     pub fn index(self) -> usize {
         match self {
             Side::Left => 0,
@@ -56,6 +58,7 @@ impl JoinSpec {
 
     /// The inclusive range of times on the opposite side that an event of `side` at
     /// `time` matches, saturating at the ends of `i64`.
+    #[inline]
     pub fn probe_range(&self, side: Side, time: i64) -> (i64, i64) {
         match side {
             Side::Left => (

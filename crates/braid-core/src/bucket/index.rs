@@ -28,14 +28,17 @@ pub(super) struct KeyIndex {
     len: usize,
 }
 
+#[inline]
 fn entry(hash: u64, head: u32) -> u64 {
     (hash & 0xffff_ffff) << 32 | u64::from(head)
 }
 
+#[inline]
 fn head_of(entry: u64) -> u32 {
     entry as u32
 }
 
+#[inline]
 fn low_of(entry: u64) -> u32 {
     (entry >> 32) as u32
 }
@@ -46,12 +49,14 @@ impl KeyIndex {
         self.len
     }
 
+    #[inline]
     pub fn memory_bytes(&self) -> usize {
         self.entries.capacity() * ENTRY_BYTES
     }
 
     /// Where `hash`'s chain is, or the empty entry where it would go. `high` gives the
     /// high half of the hash of the chain that `head` starts.
+    #[inline]
     fn position(&self, hash: u64, high: impl Fn(u32) -> u32) -> usize {
         let mask = self.entries.len() - 1;
         let mut at = hash as usize & mask;
@@ -65,6 +70,7 @@ impl KeyIndex {
     }
 
     /// The head of `hash`'s chain, or [`NO_SLOT`].
+    #[inline]
     pub fn get(&self, hash: u64, high: impl Fn(u32) -> u32) -> u32 {
         if self.entries.is_empty() {
             return NO_SLOT;
@@ -74,6 +80,7 @@ impl KeyIndex {
 
     /// Makes `head` the head of `hash`'s chain; returns the head it had ([`NO_SLOT`]
     /// for a new hash).
+    #[inline]
     pub fn replace(&mut self, hash: u64, head: u32, high: impl Fn(u32) -> u32) -> u32 {
         debug_assert!(head != NO_SLOT);
         if (self.len + 1) * LOAD_DENOMINATOR > self.entries.len() * LOAD_NUMERATOR {
