@@ -22,7 +22,7 @@ const CHUNK_BYTES_MIN: usize = 4 << 10;
 const CHUNK_BYTES_MAX: usize = 1 << 20;
 /// Memory of one slot and of one used index entry.
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
-const INDEX_ENTRY_BYTES: usize = index::ENTRY_BYTES;
+pub(crate) const INDEX_ENTRY_BYTES: usize = index::ENTRY_BYTES;
 /// Bytes of a length, a slot and an index entry in an image (see [`HotImage::write`]):
 /// the least a counted item can take, which bounds what a count can ask for.
 const LEN_IMAGE_BYTES: u64 = 8;
@@ -184,6 +184,23 @@ impl HotSegment {
             number,
             ..HotSegment::default()
         }
+    }
+
+    /// A segment whose index has room for `keys` distinct keys from the start: it
+    /// grows by doubling otherwise, rehashing all it holds each time. (Its slots still
+    /// grow by doubling: reserved from the start they counted in the budget before
+    /// they held anything, and at 512 MiB twice as many events were spilled.)
+    pub fn with_room(number: u32, keys: usize) -> HotSegment {
+        let mut hot = HotSegment::new(number);
+        if let Events::Open(d) = &mut hot.events {
+            d.index.reserve(keys);
+        }
+        hot
+    }
+
+    /// Distinct key hashes in the segment.
+    pub fn keys(&self) -> usize {
+        self.data().index.len()
     }
 
     #[inline]

@@ -16,7 +16,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::bucket::{decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, NO_GROUP};
+use crate::bucket::{
+    decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, INDEX_ENTRY_BYTES, NO_GROUP,
+};
 use crate::ids::IdSet;
 use crate::shape::{PayloadMode, Shapes, AUTO_SHAPE_FRACTION, VERBATIM_MARK};
 use crate::spec::{JoinSpec, Side};
@@ -118,6 +120,58 @@ struct SideState {
     ids: IdSet,
     /// The shapes the side's payloads are stored by: they outlive every bucket.
     shapes: Shapes,
+    /// What the newest closed bucket held, for sizing new segments.
+    room: SegmentRoom,
+}
+
+/// The size of the newest closed bucket of a side, which a new hot segment's index is
+/// sized by: a stream's buckets hold about as many events as the one before. Without
+/// it the index grew by doubling, rehashing all it held each time (3 % of an in-memory
+/// flink-peer run's samples).
+#[derive(Default, Clone, Copy)]
+struct SegmentRoom {
+    /// Events in the bucket, over all its segments.
+    bucket_events: usize,
+    /// Events in its largest segment: no new segment is sized beyond it.
+    segment_events_max: usize,
+    /// Distinct keys per 1024 events in its hot segments.
+    keys_per_1024: usize,
+}
+
+/// A new segment's reserved index takes at most this fraction of `segment_bytes_max`,
+/// so that a segment is never full from its reservation alone.
+const ROOM_FRACTION_MAX: usize = 4;
+
+impl SegmentRoom {
+    fn of(bucket: &Bucket) -> SegmentRoom {
+        let (mut events, mut largest, mut hot_events, mut hot_keys) = (0, 0, 0, 0);
+        for segment in &bucket.segments {
+            events += segment.len();
+            largest = largest.max(segment.len());
+            if let Segment::Hot(hot) = segment {
+                hot_events += hot.len();
+                hot_keys += hot.keys();
+            }
+        }
+        SegmentRoom {
+            bucket_events: events,
+            segment_events_max: largest,
+            keys_per_1024: (hot_keys * 1024).checked_div(hot_events).unwrap_or(1024),
+        }
+    }
+
+    /// The keys to make room for in a new segment of a bucket that holds `held` events
+    /// already: those of the events still to come, within a segment's, and an index
+    /// of at most `bytes_max` / [`ROOM_FRACTION_MAX`].
+    fn keys_for_segment(&self, held: usize, bytes_max: usize) -> usize {
+        let events = self
+            .bucket_events
+            .saturating_sub(held)
+            .min(self.segment_events_max);
+        // two entries a key at the index's load
+        let keys_max = bytes_max / ROOM_FRACTION_MAX / (2 * INDEX_ENTRY_BYTES);
+        (events * self.keys_per_1024 / 1024).min(keys_max)
+    }
 }
 
 /// The two-way interval join of one shard.
@@ -407,11 +461,16 @@ impl<S: StateStore> Join<S> {
             }
             let closed = self.closed_test();
             let mut grown = 0;
+            let mut room = None;
             for (&bucket_id, bucket) in self.sides[side.index()].buckets.iter_mut() {
                 if !closed(bucket_id) {
                     break;
                 }
                 grown += bucket.group(true);
+                room = Some(SegmentRoom::of(bucket));
+            }
+            if let Some(room) = room {
+                self.sides[side.index()].room = room;
             }
             self.filters_bytes = self.filters_bytes.wrapping_add_signed(grown);
         }
@@ -569,12 +628,17 @@ impl<S: StateStore> Join<S> {
         } else {
             [VERBATIM_MARK, event.payload]
         };
+        let room = self.sides[own].room;
         let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
         let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.filled_bytes() < self.segment_bytes_max);
         if !open {
             let number = bucket.next_segment_number;
             bucket.next_segment_number += 1;
-            bucket.segments.push(Segment::Hot(HotSegment::new(number)));
+            let held = bucket.segments.iter().map(Segment::len).sum();
+            let keys = room.keys_for_segment(held, self.segment_bytes_max);
+            let hot = HotSegment::with_room(number, keys);
+            self.segments_bytes += hot.memory_bytes();
+            bucket.segments.push(Segment::Hot(hot));
         }
         let Some(Segment::Hot(hot)) = bucket.segments.last_mut() else {
             unreachable!("an open hot segment was just ensured")
@@ -959,6 +1023,40 @@ mod tests {
             push(&mut join, &mut sink, Side::Right, key, 30_000);
         }
         assert!(join.counts().cold_reads - before < 20);
+    }
+
+    /// A new hot segment's index is sized by the newest closed bucket of its side, and
+    /// the room is counted in the join's memory from the start.
+    #[test]
+    fn a_new_segment_has_room_for_the_keys_of_the_closed_bucket_before() {
+        let mut join = Join::new(SPEC, MemStore::default(), 64 << 20);
+        let mut sink = RowSink::default();
+        let keys = 3_000u64;
+        for key in 0..keys {
+            push(&mut join, &mut sink, Side::Left, key, (key % 12_000) as i64);
+        }
+        // Bucket 0 (0..12,500) closes; the first event of bucket 1 opens its segment.
+        join.advance(Watermark::at(EventTime(13_000)), &mut sink)
+            .expect("a memory store does not fail");
+        push(&mut join, &mut sink, Side::Left, 1 << 40, 13_500);
+        let Some(Segment::Hot(hot)) = join.sides[0].buckets[&1].segments.last() else {
+            panic!("bucket 1 has a hot segment")
+        };
+        assert_eq!(hot.len(), 1);
+        // an index for `keys` keys at half load, beside one 4 KiB arena chunk
+        assert!(
+            hot.memory_bytes() >= 2 * keys as usize * INDEX_ENTRY_BYTES,
+            "{} bytes",
+            hot.memory_bytes()
+        );
+        let segments: usize = join
+            .sides
+            .iter()
+            .flat_map(|s| s.buckets.values())
+            .flat_map(|b| &b.segments)
+            .map(Segment::memory_bytes)
+            .sum();
+        assert_eq!(join.segments_bytes, segments);
     }
 
     /// One bucket spilled in many small segments: its cold segments are grouped under

@@ -97,6 +97,12 @@ impl KeyIndex {
 
     /// Makes room for `keys` hashes without growing.
     pub fn reserve(&mut self, keys: usize) {
+        if self.entries.is_empty() && keys > 0 {
+            let capacity = (keys * LOAD_DENOMINATOR / LOAD_NUMERATOR + 1)
+                .next_power_of_two()
+                .max(CAPACITY_MIN);
+            self.entries = vec![EMPTY; capacity];
+        }
         while keys * LOAD_DENOMINATOR > self.entries.len() * LOAD_NUMERATOR {
             self.grow();
         }
