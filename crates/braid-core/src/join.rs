@@ -461,16 +461,17 @@ impl<S: StateStore> Join<S> {
             }
             let closed = self.closed_test();
             let mut grown = 0;
-            let mut room = None;
-            for (&bucket_id, bucket) in self.sides[side.index()].buckets.iter_mut() {
+            let mut newest_closed = None;
+            let state = &mut self.sides[side.index()];
+            for (&bucket_id, bucket) in state.buckets.iter_mut() {
                 if !closed(bucket_id) {
                     break;
                 }
                 grown += bucket.group(true);
-                room = Some(SegmentRoom::of(bucket));
+                newest_closed = Some(bucket_id);
             }
-            if let Some(room) = room {
-                self.sides[side.index()].room = room;
+            if let Some(bucket_id) = newest_closed {
+                state.room = SegmentRoom::of(&state.buckets[&bucket_id]);
             }
             self.filters_bytes = self.filters_bytes.wrapping_add_signed(grown);
         }
@@ -628,14 +629,14 @@ impl<S: StateStore> Join<S> {
         } else {
             [VERBATIM_MARK, event.payload]
         };
-        let room = self.sides[own].room;
-        let bucket = self.sides[own].buckets.entry(bucket_id).or_default();
+        let state = &mut self.sides[own];
+        let bucket = state.buckets.entry(bucket_id).or_default();
         let open = matches!(bucket.segments.last(), Some(Segment::Hot(h)) if h.is_open() && h.filled_bytes() < self.segment_bytes_max);
         if !open {
             let number = bucket.next_segment_number;
             bucket.next_segment_number += 1;
             let held = bucket.segments.iter().map(Segment::len).sum();
-            let keys = room.keys_for_segment(held, self.segment_bytes_max);
+            let keys = state.room.keys_for_segment(held, self.segment_bytes_max);
             let hot = HotSegment::with_room(number, keys);
             self.segments_bytes += hot.memory_bytes();
             bucket.segments.push(Segment::Hot(hot));
@@ -853,6 +854,20 @@ mod tests {
             .expect("a memory store does not fail");
     }
 
+    /// Pushes `n` events of distinct keys on `side`: key `first_key + i` at time
+    /// `first_time + i`.
+    fn push_run(
+        join: &mut Join<MemStore>,
+        sink: &mut RowSink,
+        side: Side,
+        (first_key, first_time): (u64, i64),
+        n: u64,
+    ) {
+        for i in 0..n {
+            push(join, sink, side, first_key + i, first_time + i as i64);
+        }
+    }
+
     /// A deferred probe of a cold segment waits: no read, no pair, until the join is
     /// flushed or a bucket it names is about to expire; then its pair is emitted and
     /// both events are counted matched, the probing one though its own bucket expires
@@ -862,9 +877,7 @@ mod tests {
         let mut join = Join::new(SPEC, MemStore::default(), 64 << 10);
         join.set_deferred_probe_bytes_max(usize::MAX);
         let mut sink = RowSink::default();
-        for key in 0..2_000u64 {
-            push(&mut join, &mut sink, Side::Left, key, key as i64);
-        }
+        push_run(&mut join, &mut sink, Side::Left, (0, 0), 2_000);
         assert!(join.counts().spilled_events > 0);
         // Key 5 was spilled early; key 6 too.
         push(&mut join, &mut sink, Side::Right, 5, 20_000);
@@ -961,27 +974,9 @@ mod tests {
         // Bucket 0 (no bucket before it to size a whole filter from), then a few
         // segments' worth in bucket 1 (sized from bucket 0), then bucket 2, so that
         // bucket 1 spills whole.
-        for key in 0..2_000u64 {
-            push(&mut join, &mut sink, Side::Left, key, key as i64);
-        }
-        for key in 0..300u64 {
-            push(
-                &mut join,
-                &mut sink,
-                Side::Left,
-                100_000 + key,
-                12_500 + key as i64,
-            );
-        }
-        for key in 0..600u64 {
-            push(
-                &mut join,
-                &mut sink,
-                Side::Left,
-                200_000 + key,
-                25_000 + key as i64,
-            );
-        }
+        push_run(&mut join, &mut sink, Side::Left, (0, 0), 2_000);
+        push_run(&mut join, &mut sink, Side::Left, (100_000, 12_500), 300);
+        push_run(&mut join, &mut sink, Side::Left, (200_000, 25_000), 600);
         // Bucket 1 closes (the watermark passes its end), bucket 0 stays.
         join.advance(Watermark::at(EventTime(26_000)), &mut sink)
             .expect("a memory store does not fail");
@@ -1068,9 +1063,7 @@ mod tests {
         join.set_cold_probe_mode(ColdProbeMode::Eager);
         let mut sink = RowSink::default();
         // 2,000 left events in bucket 0 (width 12.5 s): far more than the 64 KiB budget.
-        for key in 0..2_000u64 {
-            push(&mut join, &mut sink, Side::Left, key, key as i64);
-        }
+        push_run(&mut join, &mut sink, Side::Left, (0, 0), 2_000);
         let bucket = &join.sides[0].buckets[&0];
         let cold = bucket
             .segments

@@ -893,13 +893,18 @@ impl Shard {
         self.parts.iter().map(|p| p.join.memory_bytes()).sum()
     }
 
+    /// This shard's cells of the live views' gauges.
+    fn gauges(&self) -> &ShardGauges {
+        &self.gauges.shards[self.index]
+    }
+
     /// Stores the units' counts for the live views.
     fn store_counts(&self) {
         let mut counts = JoinCounts::default();
         for p in &self.parts {
             counts.add(&p.join.counts());
         }
-        self.gauges.shards[self.index].counts.store(&counts);
+        self.gauges().counts.store(&counts);
     }
 }
 
@@ -942,7 +947,8 @@ fn run_shard<K: ResultSink>(
                 }
                 drop(by_part);
                 let memory = shard.memory_bytes();
-                shard.gauges.shards[shard.index]
+                shard
+                    .gauges()
                     .memory
                     .store(memory as u64, Ordering::Relaxed);
                 shard.store_counts();
@@ -977,9 +983,7 @@ fn run_shard<K: ResultSink>(
                     .map(|p| p.join.store().disk_bytes())
                     .sum::<u64>();
                 report.disk_bytes_max = report.disk_bytes_max.max(disk);
-                shard.gauges.shards[shard.index]
-                    .disk
-                    .store(disk, Ordering::Relaxed);
+                shard.gauges().disk.store(disk, Ordering::Relaxed);
                 shard.store_counts();
             }
             ShardMessage::Barrier(epoch) => {

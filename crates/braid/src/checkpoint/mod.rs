@@ -835,9 +835,9 @@ impl CommitterState {
     }
 }
 
-/// Writes each changed unit's join image into its staging folder, one thread per unit;
-/// returns the files (`None` for a unit unchanged), in the order of the shards' units.
-/// Writes the units' changed images, each checksummed as it is written.
+/// Writes each changed unit's join image into its staging folder, one thread per unit,
+/// checksummed as it is written; returns the files with their sums (`None` for a unit
+/// unchanged), in the order of the shards' units.
 fn write_images(shards: &mut [ShardSnapshot]) -> anyhow::Result<Vec<Option<(PathBuf, FileSum)>>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
