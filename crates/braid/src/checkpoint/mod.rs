@@ -370,7 +370,7 @@ impl<W: std::io::Write> std::io::Write for Summed<W> {
 }
 
 /// xxh3-64 and length of a local file.
-pub fn checksum_file(path: &Path) -> anyhow::Result<(u64, u64)> {
+pub fn checksum_file(path: &Path) -> anyhow::Result<FileSum> {
     use std::io::Read;
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -382,7 +382,10 @@ pub fn checksum_file(path: &Path) -> anyhow::Result<(u64, u64)> {
             .read(&mut buf)
             .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
-            return Ok((hasher.digest(), len));
+            return Ok(FileSum {
+                xxh3: hasher.digest(),
+                bytes: len,
+            });
         }
         hasher.update(&buf[..n]);
         len += n as u64;
@@ -657,15 +660,15 @@ impl CommitterState {
             .metadata()
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();
-        let (sum, bytes) = match written {
-            Some(w) if w.bytes == length => (w.xxh3, w.bytes),
+        let sum = match written {
+            Some(w) if w.bytes == length => w,
             _ => checksum_file(path)?,
         };
         self.store.put_file(&name, path)?;
         Ok(FileRef {
             name,
-            bytes,
-            xxh3: format!("{sum:016x}"),
+            bytes: sum.bytes,
+            xxh3: format!("{:016x}", sum.xxh3),
         })
     }
 
@@ -973,8 +976,7 @@ pub fn fetch(
         for candidate in local {
             let same_size = std::fs::metadata(candidate).is_ok_and(|m| m.len() == file.bytes);
             if same_size && std::fs::hard_link(candidate, to).is_ok() {
-                let (sum, bytes) = checksum_file(to)?;
-                if verify(file, sum, bytes).is_ok() {
+                if verify(file, checksum_file(to)?).is_ok() {
                     return Ok(file.bytes);
                 }
                 std::fs::remove_file(to)
@@ -982,8 +984,7 @@ pub fn fetch(
             }
         }
         store.get_file(&file.name, to)?;
-        let (sum, bytes) = checksum_file(to)?;
-        verify(file, sum, bytes)?;
+        verify(file, checksum_file(to)?)?;
         Ok(0)
     })?;
     let reused_bytes: u64 = reused.iter().sum();
@@ -1050,10 +1051,11 @@ fn in_parallel<T: Sync, R: Send>(
     Ok(results.into_iter().map(|(_, r)| r).collect())
 }
 
-fn verify(file: &FileRef, sum: u64, bytes: u64) -> anyhow::Result<()> {
+fn verify(file: &FileRef, got: FileSum) -> anyhow::Result<()> {
+    let FileSum { xxh3, bytes } = got;
     anyhow::ensure!(
-        bytes == file.bytes && format!("{sum:016x}") == file.xxh3,
-        "{} is corrupted: {bytes} bytes with checksum {sum:016x}, the manifest says {} bytes with {}",
+        bytes == file.bytes && format!("{xxh3:016x}") == file.xxh3,
+        "{} is corrupted: {bytes} bytes with checksum {xxh3:016x}, the manifest says {} bytes with {}",
         file.name,
         file.bytes,
         file.xxh3
@@ -1085,10 +1087,7 @@ mod tests {
         out.flush().expect("flush");
         let sum = out.get_ref().sum();
         assert_eq!(sum.bytes, written);
-        assert_eq!(
-            (sum.xxh3, sum.bytes),
-            checksum_file(&path).expect("checksum")
-        );
+        assert_eq!(sum, checksum_file(&path).expect("checksum"));
     }
 
     /// A segment file the local state still holds, unchanged, is linked from there; one
@@ -1105,11 +1104,11 @@ mod tests {
             let from = dir.path().join(name.replace('/', "-"));
             std::fs::write(&from, bytes).expect("write");
             store.put_file(name, &from).expect("put");
-            let (sum, len) = checksum_file(&from).expect("checksum");
+            let sum = checksum_file(&from).expect("checksum");
             FileRef {
                 name: name.to_string(),
-                bytes: len,
-                xxh3: format!("{sum:016x}"),
+                bytes: sum.bytes,
+                xxh3: format!("{:016x}", sum.xxh3),
             }
         };
         let segment = |n: u32, file: FileRef| SegmentRef {
