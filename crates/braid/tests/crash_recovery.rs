@@ -13,18 +13,35 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    add_checkpoints, assert_success, braid, committed_lines, committed_side_lines, generate,
-    is_sub_multiset, newest_manifest, reference_events, reference_join, summary, write_job,
-    TestRng,
+    add_checkpoints, assert_success, braid, committed_lines, committed_side_lines,
+    generate_for_members, is_sub_multiset, newest_manifest, reference_events, reference_join,
+    summary, write_job, TestRng,
 };
 
 /// Kills per schedule; four schedules give at least 20 per test run.
 const KILLS_PER_SCHEDULE: usize = 6;
-const EVENTS: u64 = 200_000;
+/// Lines of a schedule's input, over [`MEMBERS`] members: enough for about 20
+/// checkpoints in a whole run (about 2 s here), so that kills drawn as shares of the
+/// input land inside runs. (At 200,000 lines a whole run took 0.4 s and 4 checkpoints,
+/// and too many kills came after its end.)
+const EVENTS: u64 = 600_000;
+/// Members of the generated data: 5 times `generate`'s 300 for 3 times its usual
+/// events, so that the joined rows (about 1.1 M) grow with the events, not their square.
+const MEMBERS: u64 = 1_500;
+/// A kill inside a run lands once a checkpoint of the run has read up to this share,
+/// in thousandths, of the input lines left.
+const KILL_SHARE_MAX: u64 = 600;
+/// ... and then up to this long later: one checkpoint interval (100 ms), so that such
+/// kills hit every phase of an epoch.
+const KILL_EXTRA_MS_MAX: u64 = 100;
+/// How long a run may take to reach a kill's share of its input before it is killed
+/// anyway.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Lines between injected far-future events, in the full join's schedules.
 const FAR_FUTURE_EVERY: usize = 300;
 
@@ -62,6 +79,88 @@ fn inject_far_future(dir: &std::path::Path, every: usize) -> usize {
     injected
 }
 
+/// When a run is killed, drawn from the seed for each run.
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// This long after the start: at start-up, restore, or wherever the run is then.
+    Delay(u64),
+    /// Once a checkpoint of the run has read more than `share` thousandths of the
+    /// input lines left, and `extra_ms` after that. A share of the input, not a time,
+    /// so that the kill lands inside the run however fast braid is.
+    Read { share: u64, extra_ms: u64 },
+}
+
+impl KillAt {
+    fn draw(rng: &mut TestRng, delay_ms: (u64, u64)) -> KillAt {
+        let share = rng.range(0, KILL_SHARE_MAX);
+        let extra_ms = rng.range(0, KILL_EXTRA_MS_MAX);
+        match rng.range(0, 10) {
+            0..=3 => KillAt::Delay(rng.range(delay_ms.0, delay_ms.1)),
+            _ => KillAt::Read { share, extra_ms },
+        }
+    }
+}
+
+/// Input lines the newest checkpoint in `checkpoints` has read, over the sources; 0
+/// before the first. `None` while its manifest cannot be read (being replaced).
+fn checkpointed_input(checkpoints: &Path) -> Option<u64> {
+    let Ok(entries) = std::fs::read_dir(checkpoints.join("manifests")) else {
+        return Some(0);
+    };
+    let Some(newest) = entries
+        .filter_map(|e| e.ok()?.path().file_stem()?.to_str()?.parse::<u64>().ok())
+        .max()
+    else {
+        return Some(0);
+    };
+    let path = checkpoints.join(format!("manifests/{newest:020}.manifest"));
+    let text = std::fs::read_to_string(path).ok()?;
+    let manifest: serde_json::Value = serde_json::from_str(&text[text.find('\n')? + 1..]).ok()?;
+    manifest["reader"]["sources"]
+        .as_array()?
+        .iter()
+        .map(|source| source["counts"]["input"].as_u64())
+        .sum()
+}
+
+/// Waits for the moment `at` of `child`, which has `lines_left` input lines past its
+/// checkpoints in `checkpoints`; returns its exit status if it ended first.
+fn wait_for_moment(
+    child: &mut Child,
+    checkpoints: &Path,
+    at: KillAt,
+    lines_left: u64,
+) -> Option<ExitStatus> {
+    let wait_until = |child: &mut Child, reached: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if reached() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.try_wait().expect("wait")
+    };
+    let after = |ms: u64| {
+        let from = Instant::now();
+        move || from.elapsed() >= Duration::from_millis(ms)
+    };
+    match at {
+        KillAt::Delay(ms) => wait_until(child, &mut after(ms)),
+        KillAt::Read { share, extra_ms } => {
+            let mark = checkpointed_input(checkpoints).unwrap_or(0) + lines_left * share / 1000;
+            let mut read_past_mark = || checkpointed_input(checkpoints).is_some_and(|n| n > mark);
+            if let Some(status) = wait_until(child, &mut read_past_mark) {
+                return Some(status);
+            }
+            wait_until(child, &mut after(extra_ms))
+        }
+    }
+}
+
 /// Runs one kill-and-restart schedule; returns the number of kills that hit a running
 /// process.
 fn crash_schedule(kind: &str, seed: u64) -> usize {
@@ -69,7 +168,7 @@ fn crash_schedule(kind: &str, seed: u64) -> usize {
 }
 
 /// [`crash_schedule`], with run `i` (killed or not) on `parallelisms[i % len]` shards,
-/// each killed after a delay drawn from `delay_ms`. Returns the kills, and the runs
+/// each killed at a moment drawn with delays from `delay_ms`. Returns the kills, and the runs
 /// that logged a re-split of the restored state.
 fn crash_schedule_with(
     kind: &str,
@@ -83,7 +182,7 @@ fn crash_schedule_with(
         .unwrap_or(seed);
     eprintln!("crash schedule: {kind} join, seed {seed} (replay with BRAID_CRASH_SEED={seed})");
     let dir = tempfile::tempdir().expect("temp dir");
-    generate(dir.path(), EVENTS, seed);
+    generate_for_members(dir.path(), EVENTS, seed, MEMBERS);
     let far = if kind == "full" {
         inject_far_future(dir.path(), FAR_FUTURE_EVERY)
     } else {
@@ -115,8 +214,11 @@ fn crash_schedule_with(
             .unwrap_or_default()
             .contains("re-split the checkpoint's state by key")
     };
+    let checkpoints = dir.path().join("checkpoints");
+    let lines = EVENTS + far as u64;
     while kills < KILLS_PER_SCHEDULE {
-        let delay = Duration::from_millis(rng.range(delay_ms.0, delay_ms.1));
+        let at = KillAt::draw(&mut rng, delay_ms);
+        let lines_left = lines.saturating_sub(checkpointed_input(&checkpoints).unwrap_or(0));
         set_parallelism(runs);
         let mut child = Command::new(env!("CARGO_BIN_EXE_braid"))
             .args(["run", "-v", job.to_str().expect("utf-8")])
@@ -126,14 +228,11 @@ fn crash_schedule_with(
             .expect("braid starts");
         runs += 1;
         let started = Instant::now();
-        let mut finished = None;
-        while started.elapsed() < delay {
-            if let Some(status) = child.try_wait().expect("wait") {
-                finished = Some(status);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let finished = wait_for_moment(&mut child, &checkpoints, at, lines_left);
+        let moment = format!(
+            "{at:?}, {} ms into run {runs}",
+            started.elapsed().as_millis()
+        );
         match finished {
             Some(status) => {
                 assert!(
@@ -152,10 +251,14 @@ fn crash_schedule_with(
             }
         }
         let visible = committed_lines(&out);
+        eprintln!(
+            "seed {seed}: {moment}: {} of {} rows visible",
+            visible.len(),
+            want.len()
+        );
         assert!(
             is_sub_multiset(&visible, &want),
-            "seed {seed}: after kill {kills} ({} ms into run {runs}) the visible output holds a row that is not in the reference, or one row twice",
-            delay.as_millis()
+            "seed {seed}: after kill {kills} ({moment}) the visible output holds a row that is not in the reference, or one row twice"
         );
     }
     // Resume to the end; when rescaling, on shards other than the last checkpoint's,
@@ -241,9 +344,8 @@ fn full_join_survives_sigkill_at_random_moments() {
 /// Rescaling in one process (issue 10): every run has another `parallelism` (2, 3, 1,
 /// ...) and the job's single partition is split over the shards by key group, so each
 /// restore re-splits the checkpoint's state by key. Killed at random moments as above
-/// (0.2 to 1.2 s in: a whole uninterrupted run now takes little more, so later kills
-/// would miss; in local runs of seeds 301 to 307 two or three killed runs had logged
-/// their re-split), the output is still exactly the reference.
+/// (delays of 40 to 300 ms land in start-up and the restore's re-split), the output is
+/// still exactly the reference.
 #[test]
 fn a_restart_with_another_parallelism_re_splits_the_state() {
     let (kills, resplits) = crash_schedule_with("full", 301, &[2, 3, 1], (40, 300));

@@ -36,6 +36,12 @@ pub fn assert_success(out: &Output) {
 
 /// Generates a take-rate data set under `dir/data` with `braid generate`.
 pub fn generate(dir: &Path, events: u64, seed: u64) {
+    generate_for_members(dir, events, seed, 300);
+}
+
+/// [`generate`] with `profiles` members instead of 300: the rows of a join grow with
+/// the square of the events per key (50 titles; an hour's window spans them all).
+pub fn generate_for_members(dir: &Path, events: u64, seed: u64, profiles: u64) {
     let out = braid(&[
         "generate",
         "--out",
@@ -52,7 +58,7 @@ pub fn generate(dir: &Path, events: u64, seed: u64) {
         "0.02",
         // Few members and titles, so that keys repeat and plays find impressions.
         "--profiles",
-        "300",
+        &profiles.to_string(),
         "--titles",
         "50",
     ]);
