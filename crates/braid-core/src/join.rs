@@ -17,7 +17,8 @@
 use std::collections::BTreeMap;
 
 use crate::bucket::{
-    decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, INDEX_ENTRY_BYTES, NO_GROUP,
+    decode_events, Bucket, ChunkPool, ColdSegment, HotSegment, Segment, SpillOrder,
+    INDEX_ENTRY_BYTES, NO_GROUP,
 };
 use crate::ids::IdSet;
 use crate::shape::{PayloadMode, Shapes, AUTO_SHAPE_FRACTION, VERBATIM_MARK};
@@ -206,7 +207,7 @@ pub struct Join<S> {
     /// bucket's whole and group filters (gathered once: each is a walk of the index).
     spill_hashes: Vec<u64>,
     /// Reused by a spill: the segment's events in key order (see `HotSegment::freeze`).
-    spill_order: Vec<(u128, u32)>,
+    spill_order: Vec<SpillOrder>,
     /// Reused buffers: the stored form of the event being inserted, and a stored
     /// payload decoded for the sink.
     stored: Vec<u8>,
