@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -101,33 +101,57 @@ impl KillAt {
     }
 }
 
-/// Input lines the newest checkpoint in `checkpoints` has read, over the sources; 0
-/// before the first. `None` while its manifest cannot be read (being replaced).
-fn checkpointed_input(checkpoints: &Path) -> Option<u64> {
-    let Ok(entries) = std::fs::read_dir(checkpoints.join("manifests")) else {
-        return Some(0);
-    };
-    let Some(newest) = entries
-        .filter_map(|e| e.ok()?.path().file_stem()?.to_str()?.parse::<u64>().ok())
-        .max()
-    else {
-        return Some(0);
-    };
-    let path = checkpoints.join(format!("manifests/{newest:020}.manifest"));
-    let text = std::fs::read_to_string(path).ok()?;
-    let manifest: serde_json::Value = serde_json::from_str(&text[text.find('\n')? + 1..]).ok()?;
-    manifest["reader"]["sources"]
-        .as_array()?
-        .iter()
-        .map(|source| source["counts"]["input"].as_u64())
-        .sum()
+/// The input lines the newest checkpoint in a folder has read, over the sources.
+struct CheckpointWatch {
+    manifests: PathBuf,
+    /// The newest epoch seen and its lines: a manifest is parsed once.
+    seen: Option<(u64, u64)>,
 }
 
-/// Waits for the moment `at` of `child`, which has `lines_left` input lines past its
-/// checkpoints in `checkpoints`; returns its exit status if it ended first.
+impl CheckpointWatch {
+    fn new(checkpoints: &Path) -> CheckpointWatch {
+        CheckpointWatch {
+            manifests: checkpoints.join("manifests"),
+            seen: None,
+        }
+    }
+
+    /// The lines; 0 before the first checkpoint, `None` while the newest manifest
+    /// cannot be read (being replaced).
+    fn input(&mut self) -> Option<u64> {
+        let Ok(entries) = std::fs::read_dir(&self.manifests) else {
+            return Some(0);
+        };
+        let Some(newest) = entries
+            .filter_map(|e| e.ok()?.path().file_stem()?.to_str()?.parse::<u64>().ok())
+            .max()
+        else {
+            return Some(0);
+        };
+        if let Some((epoch, lines)) = self.seen {
+            if epoch == newest {
+                return Some(lines);
+            }
+        }
+        let text =
+            std::fs::read_to_string(self.manifests.join(format!("{newest:020}.manifest"))).ok()?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(&text[text.find('\n')? + 1..]).ok()?;
+        let lines = manifest["reader"]["sources"]
+            .as_array()?
+            .iter()
+            .map(|source| source["counts"]["input"].as_u64())
+            .sum::<Option<u64>>()?;
+        self.seen = Some((newest, lines));
+        Some(lines)
+    }
+}
+
+/// Waits for the moment `at` of `child`, which has `lines_left` input lines past the
+/// checkpoints `watch` sees; returns its exit status if it ended first.
 fn wait_for_moment(
     child: &mut Child,
-    checkpoints: &Path,
+    watch: &mut CheckpointWatch,
     at: KillAt,
     lines_left: u64,
 ) -> Option<ExitStatus> {
@@ -151,8 +175,8 @@ fn wait_for_moment(
     match at {
         KillAt::Delay(ms) => wait_until(child, &mut after(ms)),
         KillAt::Read { share, extra_ms } => {
-            let mark = checkpointed_input(checkpoints).unwrap_or(0) + lines_left * share / 1000;
-            let mut read_past_mark = || checkpointed_input(checkpoints).is_some_and(|n| n > mark);
+            let mark = watch.input().unwrap_or(0) + lines_left * share / 1000;
+            let mut read_past_mark = || watch.input().is_some_and(|n| n > mark);
             if let Some(status) = wait_until(child, &mut read_past_mark) {
                 return Some(status);
             }
@@ -214,11 +238,11 @@ fn crash_schedule_with(
             .unwrap_or_default()
             .contains("re-split the checkpoint's state by key")
     };
-    let checkpoints = dir.path().join("checkpoints");
+    let mut watch = CheckpointWatch::new(&dir.path().join("checkpoints"));
     let lines = EVENTS + far as u64;
     while kills < KILLS_PER_SCHEDULE {
         let at = KillAt::draw(&mut rng, delay_ms);
-        let lines_left = lines.saturating_sub(checkpointed_input(&checkpoints).unwrap_or(0));
+        let lines_left = lines.saturating_sub(watch.input().unwrap_or(0));
         set_parallelism(runs);
         let mut child = Command::new(env!("CARGO_BIN_EXE_braid"))
             .args(["run", "-v", job.to_str().expect("utf-8")])
@@ -228,7 +252,7 @@ fn crash_schedule_with(
             .expect("braid starts");
         runs += 1;
         let started = Instant::now();
-        let finished = wait_for_moment(&mut child, &checkpoints, at, lines_left);
+        let finished = wait_for_moment(&mut child, &mut watch, at, lines_left);
         let moment = format!(
             "{at:?}, {} ms into run {runs}",
             started.elapsed().as_millis()
