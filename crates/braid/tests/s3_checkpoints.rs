@@ -34,6 +34,14 @@ const EVENTS: u64 = 400_000;
 /// The kill lands this long after the first manifest appeared, at most (from the seed),
 /// so that it cuts the run at different points of the next epoch's uploads.
 const KILL_DELAY_MS_MAX: u64 = 300;
+/// Each manifest the first run writes waits this long first
+/// (`BRAID_FAULTS=manifest-latency-ms`), so that the next checkpoint cannot commit
+/// within the kill's delay. Without it a fresh-clone CI run read all its input while
+/// the first checkpoint uploaded (4 s to moto), and the next manifest, the end of
+/// input's with no spilled segments left, committed before the kill 0.5 s later. (A
+/// wait on every request made the first checkpoint, of many small segment files, take
+/// more than a minute.)
+const FIRST_RUN_MANIFEST_LATENCY_MS: u64 = 2_000;
 
 /// `braid run --quiet JOB` with credentials and endpoint for moto, and no other AWS
 /// setting of the environment (a profile or an S3 endpoint there would win).
@@ -50,6 +58,10 @@ fn run_and_kill(dir: &Path, job: &Path, moto: &Moto, kill_delay: Duration) -> Ve
     let manifests = format!("{PREFIX}/manifests/");
     let log = |name: &str| std::fs::File::create(dir.join(name)).expect("create log");
     let child = braid_run(job, moto.port)
+        .env(
+            "BRAID_FAULTS",
+            format!("manifest-latency-ms:{FIRST_RUN_MANIFEST_LATENCY_MS}"),
+        )
         .stdout(log("first-run.stdout"))
         .stderr(log("first-run.stderr"))
         .spawn()

@@ -36,6 +36,10 @@ pub fn open_store_at(dir: &str) -> anyhow::Result<Box<dyn CheckpointStore>> {
         Some(ms) => Box::new(SlowStore::new(store, ms)),
         None => store,
     };
+    let store: Box<dyn CheckpointStore> = match fault_after("manifest-latency-ms") {
+        Some(ms) => Box::new(SlowStore::puts_in(store, ms, MANIFESTS)),
+        None => store,
+    };
     Ok(match fault_after("checkpoint-put") {
         Some(n) => Box::new(FaultyStore::new(store, n)),
         None => store,

@@ -160,8 +160,10 @@ impl CheckpointStore for LocalStore {
 /// Test hook: `BRAID_FAULTS=checkpoint-put:N` makes the checkpoint store's puts fail
 /// after N succeeded, as a full disk would; `state-write:N` does the same to the state
 /// store's segment writes; `crash-after-manifest:E` aborts the process right after the
-/// manifest of epoch E is written, before its outputs are published. Documented in the
-/// README under "Fault injection".
+/// manifest of epoch E is written, before its outputs are published;
+/// `checkpoint-latency-ms:N` makes every request to the checkpoint store wait N ms,
+/// `manifest-latency-ms:N` only the writes of manifests. Documented in the README
+/// under "Fault injection".
 pub const FAULTS_ENV: &str = "BRAID_FAULTS";
 
 /// The number after `what:` in [`FAULTS_ENV`], if present.
@@ -228,11 +230,16 @@ impl CheckpointStore for FaultyStore {
     }
 }
 
-/// A store whose every request first waits `latency` (fault injection: an object
-/// store's round trip, for benchmarks of the store's request pattern).
+/// A store whose requests first wait `latency` (fault injection): every request (an
+/// object store's round trip, for benchmarks of the store's request pattern), or only
+/// the writes of names in a folder (the manifests' commits, for tests that must act
+/// between two checkpoints however fast the rest of a checkpoint is).
 pub struct SlowStore {
     inner: Box<dyn CheckpointStore>,
     latency: std::time::Duration,
+    /// `Some(folder)`: only puts of names in a folder of this name wait (at the top,
+    /// or under an instance's prefix).
+    puts_in: Option<String>,
 }
 
 impl SlowStore {
@@ -240,40 +247,72 @@ impl SlowStore {
         SlowStore {
             inner,
             latency: std::time::Duration::from_millis(latency_ms),
+            puts_in: None,
+        }
+    }
+
+    /// Only puts of names in a folder named `folder` wait.
+    pub fn puts_in(inner: Box<dyn CheckpointStore>, latency_ms: u64, folder: &str) -> SlowStore {
+        SlowStore {
+            puts_in: Some(folder.to_string()),
+            ..SlowStore::new(inner, latency_ms)
+        }
+    }
+
+    fn wait(&self) {
+        if self.puts_in.is_none() {
+            std::thread::sleep(self.latency);
+        }
+    }
+
+    fn wait_put(&self, name: &str) {
+        let slow = self.puts_in.as_ref().is_none_or(|folder| {
+            let mut folders = name.split('/').rev().skip(1);
+            folders.any(|f| f == folder)
+        });
+        if slow {
+            std::thread::sleep(self.latency);
         }
     }
 }
 
 impl CheckpointStore for SlowStore {
     fn describe(&self) -> String {
-        format!(
-            "{} (+{} ms a request)",
-            self.inner.describe(),
-            self.latency.as_millis()
-        )
+        match &self.puts_in {
+            None => format!(
+                "{} (+{} ms a request)",
+                self.inner.describe(),
+                self.latency.as_millis()
+            ),
+            Some(folder) => format!(
+                "{} (+{} ms a put in {folder}/)",
+                self.inner.describe(),
+                self.latency.as_millis()
+            ),
+        }
     }
     fn put_file(&self, name: &str, from: &Path) -> anyhow::Result<()> {
-        std::thread::sleep(self.latency);
+        self.wait_put(name);
         self.inner.put_file(name, from)
     }
     fn put_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        std::thread::sleep(self.latency);
+        self.wait_put(name);
         self.inner.put_bytes(name, bytes)
     }
     fn get_file(&self, name: &str, to: &Path) -> anyhow::Result<()> {
-        std::thread::sleep(self.latency);
+        self.wait();
         self.inner.get_file(name, to)
     }
     fn get_bytes(&self, name: &str) -> anyhow::Result<Vec<u8>> {
-        std::thread::sleep(self.latency);
+        self.wait();
         self.inner.get_bytes(name)
     }
     fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
-        std::thread::sleep(self.latency);
+        self.wait();
         self.inner.list(prefix)
     }
     fn delete(&self, name: &str) -> anyhow::Result<()> {
-        std::thread::sleep(self.latency);
+        self.wait();
         self.inner.delete(name)
     }
 }
@@ -365,6 +404,39 @@ mod tests {
         let err = store.put_bytes("b", b"2").unwrap_err().to_string();
         assert!(err.contains("No space left"), "{err}");
         assert_eq!(store.list("").unwrap(), vec!["a"]);
+    }
+
+    /// `manifest-latency-ms`: only writes into a `manifests` folder wait, at the top or
+    /// under an instance's prefix; other writes and every read do not.
+    #[test]
+    fn a_store_slow_in_one_folder_delays_only_its_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SlowStore::puts_in(
+            Box::new(LocalStore::open(dir.path()).expect("store")),
+            500,
+            "manifests",
+        );
+        let took = |f: &dyn Fn()| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed()
+        };
+        let slow = std::time::Duration::from_millis(500);
+        assert!(took(&|| store.put_bytes("manifests/1", b"m").expect("put")) >= slow);
+        assert!(
+            took(&|| store
+                .put_bytes("instances/a/manifests/1", b"m")
+                .expect("put"))
+                >= slow
+        );
+        for fast in [
+            took(&|| store.put_bytes("files/manifests", b"f").expect("put")),
+            took(&|| store.put_bytes("files/part-0/x.seg", b"f").expect("put")),
+            took(&|| drop(store.get_bytes("manifests/1").expect("get"))),
+            took(&|| drop(store.list("manifests").expect("list"))),
+        ] {
+            assert!(fast < slow, "{fast:?}");
+        }
     }
 
     #[test]
